@@ -1,0 +1,66 @@
+//! `supavisor demo`: a throwaway PostgreSQL with the pooler in front of it.
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener};
+
+use crate::config::{ConfigFile, ProxyFile, TenantFile, UserFile};
+use crate::pgtemp::TempPostgres;
+
+fn free_addr() -> Result<SocketAddr, String> {
+    let l = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    l.local_addr().map_err(|e| e.to_string())
+}
+
+pub fn run() -> Result<(), String> {
+    eprintln!("starting a throwaway PostgreSQL (initdb into a temporary directory)...");
+    let pg = TempPostgres::start().map_err(|e| format!("cannot start PostgreSQL: {e}"))?;
+    let session = free_addr()?;
+    let transaction = free_addr()?;
+    let file = ConfigFile {
+        proxy: ProxyFile {
+            session_addr: session,
+            transaction_addr: transaction,
+            ..ProxyFile::default()
+        },
+        tenants: vec![TenantFile {
+            external_id: "demo".into(),
+            db_host: pg.host.clone(),
+            db_port: pg.port,
+            db_database: "postgres".into(),
+            default_pool_size: 5,
+            default_max_clients: 1000,
+            default_pool_checkout_timeout: 60_000,
+            auth_type: "scram-sha-256".into(),
+            users: vec![UserFile {
+                db_user: pg.superuser.clone(),
+                db_password: pg.password.clone(),
+                pool_size: Some(5),
+                mode_type: "transaction".into(),
+                max_clients: Some(1000),
+                pool_checkout_timeout: Some(60_000),
+            }],
+        }],
+    };
+    let config = file.build().map_err(|e| e.to_string())?;
+    let password = pg.password.clone();
+    let user = pg.superuser.clone();
+    let result = crate::run::run(config, |_| {
+        println!("supavisor ready session={session} transaction={transaction}");
+        println!();
+        println!(
+            "PostgreSQL (direct):  psql 'postgres://{user}:{password}@{}:{}/postgres'",
+            pg.host, pg.port
+        );
+        println!(
+            "transaction mode:     psql 'postgres://{user}.demo:{password}@{transaction}/postgres'"
+        );
+        println!(
+            "session mode:         psql 'postgres://{user}.demo:{password}@{session}/postgres'"
+        );
+        println!();
+        println!("Ctrl-C stops the pooler and deletes the database.");
+        let _ = std::io::stdout().flush();
+    });
+    drop(pg);
+    result
+}

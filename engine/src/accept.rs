@@ -1,0 +1,158 @@
+//! The first moments of a connection, on whichever shard accepted it: answer
+//! SSLRequest / GSSENCRequest, route a CancelRequest, read the
+//! StartupMessage, find the tenant and hand the connection to its shard.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::rc::Rc;
+
+use bytes::{BufMut, BytesMut};
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::TcpStream;
+use tracing::debug;
+use wire::startup::{decode_startup, StartupMessage, StartupPacket};
+
+use crate::config::PoolMode;
+use crate::error::{EngineError, Refusal};
+use crate::shard::{Handoff, Shard, ShardMsg};
+
+/// Who the client says it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub db_user: String,
+    pub tenant: String,
+}
+
+/// `user.tenant` (split at the last '.'), else `options=reference=tenant`.
+pub fn identify(msg: &StartupMessage) -> Result<Identity, Refusal> {
+    let user = msg.user().unwrap_or_default();
+    if let Some((db_user, tenant)) = user.rsplit_once('.') {
+        if !db_user.is_empty() && !tenant.is_empty() {
+            return Ok(Identity {
+                db_user: db_user.to_string(),
+                tenant: tenant.to_string(),
+            });
+        }
+    }
+    if let Some(tenant) = msg.option_value("reference") {
+        if !tenant.is_empty() {
+            return Ok(Identity {
+                db_user: user.to_string(),
+                tenant,
+            });
+        }
+    }
+    Err(Refusal::NoTenant)
+}
+
+enum First {
+    Startup(StartupMessage, Vec<u8>),
+    Cancel,
+    Closed,
+}
+
+async fn read_first(shard: &Shard, stream: &mut TcpStream) -> Result<First, EngineError> {
+    let mut buf = BytesMut::with_capacity(256);
+    loop {
+        match decode_startup(&mut buf).map_err(EngineError::ClientProtocol)? {
+            Some(StartupPacket::SslRequest) | Some(StartupPacket::GssEncRequest) => {
+                // No TLS yet: the client may go on in plaintext.
+                stream
+                    .write_all(b"N")
+                    .await
+                    .map_err(EngineError::ClientIo)?;
+            }
+            Some(StartupPacket::Cancel(req)) => {
+                shard.route_cancel(req.process_id, req.secret.to_vec());
+                return Ok(First::Cancel);
+            }
+            Some(StartupPacket::Startup(msg)) => return Ok(First::Startup(msg, buf.to_vec())),
+            None => {
+                let mut chunk = [0u8; 1024];
+                let n = stream
+                    .read(&mut chunk)
+                    .await
+                    .map_err(EngineError::ClientIo)?;
+                if n == 0 {
+                    return Ok(First::Closed);
+                }
+                buf.put_slice(&chunk[..n]);
+            }
+        }
+    }
+}
+
+/// Sends a FATAL error to a client and closes (best effort).
+pub async fn refuse(stream: &mut TcpStream, err: &EngineError) {
+    let mut out = BytesMut::new();
+    err.encode("FATAL", &mut out);
+    let _ = stream.write_all(&out).await;
+    let _ = stream.close().await;
+}
+
+pub async fn handle(shard: Rc<Shard>, mut stream: TcpStream, mode: PoolMode) {
+    let peer = stream.peer_addr().ok();
+    let timeout = shard.config.proxy.client_startup_timeout;
+    let first =
+        glommio::timer::timeout(timeout, async { Ok(read_first(&shard, &mut stream).await) }).await;
+    let (msg, leftover) = match first {
+        Ok(Ok(First::Startup(msg, leftover))) => (msg, leftover),
+        Ok(Ok(First::Cancel | First::Closed)) => return,
+        Ok(Err(e)) => {
+            debug!(?peer, error = %e, "bad startup");
+            if matches!(e, EngineError::ClientProtocol(_)) {
+                refuse(&mut stream, &e).await;
+            }
+            return;
+        }
+        Err(_) => {
+            debug!(?peer, "startup timed out");
+            return;
+        }
+    };
+    if let Some(r) = msg.get("replication") {
+        if !matches!(r, "false" | "off" | "0" | "no") {
+            refuse(&mut stream, &EngineError::Refused(Refusal::Replication)).await;
+            return;
+        }
+    }
+    let ident = match identify(&msg) {
+        Ok(i) => i,
+        Err(r) => {
+            refuse(&mut stream, &EngineError::Refused(r)).await;
+            return;
+        }
+    };
+    if shard.config.tenant(&ident.tenant).is_none() {
+        refuse(
+            &mut stream,
+            &EngineError::Refused(Refusal::UnknownTenant(ident.tenant)),
+        )
+        .await;
+        return;
+    }
+    let owner = shard.owner_of(&ident.tenant);
+    if owner == shard.id {
+        crate::client::run(shard, stream, msg, leftover, mode, peer).await;
+        return;
+    }
+    // Hand the socket to its owner: a duplicate of the fd travels, this
+    // shard's stream is dropped.
+    // SAFETY: dup of a valid open socket; the new fd is owned by OwnedFd.
+    let dup = unsafe { libc::dup(stream.as_raw_fd()) };
+    if dup < 0 {
+        refuse(&mut stream, &EngineError::Refused(Refusal::Busy)).await;
+        return;
+    }
+    let fd = unsafe { OwnedFd::from_raw_fd(dup) };
+    let handoff = Handoff {
+        fd,
+        startup: msg,
+        leftover,
+        mode,
+        peer,
+    };
+    match shard.peers[owner].send(ShardMsg::Handoff(handoff)) {
+        Ok(()) => drop(stream),
+        Err(_) => refuse(&mut stream, &EngineError::Refused(Refusal::Busy)).await,
+    }
+}

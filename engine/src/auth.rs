@@ -1,0 +1,116 @@
+//! Authenticating a client to the pooler: SCRAM-SHA-256 (default) or md5,
+//! against the secrets computed once from the user's configured password.
+
+use bytes::{BufMut, BytesMut};
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::TcpStream;
+use wire::backend::Authentication;
+use wire::frame::{split_frame, MAX_AUTH_FRAME_LEN};
+use wire::frontend::{self, PASSWORD_TAG};
+use wire::scram::{ScramServer, SCRAM_SHA_256};
+use wire::WireError;
+
+use crate::config::{ClientAuth, TenantConfig, UserConfig};
+use crate::error::{EngineError, Refusal};
+
+/// Reads one whole frame from a client during authentication.
+pub async fn read_client_frame(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+) -> Result<(u8, BytesMut), EngineError> {
+    loop {
+        if let Some((h, body)) =
+            split_frame(buf, MAX_AUTH_FRAME_LEN).map_err(EngineError::ClientProtocol)?
+        {
+            return Ok((h.tag, body));
+        }
+        let mut chunk = [0u8; 2048];
+        let n = stream
+            .read(&mut chunk)
+            .await
+            .map_err(EngineError::ClientIo)?;
+        if n == 0 {
+            return Err(EngineError::ClientIo(
+                std::io::ErrorKind::UnexpectedEof.into(),
+            ));
+        }
+        buf.put_slice(&chunk[..n]);
+    }
+}
+
+async fn read_password_frame(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+) -> Result<BytesMut, EngineError> {
+    let (tag, body) = read_client_frame(stream, buf).await?;
+    if tag != PASSWORD_TAG {
+        return Err(EngineError::ClientProtocol(WireError::Protocol(format!(
+            "expected a password message, got message type {:?}",
+            tag as char
+        ))));
+    }
+    Ok(body)
+}
+
+async fn send(stream: &mut TcpStream, out: &BytesMut) -> Result<(), EngineError> {
+    stream.write_all(out).await.map_err(EngineError::ClientIo)
+}
+
+/// Runs the authentication exchange; on success AuthenticationOk has been sent.
+/// `inbuf` holds client bytes already read; what is left after it belongs to
+/// the session.
+pub async fn authenticate(
+    stream: &mut TcpStream,
+    inbuf: &mut BytesMut,
+    tenant: &TenantConfig,
+    user: &UserConfig,
+) -> Result<(), EngineError> {
+    let wrong_password = || EngineError::Refused(Refusal::WrongPassword(user.db_user.clone()));
+    let mut out = BytesMut::new();
+    match tenant.client_auth {
+        ClientAuth::ScramSha256 => {
+            Authentication::Sasl {
+                mechanisms: vec![SCRAM_SHA_256.to_string()],
+            }
+            .encode(&mut out);
+            send(stream, &out).await?;
+            let body = read_password_frame(stream, inbuf).await?;
+            let (mechanism, data) = frontend::decode_sasl_initial_response(&body)
+                .map_err(EngineError::ClientProtocol)?;
+            if mechanism != SCRAM_SHA_256 {
+                return Err(EngineError::ClientProtocol(WireError::Protocol(format!(
+                    "unsupported SASL mechanism {mechanism:?}"
+                ))));
+            }
+            let mut server = ScramServer::new(user.scram.clone());
+            let first = server
+                .handle_client_first(data)
+                .map_err(EngineError::ClientProtocol)?;
+            out.clear();
+            Authentication::SaslContinue(first.into()).encode(&mut out);
+            send(stream, &out).await?;
+            let body = read_password_frame(stream, inbuf).await?;
+            let (last, _client_key) = server.handle_client_final(&body).map_err(|e| match e {
+                WireError::AuthFailed => wrong_password(),
+                other => EngineError::ClientProtocol(other),
+            })?;
+            out.clear();
+            Authentication::SaslFinal(last.into()).encode(&mut out);
+            Authentication::Ok.encode(&mut out);
+            send(stream, &out).await
+        }
+        ClientAuth::Md5 => {
+            let salt: [u8; 4] = rand::random();
+            Authentication::Md5Password { salt }.encode(&mut out);
+            send(stream, &out).await?;
+            let body = read_password_frame(stream, inbuf).await?;
+            let response = frontend::decode_password(&body).map_err(EngineError::ClientProtocol)?;
+            if !wire::md5::verify_md5(&user.md5, salt, response) {
+                return Err(wrong_password());
+            }
+            out.clear();
+            Authentication::Ok.encode(&mut out);
+            send(stream, &out).await
+        }
+    }
+}

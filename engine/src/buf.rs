@@ -1,0 +1,170 @@
+//! A byte queue for socket I/O: reads land in its free tail, writes drain its
+//! head, and an empty queue can give its memory back (idle clients hold none).
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use futures_lite::{AsyncRead, AsyncWrite};
+
+/// Default capacity when a buffer is first needed.
+pub const DEFAULT_CAP: usize = 16 * 1024;
+
+#[derive(Debug, Default)]
+pub struct IoBuf {
+    data: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl IoBuf {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn with_capacity(cap: usize) -> Self {
+        Self {
+            data: vec![0; cap],
+            start: 0,
+            end: 0,
+        }
+    }
+
+    /// Bytes waiting in the queue.
+    pub fn len(&self) -> usize {
+        self.end - self.start
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.start == self.end
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.data[self.start..self.end]
+    }
+
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.data[self.start..self.end]
+    }
+
+    /// Drops `n` bytes from the head.
+    pub fn consume(&mut self, n: usize) {
+        debug_assert!(n <= self.len());
+        self.start += n;
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
+    /// Drops everything after the first `n` queued bytes.
+    pub fn truncate(&mut self, n: usize) {
+        if n < self.len() {
+            self.end = self.start + n;
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.start = 0;
+        self.end = 0;
+    }
+
+    /// Frees the memory when nothing is queued.
+    pub fn release_if_empty(&mut self) {
+        if self.is_empty() && !self.data.is_empty() {
+            self.data = Vec::new();
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
+    pub fn is_allocated(&self) -> bool {
+        !self.data.is_empty()
+    }
+
+    /// Appends bytes, growing as needed.
+    pub fn extend_from_slice(&mut self, src: &[u8]) {
+        self.reserve(src.len());
+        self.data[self.end..self.end + src.len()].copy_from_slice(src);
+        self.end += src.len();
+    }
+
+    /// Makes room for at least `n` more bytes at the tail.
+    pub fn reserve(&mut self, n: usize) {
+        if self.data.len() - self.end >= n {
+            return;
+        }
+        // Move what is queued to the front first.
+        if self.start > 0 {
+            self.data.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        if self.data.len() - self.end < n {
+            let want = (self.end + n).max(DEFAULT_CAP).next_power_of_two();
+            self.data.resize(want, 0);
+        }
+    }
+
+    /// Free space at the tail (after compaction if that helps).
+    fn spare(&mut self, min: usize) -> &mut [u8] {
+        self.reserve(min);
+        let end = self.end;
+        &mut self.data[end..]
+    }
+
+    /// One read from `src` into the tail. Ready(Ok(0)) means end of stream.
+    pub fn poll_read_from<R: AsyncRead + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &mut R,
+    ) -> Poll<io::Result<usize>> {
+        let spare = self.spare(4096);
+        let n = futures_lite::ready!(Pin::new(src).poll_read(cx, spare))?;
+        self.end += n;
+        Poll::Ready(Ok(n))
+    }
+
+    /// One write of up to `limit` head bytes to `dst`; consumes what was written.
+    pub fn poll_write_to<W: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        dst: &mut W,
+        limit: usize,
+    ) -> Poll<io::Result<usize>> {
+        let n = limit.min(self.len());
+        if n == 0 {
+            return Poll::Ready(Ok(0));
+        }
+        let written = futures_lite::ready!(
+            Pin::new(dst).poll_write(cx, &self.data[self.start..self.start + n])
+        )?;
+        if written == 0 {
+            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+        }
+        self.consume(written);
+        Poll::Ready(Ok(written))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_compacts_and_releases() {
+        let mut b = IoBuf::new();
+        assert!(!b.is_allocated());
+        b.extend_from_slice(b"hello world");
+        b.consume(6);
+        assert_eq!(b.bytes(), b"world");
+        b.reserve(DEFAULT_CAP);
+        assert_eq!(b.bytes(), b"world");
+        b.truncate(3);
+        assert_eq!(b.bytes(), b"wor");
+        b.consume(3);
+        assert!(b.is_empty());
+        b.release_if_empty();
+        assert!(!b.is_allocated());
+    }
+}

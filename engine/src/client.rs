@@ -1,0 +1,272 @@
+//! A client session on its tenant's shard: authentication, login, then the
+//! relay loop that takes and gives back server connections.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use bytes::{BufMut, BytesMut};
+use futures_lite::future::poll_fn;
+use futures_lite::AsyncWriteExt;
+use glommio::net::TcpStream;
+use tracing::{debug, info, warn};
+use wire::backend::{encode_negotiate_protocol_version, encode_ready_for_query, BackendKeyData};
+use wire::startup::StartupMessage;
+
+use crate::accept::{identify, refuse};
+use crate::config::{PoolMode, TenantConfig, UserConfig};
+use crate::error::{EngineError, Refusal};
+use crate::pool::{ClientSlot, Pool, PooledConn, RESET_TIMEOUT};
+use crate::relay::{ClientSide, Event, Relay, Tracker};
+use crate::shard::{ClientCtl, Shard};
+
+struct Session {
+    pool: Rc<Pool>,
+    _slot: ClientSlot,
+    pid: i32,
+    ctl: Rc<ClientCtl>,
+    leftover: Vec<u8>,
+}
+
+pub async fn run(
+    shard: Rc<Shard>,
+    mut stream: TcpStream,
+    msg: StartupMessage,
+    leftover: Vec<u8>,
+    mode: PoolMode,
+    peer: Option<SocketAddr>,
+) {
+    let _ = stream.set_nodelay(true);
+    let timeout = shard.config.proxy.client_startup_timeout;
+    let login = glommio::timer::timeout(timeout, async {
+        Ok(login(&shard, &mut stream, &msg, leftover, mode).await)
+    })
+    .await;
+    let session = match login {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            match &e {
+                EngineError::ClientIo(_) => debug!(?peer, "client left during login"),
+                _ => info!(?peer, user = msg.user().unwrap_or(""), error = %e, "login refused"),
+            }
+            if !matches!(e, EngineError::ClientIo(_)) {
+                refuse(&mut stream, &e).await;
+            }
+            return;
+        }
+        Err(_) => {
+            refuse(
+                &mut stream,
+                &EngineError::Timeout("client startup and authentication"),
+            )
+            .await;
+            return;
+        }
+    };
+    let pid = session.pid;
+    serve(&shard, stream, session, mode).await;
+    shard.unregister_client(pid);
+}
+
+async fn login(
+    shard: &Shard,
+    stream: &mut TcpStream,
+    msg: &StartupMessage,
+    leftover: Vec<u8>,
+    mode: PoolMode,
+) -> Result<Session, EngineError> {
+    let ident = identify(msg).map_err(EngineError::Refused)?;
+    let tenant: Arc<TenantConfig> = shard
+        .config
+        .tenant(&ident.tenant)
+        .cloned()
+        .ok_or_else(|| EngineError::Refused(Refusal::UnknownTenant(ident.tenant.clone())))?;
+    let user: Arc<UserConfig> = tenant.users.get(&ident.db_user).cloned().ok_or_else(|| {
+        EngineError::Refused(Refusal::UnknownUser {
+            user: ident.db_user.clone(),
+            tenant: ident.tenant.clone(),
+        })
+    })?;
+    if shard.is_draining() {
+        return Err(EngineError::Refused(Refusal::ShuttingDown));
+    }
+
+    // A newer 3.x minor or `_pq_.` options: say what we speak, go on at 3.0.
+    let pq_options = msg.protocol_options();
+    if msg.minor > 0 || !pq_options.is_empty() {
+        let mut out = BytesMut::new();
+        encode_negotiate_protocol_version(0, &pq_options, &mut out);
+        stream
+            .write_all(&out)
+            .await
+            .map_err(EngineError::ClientIo)?;
+    }
+
+    let mut inbuf = BytesMut::from(&leftover[..]);
+    crate::auth::authenticate(stream, &mut inbuf, &tenant, &user).await?;
+
+    let pool = shard.pool(&tenant, &user, mode);
+    let slot = pool.join()?;
+    let params = match pool.login_params().await {
+        Ok(p) => p,
+        Err(e) => {
+            warn!(tenant = %tenant.external_id, user = %user.db_user, error = %e, "pool cannot reach its database");
+            return Err(e);
+        }
+    };
+    let (pid, ctl) = shard.register_client();
+    let mut out = BytesMut::with_capacity(params.len() + 32);
+    out.put_slice(&params);
+    BackendKeyData {
+        process_id: pid,
+        secret: bytes::Bytes::copy_from_slice(&ctl.secret),
+    }
+    .encode(&mut out);
+    encode_ready_for_query(b'I', &mut out);
+    if let Err(e) = stream.write_all(&out).await {
+        shard.unregister_client(pid);
+        return Err(EngineError::ClientIo(e));
+    }
+    Ok(Session {
+        pool,
+        _slot: slot,
+        pid,
+        ctl,
+        leftover: inbuf.to_vec(),
+    })
+}
+
+async fn serve(shard: &Shard, stream: TcpStream, session: Session, mode: PoolMode) {
+    let pool = session.pool.clone();
+    let ctl = session.ctl.clone();
+    let checkout_timeout = pool.user.checkout_timeout;
+    let mut client = ClientSide::new(stream, &session.leftover);
+    let mut tracker = Tracker::default();
+    let mut server: Option<PooledConn> = None;
+
+    if mode == PoolMode::Session {
+        match pool.checkout(checkout_timeout).await {
+            Ok(c) => {
+                *ctl.cancel.borrow_mut() = c.cancel.clone();
+                server = Some(c);
+            }
+            Err(e) => {
+                refuse(&mut client.stream, &e).await;
+                return;
+            }
+        }
+    }
+
+    let shutdown = |cx: &mut std::task::Context<'_>| ctl.shutdown_requested(cx.waker());
+    loop {
+        let event = poll_fn(|cx| {
+            let mut relay = Relay {
+                client: &mut client,
+                tracker: &mut tracker,
+                scratch: &shard.scratch,
+                release: mode == PoolMode::Transaction,
+                shutdown: &shutdown,
+            };
+            relay.poll_step(cx, server.as_deref_mut())
+        })
+        .await;
+        match event {
+            Event::NeedServer => match pool.checkout(checkout_timeout).await {
+                Ok(c) => {
+                    *ctl.cancel.borrow_mut() = c.cancel.clone();
+                    server = Some(c);
+                }
+                Err(e) => {
+                    // The client's message cannot be answered: say why and close.
+                    refuse(&mut client.stream, &e).await;
+                    return;
+                }
+            },
+            Event::Released => {
+                if let Some(c) = server.take() {
+                    ctl.cancel.borrow_mut().take();
+                    pool.checkin(c);
+                }
+                client.buf.release_if_empty();
+            }
+            Event::ClientGone | Event::ClientError(_) => {
+                ctl.cancel.borrow_mut().take();
+                if let Some(c) = server.take() {
+                    give_back(&pool, c, &tracker, mode).await;
+                }
+                return;
+            }
+            Event::ClientProtocol(e) => {
+                ctl.cancel.borrow_mut().take();
+                debug!(error = %e, "client protocol violation");
+                refuse(&mut client.stream, &EngineError::ClientProtocol(e)).await;
+                if let Some(c) = server.take() {
+                    give_back(&pool, c, &tracker, mode).await;
+                }
+                return;
+            }
+            Event::ServerGone(e) => {
+                ctl.cancel.borrow_mut().take();
+                let err = EngineError::ServerIo(
+                    e.unwrap_or_else(|| std::io::ErrorKind::UnexpectedEof.into()),
+                );
+                info!(tenant = %pool.key.tenant, error = %err, "server connection lost");
+                // Whatever the server sent before it went is already with the client.
+                drop(server.take());
+                refuse(&mut client.stream, &err).await;
+                return;
+            }
+            Event::ServerProtocol(e) => {
+                ctl.cancel.borrow_mut().take();
+                warn!(tenant = %pool.key.tenant, error = %e, "server protocol violation");
+                drop(server.take());
+                refuse(&mut client.stream, &EngineError::ServerProtocol(e)).await;
+                return;
+            }
+            Event::Shutdown => {
+                ctl.cancel.borrow_mut().take();
+                if let Some(c) = server.take() {
+                    give_back(&pool, c, &tracker, mode).await;
+                }
+                refuse(
+                    &mut client.stream,
+                    &EngineError::Refused(Refusal::ShuttingDown),
+                )
+                .await;
+                return;
+            }
+        }
+    }
+}
+
+/// Returns a connection whose client left: clean it when that is safe, close
+/// it otherwise. Never leaves a transaction open on a pooled connection.
+async fn give_back(pool: &Rc<Pool>, mut conn: PooledConn, tracker: &Tracker, mode: PoolMode) {
+    let quiet = tracker.pending == 0
+        && !tracker.ext_open
+        && conn.walked == 0
+        && conn.buf.is_empty()
+        && conn.walker.at_boundary();
+    if !quiet {
+        // A query is running or half-sent: closing is the only safe reset.
+        drop(conn);
+        return;
+    }
+    let mut reset: Vec<&str> = Vec::new();
+    if conn.status != b'I' {
+        reset.push("ROLLBACK");
+    }
+    if mode == PoolMode::Session {
+        reset.push("DISCARD ALL");
+    }
+    if !reset.is_empty() {
+        match conn.run_simple(&reset, RESET_TIMEOUT).await {
+            Ok(b'I') => {}
+            Ok(_) | Err(_) => {
+                drop(conn);
+                return;
+            }
+        }
+    }
+    pool.checkin(conn);
+}

@@ -1,0 +1,96 @@
+//! The configuration a shard works from: an immutable snapshot shared by all
+//! shards (`Arc`), built and validated by the control plane.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use wire::scram::ScramSecret;
+
+/// Pooling mode. The port a client connects to decides it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PoolMode {
+    Transaction,
+    Session,
+}
+
+impl PoolMode {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            PoolMode::Transaction => "transaction",
+            PoolMode::Session => "session",
+        }
+    }
+}
+
+/// How clients authenticate to the pooler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    ScramSha256,
+    Md5,
+}
+
+/// Listener and process-wide settings.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    pub session_addr: SocketAddr,
+    pub transaction_addr: SocketAddr,
+    /// Number of shards (executors); never 0 here.
+    pub shards: usize,
+    /// How long SIGTERM waits for running transactions.
+    pub shutdown_timeout: Duration,
+    /// A client that has not finished startup and authentication by then is closed.
+    pub client_startup_timeout: Duration,
+}
+
+/// A database user of a tenant, with its pool settings and login secrets.
+pub struct UserConfig {
+    pub db_user: String,
+    pub db_password: String,
+    pub pool_size: usize,
+    pub max_clients: usize,
+    pub checkout_timeout: Duration,
+    pub default_mode: PoolMode,
+    /// SCRAM secret clients are verified against (computed once from the password).
+    pub scram: ScramSecret,
+    /// md5 secret ("md5" + hex) clients are verified against when the tenant uses md5.
+    pub md5: String,
+}
+
+impl fmt::Debug for UserConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UserConfig")
+            .field("db_user", &self.db_user)
+            .field("db_password", &"<redacted>")
+            .field("pool_size", &self.pool_size)
+            .field("max_clients", &self.max_clients)
+            .field("checkout_timeout", &self.checkout_timeout)
+            .field("default_mode", &self.default_mode)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug)]
+pub struct TenantConfig {
+    pub external_id: String,
+    pub db_host: String,
+    pub db_port: u16,
+    pub db_database: String,
+    pub client_auth: ClientAuth,
+    pub users: HashMap<String, Arc<UserConfig>>,
+}
+
+/// Everything the data plane needs, shared read-only by the shards.
+#[derive(Debug)]
+pub struct Config {
+    pub proxy: ProxyConfig,
+    pub tenants: HashMap<String, Arc<TenantConfig>>,
+}
+
+impl Config {
+    pub fn tenant(&self, id: &str) -> Option<&Arc<TenantConfig>> {
+        self.tenants.get(id)
+    }
+}

@@ -1,0 +1,19 @@
+//! Supavisor-rs data plane: thread-per-core glommio shards that accept
+//! clients, authenticate them and splice their bytes onto pooled PostgreSQL
+//! connections.
+
+pub mod accept;
+pub mod auth;
+pub mod buf;
+pub mod client;
+pub mod config;
+pub mod error;
+pub mod oneshot;
+pub mod pool;
+pub mod relay;
+pub mod server;
+pub mod shard;
+
+pub use config::{ClientAuth, Config, PoolMode, ProxyConfig, TenantConfig, UserConfig};
+pub use error::EngineError;
+pub use shard::{start, Running};

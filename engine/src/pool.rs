@@ -1,0 +1,259 @@
+//! A pool of server connections for one (tenant, db user, mode) on one shard.
+//! Idle connections are reused last-in first-out; waiters queue first-in
+//! first-out. Everything is single-threaded: `Rc` and `Cell`, no locks.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::ops::{Deref, DerefMut};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use glommio::timer::Timer;
+
+use crate::config::{PoolMode, TenantConfig, UserConfig};
+use crate::error::{EngineError, Refusal};
+use crate::oneshot;
+use crate::server::ServerConn;
+
+/// How long a login may take for a new server connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a reset (ROLLBACK / DISCARD ALL) may take before the connection is closed.
+pub const RESET_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub tenant: String,
+    pub user: String,
+    pub mode: PoolMode,
+}
+
+pub struct Pool {
+    pub key: PoolKey,
+    pub tenant: Arc<TenantConfig>,
+    pub user: Arc<UserConfig>,
+    idle: RefCell<Vec<ServerConn>>,
+    /// Connections that exist or are being opened, idle or not.
+    total: Cell<usize>,
+    /// Waiters get a connection, or `None`: "a slot is free, try again".
+    waiters: RefCell<VecDeque<oneshot::Sender<Option<ServerConn>>>>,
+    clients: Cell<usize>,
+    /// ParameterStatus frames of the first server connection, replayed at login.
+    params: RefCell<Option<Bytes>>,
+}
+
+/// A checked-out connection. Dropping it (instead of [`Pool::checkin`])
+/// frees its slot: the connection is closed.
+pub struct PooledConn {
+    conn: Option<ServerConn>,
+    pool: Rc<Pool>,
+}
+
+impl Deref for PooledConn {
+    type Target = ServerConn;
+    fn deref(&self) -> &ServerConn {
+        self.conn
+            .as_ref()
+            .expect("PooledConn holds a connection until consumed")
+    }
+}
+
+impl DerefMut for PooledConn {
+    fn deref_mut(&mut self) -> &mut ServerConn {
+        self.conn
+            .as_mut()
+            .expect("PooledConn holds a connection until consumed")
+    }
+}
+
+impl Drop for PooledConn {
+    fn drop(&mut self) {
+        if self.conn.take().is_some() {
+            self.pool.release_slot();
+        }
+    }
+}
+
+impl PooledConn {
+    pub fn pool(&self) -> &Rc<Pool> {
+        &self.pool
+    }
+}
+
+/// Counts a client of the pool for `max_clients`; dropping it uncounts.
+pub struct ClientSlot {
+    pool: Rc<Pool>,
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        self.pool.clients.set(self.pool.clients.get() - 1);
+    }
+}
+
+impl Pool {
+    pub fn new(key: PoolKey, tenant: Arc<TenantConfig>, user: Arc<UserConfig>) -> Rc<Pool> {
+        Rc::new(Pool {
+            key,
+            tenant,
+            user,
+            idle: RefCell::new(Vec::new()),
+            total: Cell::new(0),
+            waiters: RefCell::new(VecDeque::new()),
+            clients: Cell::new(0),
+            params: RefCell::new(None),
+        })
+    }
+
+    pub fn size(&self) -> usize {
+        self.user.pool_size.max(1)
+    }
+
+    pub fn idle_count(&self) -> usize {
+        self.idle.borrow().len()
+    }
+
+    pub fn total_count(&self) -> usize {
+        self.total.get()
+    }
+
+    pub fn client_count(&self) -> usize {
+        self.clients.get()
+    }
+
+    /// Admits one more client, or refuses with `53300`.
+    pub fn join(self: &Rc<Self>) -> Result<ClientSlot, EngineError> {
+        if self.clients.get() >= self.user.max_clients {
+            return Err(EngineError::Refused(Refusal::TooManyClients {
+                tenant: self.key.tenant.clone(),
+                user: self.key.user.clone(),
+            }));
+        }
+        self.clients.set(self.clients.get() + 1);
+        Ok(ClientSlot { pool: self.clone() })
+    }
+
+    /// The ParameterStatus frames a new client receives; opens the pool's
+    /// first connection to learn them if needed.
+    pub async fn login_params(self: &Rc<Self>) -> Result<Bytes, EngineError> {
+        if let Some(p) = self.params.borrow().clone() {
+            return Ok(p);
+        }
+        let conn = self.checkout(self.user.checkout_timeout).await?;
+        let params = self.params.borrow().clone().unwrap_or_default();
+        self.checkin(conn);
+        Ok(params)
+    }
+
+    /// Takes a connection: an idle one, a new one while below `pool_size`, or
+    /// the next one given back, waiting at most `wait`.
+    pub async fn checkout(self: &Rc<Self>, wait: Duration) -> Result<PooledConn, EngineError> {
+        let deadline = Instant::now() + wait;
+        loop {
+            if let Some(conn) = self.take_idle() {
+                return Ok(PooledConn {
+                    conn: Some(conn),
+                    pool: self.clone(),
+                });
+            }
+            if self.total.get() < self.size() {
+                self.total.set(self.total.get() + 1);
+                match ServerConn::connect(&self.tenant, &self.user, CONNECT_TIMEOUT).await {
+                    Ok(conn) => {
+                        if self.params.borrow().is_none() {
+                            *self.params.borrow_mut() = Some(conn.login_params.clone().freeze());
+                        }
+                        return Ok(PooledConn {
+                            conn: Some(conn),
+                            pool: self.clone(),
+                        });
+                    }
+                    Err(e) => {
+                        self.release_slot();
+                        return Err(e);
+                    }
+                }
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(EngineError::CheckoutTimeout(wait));
+            }
+            let (tx, mut rx) = oneshot::channel();
+            self.waiters.borrow_mut().push_back(tx);
+            let got = futures_lite::future::or(async { (&mut rx).await }, async {
+                Timer::new(deadline - now).await;
+                None
+            })
+            .await;
+            // A connection may have been handed over just as the timer fired.
+            let got = got.flatten().or_else(|| rx.try_take().flatten());
+            if let Some(conn) = got {
+                return Ok(PooledConn {
+                    conn: Some(conn),
+                    pool: self.clone(),
+                });
+            }
+            // Woken with "slot free" or timed out: loop re-checks both.
+        }
+    }
+
+    fn take_idle(&self) -> Option<ServerConn> {
+        loop {
+            let mut conn = self.idle.borrow_mut().pop()?;
+            if conn.check_idle() {
+                return Some(conn);
+            }
+            // Dead while idle: drop it, its slot frees.
+            drop(conn);
+            self.total.set(self.total.get() - 1);
+        }
+    }
+
+    /// Gives a clean connection back: to the first live waiter, else to the
+    /// idle stack.
+    pub fn checkin(&self, mut pooled: PooledConn) {
+        let Some(mut conn) = pooled.conn.take() else {
+            return;
+        };
+        conn.last_used = Instant::now();
+        conn.buf.release_if_empty();
+        if !conn.is_clean() {
+            drop(conn);
+            self.release_slot();
+            return;
+        }
+        loop {
+            let Some(waiter) = self.waiters.borrow_mut().pop_front() else {
+                break;
+            };
+            match waiter.send(Some(conn)) {
+                Ok(()) => return,
+                Err(back) => conn = back.expect("sent Some"),
+            }
+        }
+        self.idle.borrow_mut().push(conn);
+    }
+
+    /// A connection went away: its slot is free for a waiter to open a new one.
+    fn release_slot(&self) {
+        self.total.set(self.total.get() - 1);
+        loop {
+            let Some(waiter) = self.waiters.borrow_mut().pop_front() else {
+                return;
+            };
+            if waiter.send(None).is_ok() {
+                return;
+            }
+        }
+    }
+
+    /// Closes every idle connection (shutdown, tenant removed).
+    pub fn close_idle(&self) {
+        let conns: Vec<ServerConn> = self.idle.borrow_mut().drain(..).collect();
+        self.total.set(self.total.get() - conns.len());
+        for conn in conns {
+            glommio::spawn_local(conn.terminate()).detach();
+        }
+    }
+}

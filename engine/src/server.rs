@@ -1,0 +1,367 @@
+//! A connection to PostgreSQL: connect, log in as the tenant's user, and the
+//! small amount of state the relay keeps about it between checkouts.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, BytesMut};
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::TcpStream;
+use wire::backend::{
+    self, Authentication, BackendKeyData, ErrorFields, AUTHENTICATION_TAG, BACKEND_KEY_DATA_TAG,
+    ERROR_RESPONSE_TAG, PARAMETER_STATUS_TAG, READY_FOR_QUERY_TAG,
+};
+use wire::frame::{split_frame, Walker, MAX_AUTH_FRAME_LEN};
+use wire::{frontend, md5, scram, startup};
+
+use crate::buf::IoBuf;
+use crate::config::{TenantConfig, UserConfig};
+use crate::error::EngineError;
+
+/// What a client needs to cancel the query running on this connection.
+#[derive(Debug, Clone)]
+pub struct CancelTarget {
+    pub addr: SocketAddr,
+    pub key: BackendKeyData,
+}
+
+pub struct ServerConn {
+    pub stream: TcpStream,
+    /// Bytes read from the server and not yet forwarded; `walked` of them are
+    /// whole frames or frame parts whose header was seen.
+    pub buf: IoBuf,
+    pub walked: usize,
+    pub walker: Walker,
+    pub cancel: Option<CancelTarget>,
+    /// ParameterStatus frames received at login, as they came.
+    pub login_params: BytesMut,
+    pub created: Instant,
+    pub last_used: Instant,
+    /// Last ReadyForQuery status.
+    pub status: u8,
+}
+
+impl std::fmt::Debug for ServerConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerConn")
+            .field("fd", &self.stream.as_raw_fd())
+            .field("status", &(self.status as char))
+            .finish_non_exhaustive()
+    }
+}
+
+fn resolve(host: &str, port: u16) -> Result<SocketAddr, EngineError> {
+    // Literal addresses never block; host names use the system resolver.
+    (host, port)
+        .to_socket_addrs()
+        .map_err(|source| EngineError::Connect {
+            addr: format!("{host}:{port}"),
+            source,
+        })?
+        .next()
+        .ok_or_else(|| EngineError::Connect {
+            addr: format!("{host}:{port}"),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
+        })
+}
+
+/// Reads one whole frame during login.
+async fn read_frame(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+) -> Result<(u8, BytesMut), EngineError> {
+    loop {
+        if let Some((h, body)) =
+            split_frame(buf, MAX_AUTH_FRAME_LEN).map_err(EngineError::ServerProtocol)?
+        {
+            return Ok((h.tag, body));
+        }
+        let mut chunk = [0u8; 4096];
+        let n = stream
+            .read(&mut chunk)
+            .await
+            .map_err(EngineError::ServerIo)?;
+        if n == 0 {
+            return Err(EngineError::ServerIo(
+                std::io::ErrorKind::UnexpectedEof.into(),
+            ));
+        }
+        buf.put_slice(&chunk[..n]);
+    }
+}
+
+impl ServerConn {
+    /// Opens a connection and logs in as `user`.
+    pub async fn connect(
+        tenant: &TenantConfig,
+        user: &UserConfig,
+        timeout: Duration,
+    ) -> Result<ServerConn, EngineError> {
+        let addr = resolve(&tenant.db_host, tenant.db_port)?;
+        let fut = Self::connect_inner(addr, tenant, user);
+        match glommio::timer::timeout(timeout, async { Ok(fut.await) }).await {
+            Ok(r) => r,
+            Err(_) => Err(EngineError::Timeout("connecting to the database")),
+        }
+    }
+
+    async fn connect_inner(
+        addr: SocketAddr,
+        tenant: &TenantConfig,
+        user: &UserConfig,
+    ) -> Result<ServerConn, EngineError> {
+        let mut stream = TcpStream::connect(addr)
+            .await
+            .map_err(|e| EngineError::Connect {
+                addr: addr.to_string(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        let _ = stream.set_nodelay(true);
+        let mut out = BytesMut::new();
+        startup::encode_startup(
+            &[
+                ("user", &user.db_user),
+                ("database", &tenant.db_database),
+                ("application_name", "Supavisor"),
+            ],
+            &mut out,
+        );
+        stream
+            .write_all(&out)
+            .await
+            .map_err(EngineError::ServerIo)?;
+
+        let mut inbuf = BytesMut::new();
+        let mut scram_client: Option<scram::ScramClient> = None;
+        let mut login_params = BytesMut::new();
+        let mut cancel = None;
+        loop {
+            let (tag, body) = read_frame(&mut stream, &mut inbuf).await?;
+            match tag {
+                AUTHENTICATION_TAG => {
+                    let auth =
+                        Authentication::decode(&body).map_err(EngineError::ServerProtocol)?;
+                    let mut out = BytesMut::new();
+                    match auth {
+                        Authentication::Ok => continue,
+                        Authentication::CleartextPassword => {
+                            frontend::encode_password(user.db_password.as_bytes(), &mut out)
+                        }
+                        Authentication::Md5Password { salt } => {
+                            let secret = md5::md5_secret(&user.db_user, &user.db_password);
+                            let resp = md5::md5_response(&secret, salt);
+                            frontend::encode_password(resp.as_bytes(), &mut out)
+                        }
+                        Authentication::Sasl { mechanisms } => {
+                            if !mechanisms.iter().any(|m| m == scram::SCRAM_SHA_256) {
+                                return Err(EngineError::UnsupportedServerAuth(
+                                    mechanisms.join(","),
+                                ));
+                            }
+                            let client = scram::ScramClient::new(&user.db_password);
+                            frontend::encode_sasl_initial_response(
+                                scram::SCRAM_SHA_256,
+                                &client.client_first(),
+                                &mut out,
+                            );
+                            scram_client = Some(client);
+                        }
+                        Authentication::SaslContinue(data) => {
+                            let client = scram_client.as_mut().ok_or_else(|| {
+                                EngineError::UnsupportedServerAuth(
+                                    "SASL continue before start".into(),
+                                )
+                            })?;
+                            let reply = client
+                                .handle_server_first(&data)
+                                .map_err(EngineError::ServerProtocol)?;
+                            frontend::encode_sasl_response(&reply, &mut out);
+                        }
+                        Authentication::SaslFinal(data) => {
+                            let client = scram_client.as_ref().ok_or_else(|| {
+                                EngineError::UnsupportedServerAuth("SASL final before start".into())
+                            })?;
+                            client
+                                .verify_server_final(&data)
+                                .map_err(EngineError::ServerProtocol)?;
+                            continue;
+                        }
+                        other => {
+                            return Err(EngineError::UnsupportedServerAuth(format!("{other:?}")))
+                        }
+                    }
+                    stream
+                        .write_all(&out)
+                        .await
+                        .map_err(EngineError::ServerIo)?;
+                }
+                PARAMETER_STATUS_TAG => {
+                    // Keep the frame as it came, for replay to clients.
+                    backend::decode_parameter_status(&body).map_err(EngineError::ServerProtocol)?;
+                    login_params.put_u8(tag);
+                    login_params.put_i32(body.len() as i32 + 4);
+                    login_params.put_slice(&body);
+                }
+                BACKEND_KEY_DATA_TAG => {
+                    let key = BackendKeyData::decode(&body).map_err(EngineError::ServerProtocol)?;
+                    cancel = Some(CancelTarget { addr, key });
+                }
+                ERROR_RESPONSE_TAG => {
+                    let fields = ErrorFields::decode(&body).map_err(EngineError::ServerProtocol)?;
+                    return Err(EngineError::Database(fields));
+                }
+                READY_FOR_QUERY_TAG => {
+                    let status = backend::decode_ready_for_query(&body)
+                        .map_err(EngineError::ServerProtocol)?;
+                    let now = Instant::now();
+                    return Ok(ServerConn {
+                        stream,
+                        buf: IoBuf::with_capacity(crate::buf::DEFAULT_CAP),
+                        walked: 0,
+                        walker: Walker::default(),
+                        cancel,
+                        login_params,
+                        created: now,
+                        last_used: now,
+                        status,
+                    });
+                }
+                // NoticeResponse, NegotiateProtocolVersion: nothing to do.
+                _ => {}
+            }
+        }
+    }
+
+    /// True when the connection sits idle with nothing unsent or unread.
+    pub fn is_clean(&self) -> bool {
+        self.status == b'I' && self.buf.is_empty() && self.walker.at_boundary()
+    }
+
+    /// Before reuse: drains whatever the server sent while the connection was
+    /// idle in the pool (notices, notifications, or a FATAL error before it
+    /// closed). False if the connection is dead or unusable.
+    pub fn check_idle(&mut self) -> bool {
+        let fd = self.stream.as_raw_fd();
+        let mut scratch = [0u8; 2048];
+        loop {
+            // SAFETY: recv into a stack buffer of the given length.
+            let n = unsafe {
+                libc::recv(
+                    fd,
+                    scratch.as_mut_ptr().cast(),
+                    scratch.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n == 0 {
+                return false;
+            }
+            if n < 0 {
+                let err = std::io::Error::last_os_error();
+                return err.kind() == std::io::ErrorKind::WouldBlock;
+            }
+            self.buf.extend_from_slice(&scratch[..n as usize]);
+            // Only asynchronous messages may arrive while idle: notices,
+            // notifications, parameter changes. Anything else, or an error,
+            // means the connection is not fit for a new client.
+            let mut ok = true;
+            let bytes = self.buf.bytes();
+            let walked = self.walker.walk(
+                bytes,
+                |_| true,
+                |seen| {
+                    if !matches!(seen.tag, b'N' | b'A' | b'S') {
+                        ok = false;
+                    }
+                    wire::frame::Flow::Continue
+                },
+            );
+            match walked {
+                Ok(n) => self.buf.consume(n),
+                Err(_) => return false,
+            }
+            if !ok {
+                return false;
+            }
+        }
+    }
+
+    /// Runs simple queries one after another (all sent at once) and waits for
+    /// their ReadyForQuery; used to reset a connection. Returns the final status.
+    pub async fn run_simple(
+        &mut self,
+        sqls: &[&str],
+        timeout: Duration,
+    ) -> Result<u8, EngineError> {
+        let fut = async {
+            let mut out = BytesMut::new();
+            for sql in sqls {
+                frontend::encode_query(sql, &mut out);
+            }
+            self.stream
+                .write_all(&out)
+                .await
+                .map_err(EngineError::ServerIo)?;
+            let mut pending = sqls.len();
+            let mut inbuf = BytesMut::new();
+            // Carry over anything unread.
+            inbuf.put_slice(self.buf.bytes());
+            self.buf.clear();
+            let mut error = None;
+            while pending > 0 {
+                let (tag, body) = loop {
+                    if let Some((h, body)) = split_frame(&mut inbuf, wire::frame::MAX_FRAME_LEN)
+                        .map_err(EngineError::ServerProtocol)?
+                    {
+                        break (h.tag, body);
+                    }
+                    let mut chunk = [0u8; 4096];
+                    let n = self
+                        .stream
+                        .read(&mut chunk)
+                        .await
+                        .map_err(EngineError::ServerIo)?;
+                    if n == 0 {
+                        return Err(EngineError::ServerIo(
+                            std::io::ErrorKind::UnexpectedEof.into(),
+                        ));
+                    }
+                    inbuf.put_slice(&chunk[..n]);
+                };
+                match tag {
+                    READY_FOR_QUERY_TAG => {
+                        pending -= 1;
+                        self.status = backend::decode_ready_for_query(&body)
+                            .map_err(EngineError::ServerProtocol)?;
+                    }
+                    ERROR_RESPONSE_TAG => {
+                        error = ErrorFields::decode(&body).ok();
+                    }
+                    _ => {}
+                }
+            }
+            if !inbuf.is_empty() {
+                return Err(EngineError::ServerProtocol(wire::WireError::Protocol(
+                    "unexpected bytes after reset".into(),
+                )));
+            }
+            match error {
+                Some(fields) => Err(EngineError::Database(fields)),
+                None => Ok(self.status),
+            }
+        };
+        match glommio::timer::timeout(timeout, async { Ok(fut.await) }).await {
+            Ok(r) => r,
+            Err(_) => Err(EngineError::Timeout("resetting a server connection")),
+        }
+    }
+
+    /// Sends Terminate and closes.
+    pub async fn terminate(mut self) {
+        let mut out = BytesMut::new();
+        frontend::encode_terminate(&mut out);
+        let _ = self.stream.write_all(&out).await;
+        let _ = self.stream.close().await;
+    }
+}

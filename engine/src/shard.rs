@@ -1,0 +1,441 @@
+//! Shards: one glommio executor per core, each with SO_REUSEPORT listeners on
+//! both ports, the pools of the tenants that hash to it, and an inbox through
+//! which other shards (and the control thread) hand it connections, cancel
+//! requests and commands.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::Waker;
+use std::time::{Duration, Instant};
+
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::{TcpListener, TcpStream, UnixStream};
+use glommio::{LocalExecutorBuilder, Placement};
+use tracing::{debug, info, warn};
+use wire::startup::StartupMessage;
+
+use crate::config::{Config, PoolMode, TenantConfig, UserConfig};
+use crate::pool::{Pool, PoolKey};
+use crate::server::CancelTarget;
+
+/// Capacity of a shard's inbox; a full inbox refuses new handoffs.
+const INBOX_CAPACITY: usize = 16 * 1024;
+/// Size of the per-shard scratch buffer idle clients read through.
+const SCRATCH_LEN: usize = 16 * 1024;
+/// Bits of a proxy-issued process id that count clients; the bits above
+/// carry the shard index.
+const PID_SHARD_SHIFT: u32 = 22;
+
+/// A connection accepted on one shard for a tenant owned by another.
+pub struct Handoff {
+    pub fd: OwnedFd,
+    pub startup: StartupMessage,
+    pub leftover: Vec<u8>,
+    pub mode: PoolMode,
+    pub peer: Option<SocketAddr>,
+}
+
+pub enum ShardMsg {
+    Handoff(Handoff),
+    Cancel { process_id: i32, secret: Vec<u8> },
+    Shutdown,
+}
+
+/// The sending end of a shard's inbox, usable from any thread.
+#[derive(Clone)]
+pub struct ShardHandle {
+    tx: crossbeam_channel::Sender<ShardMsg>,
+    wake: Arc<StdUnixStream>,
+}
+
+impl ShardHandle {
+    /// Queues a message and wakes the shard. A full inbox gives the message back.
+    pub fn send(&self, msg: ShardMsg) -> Result<(), ShardMsg> {
+        self.tx.try_send(msg).map_err(|e| e.into_inner())?;
+        // One byte wakes the shard; if the socket is full a wake-up is pending anyway.
+        let _ = (&*self.wake).write(&[1]);
+        Ok(())
+    }
+}
+
+/// Per-client control block: cancel key, the server it holds, shutdown flag.
+pub struct ClientCtl {
+    pub secret: [u8; 4],
+    pub cancel: RefCell<Option<CancelTarget>>,
+    shutdown: Cell<bool>,
+    waker: RefCell<Option<Waker>>,
+}
+
+impl ClientCtl {
+    /// True once shutdown was asked; remembers the waker to be woken then.
+    pub fn shutdown_requested(&self, waker: &Waker) -> bool {
+        if self.shutdown.get() {
+            return true;
+        }
+        let mut slot = self.waker.borrow_mut();
+        match slot.as_ref() {
+            Some(w) if w.will_wake(waker) => {}
+            _ => *slot = Some(waker.clone()),
+        }
+        false
+    }
+
+    fn request_shutdown(&self) {
+        self.shutdown.set(true);
+        if let Some(w) = self.waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+}
+
+pub struct Shard {
+    pub id: usize,
+    pub config: Arc<Config>,
+    pub peers: Arc<Vec<ShardHandle>>,
+    pools: RefCell<HashMap<PoolKey, Rc<Pool>>>,
+    clients: RefCell<HashMap<i32, Rc<ClientCtl>>>,
+    next_pid: Cell<u32>,
+    /// Idle clients read through this buffer instead of holding their own.
+    pub scratch: RefCell<Vec<u8>>,
+    draining: Cell<bool>,
+}
+
+/// Stable FNV-1a hash of a tenant id: the same shard on every node and run.
+pub fn tenant_hash(tenant: &str) -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in tenant.as_bytes() {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h
+}
+
+impl Shard {
+    pub fn owner_of(&self, tenant: &str) -> usize {
+        (tenant_hash(tenant) % self.peers.len() as u64) as usize
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.get()
+    }
+
+    /// The pool of (tenant, user, mode), created on first use.
+    pub fn pool(
+        &self,
+        tenant: &Arc<TenantConfig>,
+        user: &Arc<UserConfig>,
+        mode: PoolMode,
+    ) -> Rc<Pool> {
+        let key = PoolKey {
+            tenant: tenant.external_id.clone(),
+            user: user.db_user.clone(),
+            mode,
+        };
+        self.pools
+            .borrow_mut()
+            .entry(key.clone())
+            .or_insert_with(|| Pool::new(key, tenant.clone(), user.clone()))
+            .clone()
+    }
+
+    /// Issues a cancel key and registers the client.
+    pub fn register_client(&self) -> (i32, Rc<ClientCtl>) {
+        let mut clients = self.clients.borrow_mut();
+        let pid = loop {
+            let n = self.next_pid.get() % (1 << PID_SHARD_SHIFT);
+            self.next_pid.set(n + 1);
+            let pid = ((self.id as u32) << PID_SHARD_SHIFT | n.max(1)) as i32;
+            if !clients.contains_key(&pid) {
+                break pid;
+            }
+        };
+        let ctl = Rc::new(ClientCtl {
+            secret: rand::random(),
+            cancel: RefCell::new(None),
+            shutdown: Cell::new(self.draining.get()),
+            waker: RefCell::new(None),
+        });
+        clients.insert(pid, ctl.clone());
+        (pid, ctl)
+    }
+
+    pub fn unregister_client(&self, pid: i32) {
+        self.clients.borrow_mut().remove(&pid);
+    }
+
+    pub fn client_count(&self) -> usize {
+        self.clients.borrow().len()
+    }
+
+    /// The shard that issued a process id.
+    pub fn shard_of_pid(&self, pid: i32) -> Option<usize> {
+        let shard = (pid as u32 >> PID_SHARD_SHIFT) as usize;
+        (pid > 0 && shard < self.peers.len()).then_some(shard)
+    }
+
+    /// Cancels the query of the client with this key, if it holds a server.
+    pub fn cancel(&self, pid: i32, secret: &[u8]) {
+        let target = {
+            let clients = self.clients.borrow();
+            let Some(ctl) = clients.get(&pid) else {
+                debug!(pid, "cancel for unknown client");
+                return;
+            };
+            // Compare in constant time.
+            if secret.len() != ctl.secret.len()
+                || secret
+                    .iter()
+                    .zip(ctl.secret.iter())
+                    .fold(0u8, |a, (x, y)| a | (x ^ y))
+                    != 0
+            {
+                debug!(pid, "cancel with wrong secret");
+                return;
+            }
+            let target = ctl.cancel.borrow().clone();
+            target
+        };
+        let Some(target) = target else {
+            return;
+        };
+        glommio::spawn_local(async move {
+            let mut out = bytes::BytesMut::new();
+            wire::startup::encode_cancel_request(
+                target.key.process_id,
+                &target.key.secret,
+                &mut out,
+            );
+            match TcpStream::connect(target.addr).await {
+                Ok(mut s) => {
+                    let _ = s.write_all(&out).await;
+                    // The server closes once it has read the request.
+                    let mut b = [0u8; 16];
+                    let _ = glommio::timer::timeout(Duration::from_secs(5), async {
+                        let _ = s.read(&mut b).await;
+                        Ok(())
+                    })
+                    .await;
+                }
+                Err(e) => warn!(error = %e, "could not send cancel request to the database"),
+            }
+        })
+        .detach();
+    }
+
+    /// Routes a cancel request to the shard that issued the key.
+    pub fn route_cancel(&self, pid: i32, secret: Vec<u8>) {
+        match self.shard_of_pid(pid) {
+            Some(s) if s == self.id => self.cancel(pid, &secret),
+            Some(s) => {
+                let _ = self.peers[s].send(ShardMsg::Cancel {
+                    process_id: pid,
+                    secret,
+                });
+            }
+            None => debug!(pid, "cancel request with a key no shard issued"),
+        }
+    }
+
+    fn begin_shutdown(&self) {
+        self.draining.set(true);
+        for ctl in self.clients.borrow().values() {
+            ctl.request_shutdown();
+        }
+    }
+
+    fn close_pools(&self) {
+        for pool in self.pools.borrow().values() {
+            pool.close_idle();
+        }
+    }
+}
+
+/// The running shards, seen from the thread that started them.
+pub struct Running {
+    handles: Arc<Vec<ShardHandle>>,
+    joins: Vec<glommio::ExecutorJoinHandle<()>>,
+}
+
+impl Running {
+    pub fn handles(&self) -> &Arc<Vec<ShardHandle>> {
+        &self.handles
+    }
+
+    /// Asks every shard to stop accepting and drain.
+    pub fn shutdown(&self) {
+        for h in self.handles.iter() {
+            let _ = h.send(ShardMsg::Shutdown);
+        }
+    }
+
+    /// Waits for every shard to finish; reports executors that failed.
+    pub fn join(self) -> Result<(), String> {
+        let mut errors = Vec::new();
+        for (i, j) in self.joins.into_iter().enumerate() {
+            if let Err(e) = j.join() {
+                errors.push(format!("shard {i}: {e}"));
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        }
+    }
+}
+
+/// Starts the shards and returns once each has bound its listeners (or one failed).
+pub fn start(config: Arc<Config>) -> io::Result<Running> {
+    let n = config.proxy.shards.max(1);
+    let cpus = std::thread::available_parallelism()
+        .map(|c| c.get())
+        .unwrap_or(1);
+    let mut handles = Vec::with_capacity(n);
+    let mut inboxes = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (tx, rx) = crossbeam_channel::bounded(INBOX_CAPACITY);
+        let (wake_tx, wake_rx) = StdUnixStream::pair()?;
+        wake_tx.set_nonblocking(true)?;
+        wake_rx.set_nonblocking(true)?;
+        handles.push(ShardHandle {
+            tx,
+            wake: Arc::new(wake_tx),
+        });
+        inboxes.push((rx, wake_rx));
+    }
+    let handles = Arc::new(handles);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+    let mut joins = Vec::with_capacity(n);
+    for (id, (rx, wake_rx)) in inboxes.into_iter().enumerate() {
+        let placement = if n <= cpus {
+            Placement::Fixed(id)
+        } else {
+            Placement::Unbound
+        };
+        let config = config.clone();
+        let peers = handles.clone();
+        let ready = ready_tx.clone();
+        let join = LocalExecutorBuilder::new(placement)
+            .name(&format!("shard-{id}"))
+            .spawn(move || async move {
+                let wake_fd = wake_rx.into_raw_fd();
+                shard_main(id, config, peers, rx, wake_fd, ready).await
+            })
+            .map_err(|e| io::Error::other(format!("starting shard {id}: {e}")))?;
+        joins.push(join);
+    }
+    drop(ready_tx);
+    for _ in 0..n {
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(io::Error::other(e)),
+            Err(_) => {
+                // A shard died before reporting: its executor failed to start
+                // (for example glommio's MemLockLimit); join tells why.
+                let running = Running { handles, joins };
+                let why = running.join().err().unwrap_or_default();
+                return Err(io::Error::other(format!("a shard failed to start: {why}")));
+            }
+        }
+    }
+    Ok(Running { handles, joins })
+}
+
+async fn shard_main(
+    id: usize,
+    config: Arc<Config>,
+    peers: Arc<Vec<ShardHandle>>,
+    rx: crossbeam_channel::Receiver<ShardMsg>,
+    wake_fd: i32,
+    ready: std::sync::mpsc::Sender<Result<(), String>>,
+) {
+    let bind = |addr: SocketAddr| {
+        TcpListener::bind(addr).map_err(|e| format!("shard {id}: cannot listen on {addr}: {e}"))
+    };
+    let listeners =
+        bind(config.proxy.session_addr).and_then(|s| Ok((s, bind(config.proxy.transaction_addr)?)));
+    let (session, transaction) = match listeners {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    let shard = Rc::new(Shard {
+        id,
+        config: config.clone(),
+        peers,
+        pools: RefCell::new(HashMap::new()),
+        clients: RefCell::new(HashMap::new()),
+        next_pid: Cell::new(1),
+        scratch: RefCell::new(vec![0; SCRATCH_LEN]),
+        draining: Cell::new(false),
+    });
+    let accept_session =
+        glommio::spawn_local(accept_loop(shard.clone(), session, PoolMode::Session));
+    let accept_txn = glommio::spawn_local(accept_loop(
+        shard.clone(),
+        transaction,
+        PoolMode::Transaction,
+    ));
+    let _ = ready.send(Ok(()));
+    drop(ready);
+    info!(shard = id, "shard ready");
+
+    // SAFETY: the fd came from a UnixStream we own and gave up.
+    let mut wake = unsafe { UnixStream::from_raw_fd(wake_fd) };
+    let mut sink = [0u8; 64];
+    'inbox: loop {
+        match wake.read(&mut sink).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        while let Ok(msg) = rx.try_recv() {
+            match msg {
+                ShardMsg::Handoff(h) => {
+                    // SAFETY: the fd is a connected TCP socket handed over by its owner.
+                    let stream = unsafe { TcpStream::from_raw_fd(h.fd.into_raw_fd()) };
+                    let shard = shard.clone();
+                    glommio::spawn_local(crate::client::run(
+                        shard, stream, h.startup, h.leftover, h.mode, h.peer,
+                    ))
+                    .detach();
+                }
+                ShardMsg::Cancel { process_id, secret } => shard.cancel(process_id, &secret),
+                ShardMsg::Shutdown => break 'inbox,
+            }
+        }
+    }
+
+    // Shutdown: stop accepting, let transactions finish, then go.
+    accept_session.cancel().await;
+    accept_txn.cancel().await;
+    shard.begin_shutdown();
+    let deadline = Instant::now() + config.proxy.shutdown_timeout;
+    while shard.client_count() > 0 && Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(10)).await;
+    }
+    shard.close_pools();
+    info!(shard = id, left = shard.client_count(), "shard stopped");
+}
+
+async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, mode: PoolMode) {
+    loop {
+        match listener.accept().await {
+            Ok(stream) => {
+                glommio::spawn_local(crate::accept::handle(shard.clone(), stream, mode)).detach();
+            }
+            Err(e) => {
+                // Out of descriptors and the like: back off instead of spinning.
+                warn!(shard = shard.id, error = %e, "accept failed");
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
