@@ -228,7 +228,6 @@ impl ConfigFile {
                         &salt,
                         SCRAM_ITERATIONS,
                     ),
-                    md5: wire::md5::md5_secret(&u.db_user, &u.db_password),
                 };
                 if users.insert(u.db_user.clone(), Arc::new(user)).is_some() {
                     return Err(ConfigError::Invalid(format!(

@@ -81,12 +81,38 @@ async fn read_first(shard: &Shard, stream: &mut TcpStream) -> Result<First, Engi
     }
 }
 
-/// Sends a FATAL error to a client and closes (best effort).
+/// Sends a FATAL error to a client and closes (best effort). The close
+/// lingers: our side is shut for writing and the client's last bytes are read
+/// and dropped, so that closing with unread input does not reset the
+/// connection and destroy the error before the client reads it.
 pub async fn refuse(stream: &mut TcpStream, err: &EngineError) {
     let mut out = BytesMut::new();
     err.encode("FATAL", &mut out);
-    let _ = stream.write_all(&out).await;
-    let _ = stream.close().await;
+    if stream.write_all(&out).await.is_err() {
+        return;
+    }
+    let _ = stream.shutdown(std::net::Shutdown::Write).await;
+    let _ = glommio::timer::timeout(LINGER, async {
+        let mut sink = [0u8; 512];
+        while let Ok(n) = stream.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+        Ok(())
+    })
+    .await;
+}
+
+/// How long a refused client may take to read its error and close.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// A client-supplied string, shortened for a log line.
+pub fn for_log(s: &str) -> &str {
+    match s.char_indices().nth(64) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
 }
 
 pub async fn handle(shard: Rc<Shard>, mut stream: TcpStream, mode: PoolMode) {

@@ -64,6 +64,7 @@ pub async fn authenticate(
     inbuf: &mut BytesMut,
     tenant: &TenantConfig,
     user: &UserConfig,
+    startup_user: &str,
 ) -> Result<(), EngineError> {
     let wrong_password = || EngineError::Refused(Refusal::WrongPassword(user.db_user.clone()));
     let mut out = BytesMut::new();
@@ -105,7 +106,9 @@ pub async fn authenticate(
             send(stream, &out).await?;
             let body = read_password_frame(stream, inbuf).await?;
             let response = frontend::decode_password(&body).map_err(EngineError::ClientProtocol)?;
-            if !wire::md5::verify_md5(&user.md5, salt, response) {
+            // Clients salt md5 with the user name they sent (`user.tenant`).
+            let secret = wire::md5::md5_secret(startup_user, &user.db_password);
+            if !wire::md5::verify_md5(&secret, salt, response) {
                 return Err(wrong_password());
             }
             out.clear();

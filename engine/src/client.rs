@@ -13,7 +13,7 @@ use tracing::{debug, info, warn};
 use wire::backend::{encode_negotiate_protocol_version, encode_ready_for_query, BackendKeyData};
 use wire::startup::StartupMessage;
 
-use crate::accept::{identify, refuse};
+use crate::accept::{for_log, identify, refuse};
 use crate::config::{PoolMode, TenantConfig, UserConfig};
 use crate::error::{EngineError, Refusal};
 use crate::pool::{ClientSlot, Pool, PooledConn, RESET_TIMEOUT};
@@ -47,7 +47,12 @@ pub async fn run(
         Ok(Err(e)) => {
             match &e {
                 EngineError::ClientIo(_) => debug!(?peer, "client left during login"),
-                _ => info!(?peer, user = msg.user().unwrap_or(""), error = %e, "login refused"),
+                EngineError::ClientProtocol(_) => {
+                    debug!(?peer, user = for_log(msg.user().unwrap_or("")), error = %e, "login refused")
+                }
+                _ => {
+                    info!(?peer, user = for_log(msg.user().unwrap_or("")), error = %e, "login refused")
+                }
             }
             if !matches!(e, EngineError::ClientIo(_)) {
                 refuse(&mut stream, &e).await;
@@ -103,7 +108,8 @@ async fn login(
     }
 
     let mut inbuf = BytesMut::from(&leftover[..]);
-    crate::auth::authenticate(stream, &mut inbuf, &tenant, &user).await?;
+    let startup_user = msg.user().unwrap_or_default();
+    crate::auth::authenticate(stream, &mut inbuf, &tenant, &user, startup_user).await?;
 
     let pool = shard.pool(&tenant, &user, mode);
     let slot = pool.join()?;
@@ -211,7 +217,13 @@ async fn serve(shard: &Shard, stream: TcpStream, session: Session, mode: PoolMod
                     e.unwrap_or_else(|| std::io::ErrorKind::UnexpectedEof.into()),
                 );
                 info!(tenant = %pool.key.tenant, error = %err, "server connection lost");
-                // Whatever the server sent before it went is already with the client.
+                // Whatever the server said before it went (a FATAL error) goes to the client first.
+                if let Some(s) = server.as_mut() {
+                    let n = s.walked;
+                    if n > 0 {
+                        let _ = client.stream.write_all(&s.buf.bytes()[..n]).await;
+                    }
+                }
                 drop(server.take());
                 refuse(&mut client.stream, &err).await;
                 return;
@@ -249,6 +261,12 @@ async fn give_back(pool: &Rc<Pool>, mut conn: PooledConn, tracker: &Tracker, mod
         && conn.walker.at_boundary();
     if !quiet {
         // A query is running or half-sent: closing is the only safe reset.
+        // Cancel it too, or the backend would run it to the end for nobody.
+        if tracker.pending > 0 {
+            if let Some(target) = conn.cancel.clone() {
+                glommio::spawn_local(target.send()).detach();
+            }
+        }
         drop(conn);
         return;
     }

@@ -55,8 +55,6 @@ pub struct UserConfig {
     pub default_mode: PoolMode,
     /// SCRAM secret clients are verified against (computed once from the password).
     pub scram: ScramSecret,
-    /// md5 secret ("md5" + hex) clients are verified against when the tenant uses md5.
-    pub md5: String,
 }
 
 impl fmt::Debug for UserConfig {

@@ -26,6 +26,27 @@ pub struct CancelTarget {
     pub key: BackendKeyData,
 }
 
+impl CancelTarget {
+    /// Sends a CancelRequest with the server's own key on a new connection.
+    pub async fn send(self) {
+        let mut out = BytesMut::new();
+        startup::encode_cancel_request(self.key.process_id, &self.key.secret, &mut out);
+        match TcpStream::connect(self.addr).await {
+            Ok(mut s) => {
+                let _ = s.write_all(&out).await;
+                // The server closes once it has read the request.
+                let mut b = [0u8; 16];
+                let _ = glommio::timer::timeout(Duration::from_secs(5), async {
+                    let _ = s.read(&mut b).await;
+                    Ok(())
+                })
+                .await;
+            }
+            Err(e) => tracing::warn!(error = %e, "could not send a cancel request to the database"),
+        }
+    }
+}
+
 pub struct ServerConn {
     pub stream: TcpStream,
     /// Bytes read from the server and not yet forwarded; `walked` of them are

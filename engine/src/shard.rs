@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::task::Waker;
 use std::time::{Duration, Instant};
 
-use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use futures_lite::AsyncReadExt;
 use glommio::net::{TcpListener, TcpStream, UnixStream};
 use glommio::{LocalExecutorBuilder, Placement};
 use tracing::{debug, info, warn};
@@ -204,28 +204,7 @@ impl Shard {
         let Some(target) = target else {
             return;
         };
-        glommio::spawn_local(async move {
-            let mut out = bytes::BytesMut::new();
-            wire::startup::encode_cancel_request(
-                target.key.process_id,
-                &target.key.secret,
-                &mut out,
-            );
-            match TcpStream::connect(target.addr).await {
-                Ok(mut s) => {
-                    let _ = s.write_all(&out).await;
-                    // The server closes once it has read the request.
-                    let mut b = [0u8; 16];
-                    let _ = glommio::timer::timeout(Duration::from_secs(5), async {
-                        let _ = s.read(&mut b).await;
-                        Ok(())
-                    })
-                    .await;
-                }
-                Err(e) => warn!(error = %e, "could not send cancel request to the database"),
-            }
-        })
-        .detach();
+        glommio::spawn_local(target.send()).detach();
     }
 
     /// Routes a cancel request to the shard that issued the key.

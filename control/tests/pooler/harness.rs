@@ -1,0 +1,474 @@
+//! Shared test harness: one real PostgreSQL per test binary, one `supavisor` process per test.
+
+use std::fmt::Write as _;
+use std::future::Future;
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, OnceLock};
+use std::time::{Duration, Instant};
+
+use control::pgtemp::{PgOptions, TempPostgres};
+use tokio::task::JoinHandle;
+use tokio_postgres::{Client, NoTls};
+
+/// Password of the `postgres` superuser of the shared server, and of the pooler's users that map
+/// to it.
+pub const PG_PASSWORD: &str = "pooler-test-secret";
+/// How long the pooler may take to print its ready line.
+const READY_DEADLINE: Duration = Duration::from_secs(20);
+/// Upper bound for any single client operation through the pooler: a hang fails, never blocks.
+pub const OP_DEADLINE: Duration = Duration::from_secs(30);
+
+static PG: OnceLock<TempPostgres> = OnceLock::new();
+
+extern "C" fn stop_shared_pg() {
+    if let Some(pg) = PG.get() {
+        pg.stop_immediate();
+    }
+}
+
+/// The PostgreSQL shared by all tests of this binary, started on first use and stopped by an
+/// `atexit` hook (statics are never dropped).
+pub fn pg() -> &'static TempPostgres {
+    PG.get_or_init(|| {
+        let pg = TempPostgres::start_with(PgOptions {
+            max_connections: 300,
+            extra_conf: vec![],
+            password: PG_PASSWORD.to_string(),
+        })
+        .expect("start the test PostgreSQL");
+        // SAFETY: registering a plain extern "C" fn with no captured state.
+        unsafe {
+            libc::atexit(stop_shared_pg);
+        }
+        pg
+    })
+}
+
+/// A name unique within this run, usable as an SQL identifier.
+pub fn unique(prefix: &str) -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{prefix}_{}_{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Await `fut` at most `OP_DEADLINE`, panicking with `what` on expiry.
+pub async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
+    within_for(OP_DEADLINE, what, fut).await
+}
+
+pub async fn within_for<T>(limit: Duration, what: &str, fut: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(v) => v,
+        Err(_) => panic!("timed out after {limit:?}: {what}"),
+    }
+}
+
+/// Poll `cond` every 50 ms until it holds, panicking after `limit`.
+pub async fn eventually<F, Fut>(what: &str, limit: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = Instant::now();
+    loop {
+        if cond().await {
+            return;
+        }
+        if start.elapsed() > limit {
+            panic!("condition not reached within {limit:?}: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// SQLSTATE of an error, if the error carries a server (or pooler) ErrorResponse.
+pub fn sqlstate(e: &tokio_postgres::Error) -> Option<String> {
+    e.as_db_error().map(|d| d.code().code().to_string())
+}
+
+/// Assert that `r` failed with SQLSTATE `code`; returns the error message.
+#[track_caller]
+pub fn expect_code<T: std::fmt::Debug>(r: Result<T, tokio_postgres::Error>, code: &str) -> String {
+    match r {
+        Ok(v) => panic!("expected error {code}, got Ok({v:?})"),
+        Err(e) => {
+            assert_eq!(
+                sqlstate(&e).as_deref(),
+                Some(code),
+                "expected SQLSTATE {code}, got error: {e:?}"
+            );
+            e.as_db_error().unwrap().message().to_string()
+        }
+    }
+}
+
+/// A client and its connection task (whose result holds errors that arrived while idle).
+pub struct Conn {
+    pub client: Client,
+    pub task: JoinHandle<Result<(), tokio_postgres::Error>>,
+}
+
+pub fn client_config(addr: SocketAddr, user: &str, password: &str) -> tokio_postgres::Config {
+    let mut c = tokio_postgres::Config::new();
+    c.host(addr.ip().to_string())
+        .port(addr.port())
+        .user(user)
+        .password(password)
+        .dbname("postgres")
+        .connect_timeout(Duration::from_secs(10));
+    c
+}
+
+pub async fn connect_with(cfg: &tokio_postgres::Config) -> Result<Conn, tokio_postgres::Error> {
+    let (client, connection) = within("connect", cfg.connect(NoTls)).await?;
+    let task = tokio::spawn(connection);
+    Ok(Conn { client, task })
+}
+
+pub async fn try_connect(
+    addr: SocketAddr,
+    user: &str,
+    password: &str,
+) -> Result<Client, tokio_postgres::Error> {
+    connect_with(&client_config(addr, user, password))
+        .await
+        .map(|c| c.client)
+}
+
+/// Connect as `postgres.t1` with the right password; panics on failure.
+pub async fn connect(addr: SocketAddr) -> Client {
+    match try_connect(addr, "postgres.t1", PG_PASSWORD).await {
+        Ok(c) => c,
+        Err(e) => panic!("connect to pooler at {addr} as postgres.t1: {e:?}"),
+    }
+}
+
+/// A direct connection to the shared PostgreSQL (not through the pooler).
+pub async fn direct() -> Client {
+    let pg = pg();
+    let addr: SocketAddr = format!("{}:{}", pg.host, pg.port).parse().unwrap();
+    try_connect(addr, &pg.superuser, &pg.password)
+        .await
+        .expect("direct connection to PostgreSQL")
+}
+
+/// One `[[tenants.users]]` entry.
+#[derive(Clone, Debug)]
+pub struct UserCfg {
+    pub db_user: String,
+    pub db_password: String,
+    pub pool_size: u32,
+    pub mode_type: &'static str,
+    pub max_clients: u32,
+    pub pool_checkout_timeout: u64,
+}
+
+impl UserCfg {
+    pub fn postgres(pool_size: u32) -> UserCfg {
+        UserCfg {
+            db_user: "postgres".into(),
+            db_password: PG_PASSWORD.into(),
+            pool_size,
+            mode_type: "transaction",
+            max_clients: 1000,
+            // Bounded, so that a leaked server connection fails a test instead of hanging it.
+            pool_checkout_timeout: 15_000,
+        }
+    }
+}
+
+/// One `[[tenants]]` entry, pointing at the shared PostgreSQL.
+#[derive(Clone, Debug)]
+pub struct TenantCfg {
+    pub external_id: String,
+    pub auth_type: &'static str,
+    pub default_pool_size: u32,
+    pub default_max_clients: u32,
+    pub users: Vec<UserCfg>,
+}
+
+impl TenantCfg {
+    pub fn new(external_id: &str, users: Vec<UserCfg>) -> TenantCfg {
+        TenantCfg {
+            external_id: external_id.into(),
+            auth_type: "scram-sha-256",
+            default_pool_size: 15,
+            default_max_clients: 1000,
+            users,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct PoolerConfig {
+    pub shards: u32,
+    pub shutdown_timeout: u64,
+    pub tenants: Vec<TenantCfg>,
+}
+
+impl PoolerConfig {
+    /// Tenant `t1` with the single user `postgres` of the given pool size.
+    pub fn single(pool_size: u32) -> PoolerConfig {
+        PoolerConfig::tenants(vec![TenantCfg::new(
+            "t1",
+            vec![UserCfg::postgres(pool_size)],
+        )])
+    }
+
+    pub fn tenants(tenants: Vec<TenantCfg>) -> PoolerConfig {
+        PoolerConfig {
+            shards: 2,
+            shutdown_timeout: 5000,
+            tenants,
+        }
+    }
+
+    fn to_toml(&self, session: SocketAddr, transaction: SocketAddr) -> String {
+        let pg = pg();
+        let mut s = String::new();
+        writeln!(
+            s,
+            "[proxy]\nsession_addr = \"{session}\"\ntransaction_addr = \"{transaction}\"\n\
+             shards = {}\nshutdown_timeout = {}\n",
+            self.shards, self.shutdown_timeout
+        )
+        .unwrap();
+        for t in &self.tenants {
+            writeln!(
+                s,
+                "[[tenants]]\nexternal_id = {:?}\ndb_host = {:?}\ndb_port = {}\n\
+                 db_database = \"postgres\"\ndefault_pool_size = {}\ndefault_max_clients = {}\n\
+                 auth_type = {:?}\n",
+                t.external_id,
+                pg.host,
+                pg.port,
+                t.default_pool_size,
+                t.default_max_clients,
+                t.auth_type
+            )
+            .unwrap();
+            for u in &t.users {
+                writeln!(
+                    s,
+                    "[[tenants.users]]\ndb_user = {:?}\ndb_password = {:?}\npool_size = {}\n\
+                     mode_type = {:?}\nmax_clients = {}\npool_checkout_timeout = {}\n",
+                    u.db_user,
+                    u.db_password,
+                    u.pool_size,
+                    u.mode_type,
+                    u.max_clients,
+                    u.pool_checkout_timeout
+                )
+                .unwrap();
+            }
+        }
+        s
+    }
+}
+
+/// A `supavisor` process run for one test. SIGTERM (then SIGKILL) by its own pid on drop; its
+/// stderr is printed when the test is failing.
+pub struct Pooler {
+    child: Child,
+    pub session: SocketAddr,
+    pub transaction: SocketAddr,
+    stderr_path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("find a free port")
+}
+
+impl Pooler {
+    pub fn start(cfg: &PoolerConfig) -> Pooler {
+        pg();
+        let dir = tempfile::Builder::new()
+            .prefix("supavisor-test.")
+            .tempdir()
+            .expect("temp dir");
+        let (session, transaction) = (free_addr(), free_addr());
+        let config_path = dir.path().join("supavisor.toml");
+        std::fs::write(&config_path, cfg.to_toml(session, transaction)).expect("write config");
+        let stderr_path = dir.path().join("stderr.log");
+        let stderr = std::fs::File::create(&stderr_path).expect("stderr log");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_supavisor"))
+            .arg("--config")
+            .arg(&config_path)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn supavisor");
+
+        // Read stdout on a thread: the ready line goes to the channel, the rest is drained so
+        // the pooler never blocks on (or dies of) a full or closed pipe.
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel::<Result<String, String>>();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in BufReader::new(stdout).lines() {
+                match line {
+                    Ok(l) if !sent && l.starts_with("supavisor ready") => {
+                        let _ = tx.send(Ok(l));
+                        sent = true;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        let _ = tx.send(Err(format!("reading stdout: {e}")));
+                        return;
+                    }
+                }
+            }
+            if !sent {
+                let _ = tx.send(Err("stdout closed before the ready line".into()));
+            }
+        });
+
+        let mut pooler = Pooler {
+            child,
+            session,
+            transaction,
+            stderr_path,
+            _dir: dir,
+        };
+        let line = match rx.recv_timeout(READY_DEADLINE) {
+            Ok(Ok(line)) => line,
+            Ok(Err(e)) => pooler.fail(&format!("pooler did not become ready: {e}")),
+            Err(_) => pooler.fail(&format!(
+                "pooler printed no ready line within {READY_DEADLINE:?}"
+            )),
+        };
+        let addr_of = |key: &str| -> Option<SocketAddr> {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(key))
+                .and_then(|a| a.parse().ok())
+        };
+        match (addr_of("session="), addr_of("transaction=")) {
+            (Some(s), Some(t)) => {
+                pooler.session = s;
+                pooler.transaction = t;
+            }
+            _ => pooler.fail(&format!("unparseable ready line: {line:?}")),
+        }
+        pooler
+    }
+
+    fn fail(&mut self, why: &str) -> ! {
+        let status = self.child.try_wait().ok().flatten();
+        panic!(
+            "{why} (exit status: {status:?})\n--- supavisor stderr ---\n{}",
+            self.stderr()
+        );
+    }
+
+    /// Both client-facing addresses, labelled.
+    pub fn ports(&self) -> [(&'static str, SocketAddr); 2] {
+        [("session", self.session), ("transaction", self.transaction)]
+    }
+
+    pub fn is_alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Send SIGTERM without waiting.
+    pub fn signal_term(&self) {
+        // SAFETY: signalling our own child by its pid.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+    }
+
+    /// The exit status, if the process has exited.
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// Send SIGTERM and wait (bounded) for exit; returns the exit status.
+    pub fn terminate(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        if let Ok(Some(st)) = self.child.try_wait() {
+            return Some(st);
+        }
+        self.signal_term();
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Pooler {
+    fn drop(&mut self) {
+        if self.terminate(Duration::from_secs(10)).is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "--- supavisor stderr ({}) ---\n{}\n--- end supavisor stderr ---",
+                self.stderr_path.display(),
+                self.stderr()
+            );
+        }
+    }
+}
+
+/// A small deterministic PRNG (xorshift64*), enough for test data.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next_u64() as u8).collect()
+    }
+}
+
+/// Run a PostgreSQL client program of the test server's version (`psql`, `pgbench`).
+pub fn pg_program(name: &str) -> Command {
+    let mut c = Command::new(
+        TempPostgres::bindir()
+            .expect("PostgreSQL bindir")
+            .join(name),
+    );
+    c.env("PGPASSWORD", PG_PASSWORD)
+        .env("PGCONNECT_TIMEOUT", "10")
+        .env_remove("PGUSER")
+        .env_remove("PGDATABASE")
+        .env_remove("PGHOST")
+        .env_remove("PGPORT");
+    c
+}
