@@ -8,7 +8,13 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use engine::config::{ClientAuth, Config, PoolMode, ProxyConfig, TenantConfig, UserConfig};
+use engine::config::{
+    ClientAuth, Config, PoolMode, ProxyConfig, TenantConfig, UserAuth, UserConfig,
+};
+use std::sync::Mutex;
+use wire::scram::ScramSecret;
+
+use crate::model::{self, TenantSpec, UserSpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -50,36 +56,8 @@ impl Default for ProxyFile {
     }
 }
 
-/// `[[tenants.users]]`
-#[derive(Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct UserFile {
-    pub db_user: String,
-    pub db_password: String,
-    pub pool_size: Option<usize>,
-    #[serde(default = "default_mode")]
-    pub mode_type: String,
-    pub max_clients: Option<usize>,
-    /// Milliseconds.
-    pub pool_checkout_timeout: Option<u64>,
-}
-
-impl std::fmt::Debug for UserFile {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("UserFile")
-            .field("db_user", &self.db_user)
-            .field("db_password", &"<redacted>")
-            .field("pool_size", &self.pool_size)
-            .field("mode_type", &self.mode_type)
-            .finish_non_exhaustive()
-    }
-}
-
-fn default_mode() -> String {
-    "transaction".into()
-}
-
-/// `[[tenants]]`
+/// `[[tenants]]`: a tenant seeded into the store at start. Same fields as
+/// the API's tenant JSON, plus its id.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TenantFile {
@@ -87,31 +65,95 @@ pub struct TenantFile {
     pub db_host: String,
     pub db_port: u16,
     pub db_database: String,
-    #[serde(default = "default_pool_size")]
+    #[serde(default = "model::default_true")]
+    pub require_user: bool,
+    #[serde(default)]
+    pub auth_query: Option<String>,
+    #[serde(default = "model::default_pool_size")]
     pub default_pool_size: usize,
-    #[serde(default = "default_max_clients")]
+    #[serde(default = "model::default_max_clients")]
     pub default_max_clients: usize,
     /// Milliseconds.
-    #[serde(default = "default_checkout_timeout")]
+    #[serde(default = "model::default_checkout_timeout")]
     pub default_pool_checkout_timeout: u64,
     /// How clients authenticate to the pooler: "scram-sha-256" or "md5".
-    #[serde(default = "default_auth_type")]
+    #[serde(default = "model::default_auth_type")]
     pub auth_type: String,
     #[serde(default)]
-    pub users: Vec<UserFile>,
+    pub users: Vec<UserSpec>,
 }
 
-fn default_pool_size() -> usize {
-    15
+impl TenantFile {
+    pub fn to_spec(&self) -> (String, TenantSpec) {
+        (
+            self.external_id.clone(),
+            TenantSpec {
+                db_host: self.db_host.clone(),
+                db_port: self.db_port,
+                db_database: self.db_database.clone(),
+                require_user: self.require_user,
+                auth_query: self.auth_query.clone(),
+                default_pool_size: self.default_pool_size,
+                default_max_clients: self.default_max_clients,
+                default_pool_checkout_timeout: self.default_pool_checkout_timeout,
+                auth_type: self.auth_type.clone(),
+                users: self.users.clone(),
+            },
+        )
+    }
 }
-fn default_max_clients() -> usize {
-    1000
+
+/// `[api]`: the HTTP API and metrics.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiFile {
+    /// Where the HTTP API and /metrics listen.
+    pub addr: SocketAddr,
+    /// HS256 secret of API tokens; `API_JWT_SECRET` overrides it.
+    pub jwt_secret: Option<String>,
+    /// HS256 secret of metrics tokens; `METRICS_JWT_SECRET` overrides it.
+    pub metrics_jwt_secret: Option<String>,
 }
-fn default_checkout_timeout() -> u64 {
-    60_000
+
+impl Default for ApiFile {
+    fn default() -> Self {
+        ApiFile {
+            addr: "0.0.0.0:4000".parse().expect("literal address"),
+            jwt_secret: None,
+            metrics_jwt_secret: None,
+        }
+    }
 }
-fn default_auth_type() -> String {
-    "scram-sha-256".into()
+
+impl std::fmt::Debug for ApiFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiFile")
+            .field("addr", &self.addr)
+            .field(
+                "jwt_secret",
+                &self.jwt_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .field(
+                "metrics_jwt_secret",
+                &self.metrics_jwt_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
+}
+
+/// `[store]`: where tenants are kept.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreFile {
+    pub path: std::path::PathBuf,
+}
+
+impl Default for StoreFile {
+    fn default() -> Self {
+        StoreFile {
+            path: "./data".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -119,6 +161,10 @@ fn default_auth_type() -> String {
 pub struct ConfigFile {
     #[serde(default)]
     pub proxy: ProxyFile,
+    #[serde(default)]
+    pub api: ApiFile,
+    #[serde(default)]
+    pub store: StoreFile,
     #[serde(default)]
     pub tenants: Vec<TenantFile>,
 }
@@ -146,6 +192,136 @@ pub fn parse_auth(s: &str) -> Result<ClientAuth, ConfigError> {
     }
 }
 
+/// SCRAM secrets derived from configured passwords, kept across config
+/// rebuilds so that PBKDF2 runs once per (tenant, user, password).
+#[derive(Default)]
+pub struct SecretCache {
+    map: Mutex<HashMap<(String, String), (String, ScramSecret)>>,
+}
+
+impl SecretCache {
+    fn get(&self, tenant: &str, user: &str, password: &str) -> ScramSecret {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (tenant.to_string(), user.to_string());
+        if let Some((p, secret)) = map.get(&key) {
+            if p == password {
+                return secret.clone();
+            }
+        }
+        let salt: [u8; 16] = rand::random();
+        let secret = ScramSecret::from_password(password, &salt, SCRAM_ITERATIONS);
+        map.insert(key, (password.to_string(), secret.clone()));
+        secret
+    }
+}
+
+impl ProxyFile {
+    pub fn build(&self) -> Result<ProxyConfig, ConfigError> {
+        let shards = if self.shards == 0 {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        } else {
+            self.shards
+        };
+        if shards > 256 {
+            return Err(ConfigError::Invalid(
+                "proxy.shards must be at most 256".into(),
+            ));
+        }
+        Ok(ProxyConfig {
+            session_addr: self.session_addr,
+            transaction_addr: self.transaction_addr,
+            shards,
+            shutdown_timeout: Duration::from_millis(self.shutdown_timeout),
+            client_startup_timeout: Duration::from_millis(self.client_startup_timeout.max(1)),
+        })
+    }
+}
+
+/// One tenant of the engine's snapshot.
+pub fn build_tenant(
+    id: &str,
+    t: &TenantSpec,
+    secrets: &SecretCache,
+) -> Result<TenantConfig, ConfigError> {
+    let errors = t.validate();
+    if !model::valid_id(id) {
+        return Err(ConfigError::Invalid(format!(
+            "tenant id {id:?} must be 1 to 128 letters, digits, '_' or '-'"
+        )));
+    }
+    if let Some(e) = errors.first() {
+        return Err(ConfigError::Invalid(format!(
+            "tenant {id:?}: {} {}",
+            e.field, e.message
+        )));
+    }
+    let client_auth = parse_auth(&t.auth_type)?;
+    let mut users = HashMap::new();
+    for u in &t.users {
+        let Some(password) = u.db_password.as_deref() else {
+            return Err(ConfigError::Invalid(format!(
+                "tenant {id:?} user {:?}: db_password is required",
+                u.db_user
+            )));
+        };
+        let user = UserConfig {
+            db_user: u.db_user.clone(),
+            auth: UserAuth::Password {
+                password: password.to_string(),
+                scram: secrets.get(id, &u.db_user, password),
+            },
+            pool_size: u.pool_size.unwrap_or(t.default_pool_size),
+            max_clients: u.max_clients.unwrap_or(t.default_max_clients),
+            checkout_timeout: Duration::from_millis(
+                u.pool_checkout_timeout
+                    .unwrap_or(t.default_pool_checkout_timeout),
+            ),
+            default_mode: parse_mode(&u.mode_type)?,
+        };
+        users.insert(u.db_user.clone(), Arc::new(user));
+    }
+    Ok(TenantConfig {
+        external_id: id.to_string(),
+        db_host: t.db_host.clone(),
+        db_port: t.db_port,
+        db_database: t.db_database.clone(),
+        client_auth,
+        users,
+        require_user: t.require_user,
+        auth_query: t
+            .auth_query
+            .clone()
+            .unwrap_or_else(|| model::DEFAULT_AUTH_QUERY.to_string()),
+        manager: t.users.iter().find(|u| u.is_manager).map(|u| u.db_user.clone()),
+        default_pool_size: t.default_pool_size,
+        default_max_clients: t.default_max_clients,
+        default_checkout_timeout: Duration::from_millis(t.default_pool_checkout_timeout),
+    })
+}
+
+/// The engine's snapshot from proxy settings and tenants.
+pub fn build_config(
+    proxy: &ProxyConfig,
+    tenants: &[(String, TenantSpec)],
+    secrets: &SecretCache,
+) -> Result<Config, ConfigError> {
+    let mut map = HashMap::new();
+    for (id, spec) in tenants {
+        if map.contains_key(id) {
+            return Err(ConfigError::Invalid(format!(
+                "tenant {id:?} is defined twice"
+            )));
+        }
+        map.insert(id.clone(), Arc::new(build_tenant(id, spec, secrets)?));
+    }
+    Ok(Config {
+        proxy: proxy.clone(),
+        tenants: map,
+    })
+}
+
 impl ConfigFile {
     pub fn load(path: &Path) -> Result<ConfigFile, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -159,96 +335,14 @@ impl ConfigFile {
         Ok(toml::from_str(text)?)
     }
 
-    /// Checks the file and builds the engine's snapshot (SCRAM secrets are
-    /// computed here, once per user).
+    /// The tenants of the file, as seeds for the store.
+    pub fn seeds(&self) -> Vec<(String, TenantSpec)> {
+        self.tenants.iter().map(TenantFile::to_spec).collect()
+    }
+
+    /// Checks the file and builds the engine's snapshot from it alone.
     pub fn build(&self) -> Result<Config, ConfigError> {
-        let p = &self.proxy;
-        let shards = if p.shards == 0 {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-        } else {
-            p.shards
-        };
-        if shards > 256 {
-            return Err(ConfigError::Invalid(
-                "proxy.shards must be at most 256".into(),
-            ));
-        }
-        let proxy = ProxyConfig {
-            session_addr: p.session_addr,
-            transaction_addr: p.transaction_addr,
-            shards,
-            shutdown_timeout: Duration::from_millis(p.shutdown_timeout),
-            client_startup_timeout: Duration::from_millis(p.client_startup_timeout.max(1)),
-        };
-        let mut tenants = HashMap::new();
-        for t in &self.tenants {
-            if t.external_id.is_empty() || t.external_id.contains(char::is_whitespace) {
-                return Err(ConfigError::Invalid(format!(
-                    "tenant external_id {:?} must be non-empty and without spaces",
-                    t.external_id
-                )));
-            }
-            if tenants.contains_key(&t.external_id) {
-                return Err(ConfigError::Invalid(format!(
-                    "tenant {:?} is defined twice",
-                    t.external_id
-                )));
-            }
-            let client_auth = parse_auth(&t.auth_type)?;
-            let mut users = HashMap::new();
-            for u in &t.users {
-                if u.db_user.is_empty() {
-                    return Err(ConfigError::Invalid(format!(
-                        "tenant {:?}: db_user must not be empty",
-                        t.external_id
-                    )));
-                }
-                let pool_size = u.pool_size.unwrap_or(t.default_pool_size);
-                if pool_size == 0 {
-                    return Err(ConfigError::Invalid(format!(
-                        "tenant {:?} user {:?}: pool_size must be at least 1",
-                        t.external_id, u.db_user
-                    )));
-                }
-                let salt: [u8; 16] = rand::random();
-                let user = UserConfig {
-                    db_user: u.db_user.clone(),
-                    db_password: u.db_password.clone(),
-                    pool_size,
-                    max_clients: u.max_clients.unwrap_or(t.default_max_clients),
-                    checkout_timeout: Duration::from_millis(
-                        u.pool_checkout_timeout
-                            .unwrap_or(t.default_pool_checkout_timeout),
-                    ),
-                    default_mode: parse_mode(&u.mode_type)?,
-                    scram: wire::scram::ScramSecret::from_password(
-                        &u.db_password,
-                        &salt,
-                        SCRAM_ITERATIONS,
-                    ),
-                };
-                if users.insert(u.db_user.clone(), Arc::new(user)).is_some() {
-                    return Err(ConfigError::Invalid(format!(
-                        "tenant {:?}: user {:?} is defined twice",
-                        t.external_id, u.db_user
-                    )));
-                }
-            }
-            tenants.insert(
-                t.external_id.clone(),
-                Arc::new(TenantConfig {
-                    external_id: t.external_id.clone(),
-                    db_host: t.db_host.clone(),
-                    db_port: t.db_port,
-                    db_database: t.db_database.clone(),
-                    client_auth,
-                    users,
-                }),
-            );
-        }
-        Ok(Config { proxy, tenants })
+        build_config(&self.proxy.build()?, &self.seeds(), &SecretCache::default())
     }
 }
 

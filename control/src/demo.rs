@@ -3,7 +3,8 @@
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
 
-use crate::config::{ConfigFile, ProxyFile, TenantFile, UserFile};
+use crate::config::{ApiFile, ConfigFile, ProxyFile, StoreFile, TenantFile};
+use crate::model::UserSpec;
 use crate::pgtemp::TempPostgres;
 
 fn free_addr() -> Result<SocketAddr, String> {
@@ -31,21 +32,41 @@ pub fn run() -> Result<(), String> {
             default_max_clients: 1000,
             default_pool_checkout_timeout: 60_000,
             auth_type: "scram-sha-256".into(),
-            users: vec![UserFile {
+            require_user: true,
+            auth_query: None,
+            users: vec![UserSpec {
                 db_user: pg.superuser.clone(),
-                db_password: pg.password.clone(),
+                db_password: Some(pg.password.clone()),
                 pool_size: Some(5),
                 mode_type: "transaction".into(),
                 max_clients: Some(1000),
                 pool_checkout_timeout: Some(60_000),
+                is_manager: true,
             }],
         }],
+        ..ConfigFile::default()
     };
-    let config = file.build().map_err(|e| e.to_string())?;
+    let store = tempfile::Builder::new()
+        .prefix("supavisor-demo-store.")
+        .tempdir()
+        .map_err(|e| e.to_string())?;
+    let jwt_secret = format!("{:032x}", rand::random::<u128>());
+    let file = ConfigFile {
+        api: ApiFile {
+            addr: free_addr()?,
+            jwt_secret: Some(jwt_secret.clone()),
+            metrics_jwt_secret: Some(jwt_secret.clone()),
+        },
+        store: StoreFile {
+            path: store.path().to_path_buf(),
+        },
+        ..file
+    };
     let password = pg.password.clone();
     let user = pg.superuser.clone();
-    let result = crate::run::run(config, |_| {
-        println!("supavisor ready session={session} transaction={transaction}");
+    let result = crate::run::run(file, |r| {
+        let api = r.api;
+        println!("supavisor ready session={session} transaction={transaction} api={api}");
         println!();
         println!(
             "PostgreSQL (direct):  psql 'postgres://{user}:{password}@{}:{}/postgres'",
@@ -57,6 +78,8 @@ pub fn run() -> Result<(), String> {
         println!(
             "session mode:         psql 'postgres://{user}.demo:{password}@{session}/postgres'"
         );
+        println!();
+        println!("API:                  supavisorctl --api http://{api} --jwt-secret {jwt_secret} tenant list");
         println!();
         println!("Ctrl-C stops the pooler and deletes the database.");
         let _ = std::io::stdout().flush();

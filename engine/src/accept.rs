@@ -117,13 +117,15 @@ pub fn for_log(s: &str) -> &str {
 
 pub async fn handle(shard: Rc<Shard>, mut stream: TcpStream, mode: PoolMode) {
     let peer = stream.peer_addr().ok();
-    let timeout = shard.config.proxy.client_startup_timeout;
+    let config = shard.config();
+    let timeout = config.proxy.client_startup_timeout;
     let first =
         glommio::timer::timeout(timeout, async { Ok(read_first(&shard, &mut stream).await) }).await;
     let (msg, leftover) = match first {
         Ok(Ok(First::Startup(msg, leftover))) => (msg, leftover),
         Ok(Ok(First::Cancel | First::Closed)) => return,
         Ok(Err(e)) => {
+            crate::metrics::bump(&shard.refused, 1);
             debug!(?peer, error = %e, "bad startup");
             if matches!(e, EngineError::ClientProtocol(_)) {
                 refuse(&mut stream, &e).await;
@@ -144,11 +146,13 @@ pub async fn handle(shard: Rc<Shard>, mut stream: TcpStream, mode: PoolMode) {
     let ident = match identify(&msg) {
         Ok(i) => i,
         Err(r) => {
+            crate::metrics::bump(&shard.refused, 1);
             refuse(&mut stream, &EngineError::Refused(r)).await;
             return;
         }
     };
-    if shard.config.tenant(&ident.tenant).is_none() {
+    if config.tenant(&ident.tenant).is_none() {
+        crate::metrics::bump(&shard.refused, 1);
         refuse(
             &mut stream,
             &EngineError::Refused(Refusal::UnknownTenant(ident.tenant)),
@@ -178,7 +182,10 @@ pub async fn handle(shard: Rc<Shard>, mut stream: TcpStream, mode: PoolMode) {
         peer,
     };
     match shard.peers[owner].send(ShardMsg::Handoff(handoff)) {
-        Ok(()) => drop(stream),
+        Ok(()) => {
+            crate::metrics::bump(&shard.handoffs_out, 1);
+            drop(stream)
+        }
         Err(_) => refuse(&mut stream, &EngineError::Refused(Refusal::Busy)).await,
     }
 }

@@ -10,7 +10,7 @@ use wire::frontend::{self, PASSWORD_TAG};
 use wire::scram::{ScramServer, SCRAM_SHA_256};
 use wire::WireError;
 
-use crate::config::{ClientAuth, TenantConfig, UserConfig};
+use crate::config::{ClientAuth, FetchedSecret, TenantConfig, UserAuth, UserConfig};
 use crate::error::{EngineError, Refusal};
 
 /// Reads one whole frame from a client during authentication.
@@ -56,7 +56,8 @@ async fn send(stream: &mut TcpStream, out: &BytesMut) -> Result<(), EngineError>
     stream.write_all(out).await.map_err(EngineError::ClientIo)
 }
 
-/// Runs the authentication exchange; on success AuthenticationOk has been sent.
+/// Runs the authentication exchange; on success AuthenticationOk has been
+/// sent, and the ClientKey recovered from a SCRAM proof is returned.
 /// `inbuf` holds client bytes already read; what is left after it belongs to
 /// the session.
 pub async fn authenticate(
@@ -65,11 +66,26 @@ pub async fn authenticate(
     tenant: &TenantConfig,
     user: &UserConfig,
     startup_user: &str,
-) -> Result<(), EngineError> {
+) -> Result<Option<[u8; 32]>, EngineError> {
     let wrong_password = || EngineError::Refused(Refusal::WrongPassword(user.db_user.clone()));
+    let mismatch = |what: &str| {
+        EngineError::Refused(Refusal::AuthMismatch {
+            user: user.db_user.clone(),
+            why: what.to_string(),
+        })
+    };
     let mut out = BytesMut::new();
     match tenant.client_auth {
         ClientAuth::ScramSha256 => {
+            let secret = match &user.auth {
+                UserAuth::Password { scram, .. } => scram.clone(),
+                UserAuth::Fetched(FetchedSecret::Scram(s)) => s.clone(),
+                UserAuth::Fetched(FetchedSecret::Md5(_)) => {
+                    return Err(mismatch(
+                        "its password is stored as md5; set the tenant's auth_type to md5",
+                    ))
+                }
+            };
             Authentication::Sasl {
                 mechanisms: vec![SCRAM_SHA_256.to_string()],
             }
@@ -83,7 +99,7 @@ pub async fn authenticate(
                     "unsupported SASL mechanism {mechanism:?}"
                 ))));
             }
-            let mut server = ScramServer::new(user.scram.clone());
+            let mut server = ScramServer::new(secret);
             let first = server
                 .handle_client_first(data)
                 .map_err(EngineError::ClientProtocol)?;
@@ -91,29 +107,39 @@ pub async fn authenticate(
             Authentication::SaslContinue(first.into()).encode(&mut out);
             send(stream, &out).await?;
             let body = read_password_frame(stream, inbuf).await?;
-            let (last, _client_key) = server.handle_client_final(&body).map_err(|e| match e {
+            let (last, client_key) = server.handle_client_final(&body).map_err(|e| match e {
                 WireError::AuthFailed => wrong_password(),
                 other => EngineError::ClientProtocol(other),
             })?;
             out.clear();
             Authentication::SaslFinal(last.into()).encode(&mut out);
             Authentication::Ok.encode(&mut out);
-            send(stream, &out).await
+            send(stream, &out).await?;
+            Ok(Some(client_key))
         }
         ClientAuth::Md5 => {
+            // Clients salt md5 with the user name they sent (`user.tenant`).
+            let secret = match &user.auth {
+                UserAuth::Password { password, .. } => {
+                    wire::md5::md5_secret(startup_user, password)
+                }
+                UserAuth::Fetched(FetchedSecret::Md5(s)) => s.clone(),
+                UserAuth::Fetched(FetchedSecret::Scram(_)) => return Err(mismatch(
+                    "its password is stored as SCRAM; set the tenant's auth_type to scram-sha-256",
+                )),
+            };
             let salt: [u8; 4] = rand::random();
             Authentication::Md5Password { salt }.encode(&mut out);
             send(stream, &out).await?;
             let body = read_password_frame(stream, inbuf).await?;
             let response = frontend::decode_password(&body).map_err(EngineError::ClientProtocol)?;
-            // Clients salt md5 with the user name they sent (`user.tenant`).
-            let secret = wire::md5::md5_secret(startup_user, &user.db_password);
             if !wire::md5::verify_md5(&secret, salt, response) {
                 return Err(wrong_password());
             }
             out.clear();
             Authentication::Ok.encode(&mut out);
-            send(stream, &out).await
+            send(stream, &out).await?;
+            Ok(None)
         }
     }
 }

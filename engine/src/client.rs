@@ -14,9 +14,11 @@ use wire::backend::{encode_negotiate_protocol_version, encode_ready_for_query, B
 use wire::startup::StartupMessage;
 
 use crate::accept::{for_log, identify, refuse};
-use crate::config::{PoolMode, TenantConfig, UserConfig};
+use crate::authquery;
+use crate::config::{PoolMode, TenantConfig, UserAuth, UserConfig};
 use crate::error::{EngineError, Refusal};
-use crate::pool::{ClientSlot, Pool, PooledConn, RESET_TIMEOUT};
+use crate::metrics::bump;
+use crate::pool::{ClientSlot, Pool, PoolKey, PooledConn, RESET_TIMEOUT};
 use crate::relay::{ClientSide, Event, Relay, Tracker};
 use crate::shard::{ClientCtl, Shard};
 
@@ -37,7 +39,7 @@ pub async fn run(
     peer: Option<SocketAddr>,
 ) {
     let _ = stream.set_nodelay(true);
-    let timeout = shard.config.proxy.client_startup_timeout;
+    let timeout = shard.config().proxy.client_startup_timeout;
     let login = glommio::timer::timeout(timeout, async {
         Ok(login(&shard, &mut stream, &msg, leftover, mode).await)
     })
@@ -69,7 +71,12 @@ pub async fn run(
         }
     };
     let pid = session.pid;
+    let pool = session.pool.clone();
+    let joined = std::time::Instant::now();
     serve(&shard, stream, session, mode).await;
+    pool.stats
+        .client_connection_duration
+        .observe(joined.elapsed());
     shard.unregister_client(pid);
 }
 
@@ -82,16 +89,23 @@ async fn login(
 ) -> Result<Session, EngineError> {
     let ident = identify(msg).map_err(EngineError::Refused)?;
     let tenant: Arc<TenantConfig> = shard
-        .config
+        .config()
         .tenant(&ident.tenant)
         .cloned()
         .ok_or_else(|| EngineError::Refused(Refusal::UnknownTenant(ident.tenant.clone())))?;
-    let user: Arc<UserConfig> = tenant.users.get(&ident.db_user).cloned().ok_or_else(|| {
+    let unknown = || {
         EngineError::Refused(Refusal::UnknownUser {
             user: ident.db_user.clone(),
             tenant: ident.tenant.clone(),
         })
-    })?;
+    };
+    let user: Arc<UserConfig> = match tenant.users.get(&ident.db_user) {
+        Some(u) => u.clone(),
+        None if !tenant.require_user => authquery::lookup(shard, &tenant, &ident.db_user)
+            .await?
+            .ok_or_else(unknown)?,
+        None => return Err(unknown()),
+    };
     if shard.is_draining() {
         return Err(EngineError::Refused(Refusal::ShuttingDown));
     }
@@ -109,18 +123,45 @@ async fn login(
 
     let mut inbuf = BytesMut::from(&leftover[..]);
     let startup_user = msg.user().unwrap_or_default();
-    crate::auth::authenticate(stream, &mut inbuf, &tenant, &user, startup_user).await?;
+    let key = PoolKey {
+        tenant: tenant.external_id.clone(),
+        user: user.db_user.clone(),
+        mode,
+    };
+    let client_key =
+        match crate::auth::authenticate(stream, &mut inbuf, &tenant, &user, startup_user).await {
+            Ok(k) => k,
+            Err(e) => {
+                if !matches!(e, EngineError::ClientIo(_)) {
+                    shard.join_failed(key);
+                }
+                if matches!(user.auth, UserAuth::Fetched(_)) {
+                    authquery::invalidate(shard, &tenant.external_id, &user.db_user);
+                }
+                return Err(e);
+            }
+        };
 
     let pool = shard.pool(&tenant, &user, mode);
-    let slot = pool.join()?;
+    if matches!(user.auth, UserAuth::Fetched(_)) {
+        pool.set_client_key(client_key);
+    }
+    let slot = match pool.join() {
+        Ok(s) => s,
+        Err(e) => {
+            bump(&pool.stats.joins_fail, 1);
+            return Err(e);
+        }
+    };
     let params = match pool.login_params().await {
         Ok(p) => p,
         Err(e) => {
+            bump(&pool.stats.joins_fail, 1);
             warn!(tenant = %tenant.external_id, user = %user.db_user, error = %e, "pool cannot reach its database");
             return Err(e);
         }
     };
-    let (pid, ctl) = shard.register_client();
+    let (pid, ctl) = shard.register_client(&key);
     let mut out = BytesMut::with_capacity(params.len() + 32);
     out.put_slice(&params);
     BackendKeyData {
@@ -133,6 +174,7 @@ async fn login(
         shard.unregister_client(pid);
         return Err(EngineError::ClientIo(e));
     }
+    bump(&pool.stats.joins_ok, 1);
     Ok(Session {
         pool,
         _slot: slot,
@@ -145,13 +187,13 @@ async fn login(
 async fn serve(shard: &Shard, stream: TcpStream, session: Session, mode: PoolMode) {
     let pool = session.pool.clone();
     let ctl = session.ctl.clone();
-    let checkout_timeout = pool.user.checkout_timeout;
+    let checkout_timeout = pool.user().checkout_timeout;
     let mut client = ClientSide::new(stream, &session.leftover);
     let mut tracker = Tracker::default();
     let mut server: Option<PooledConn> = None;
 
     if mode == PoolMode::Session {
-        match pool.checkout(checkout_timeout).await {
+        match checkout(&pool, checkout_timeout).await {
             Ok(c) => {
                 *ctl.cancel.borrow_mut() = c.cancel.clone();
                 server = Some(c);
@@ -163,7 +205,6 @@ async fn serve(shard: &Shard, stream: TcpStream, session: Session, mode: PoolMod
         }
     }
 
-    let shutdown = |cx: &mut std::task::Context<'_>| ctl.shutdown_requested(cx.waker());
     loop {
         let event = poll_fn(|cx| {
             let mut relay = Relay {
@@ -171,13 +212,14 @@ async fn serve(shard: &Shard, stream: TcpStream, session: Session, mode: PoolMod
                 tracker: &mut tracker,
                 scratch: &shard.scratch,
                 release: mode == PoolMode::Transaction,
-                shutdown: &shutdown,
+                ctl: &ctl,
+                stats: &pool.stats,
             };
             relay.poll_step(cx, server.as_deref_mut())
         })
         .await;
         match event {
-            Event::NeedServer => match pool.checkout(checkout_timeout).await {
+            Event::NeedServer => match checkout(&pool, checkout_timeout).await {
                 Ok(c) => {
                     *ctl.cancel.borrow_mut() = c.cancel.clone();
                     server = Some(c);
@@ -235,6 +277,17 @@ async fn serve(shard: &Shard, stream: TcpStream, session: Session, mode: PoolMod
                 refuse(&mut client.stream, &EngineError::ServerProtocol(e)).await;
                 return;
             }
+            Event::Killed => {
+                ctl.cancel.borrow_mut().take();
+                // Mid-transaction or not, the connection goes with the pool.
+                drop(server.take());
+                refuse(
+                    &mut client.stream,
+                    &EngineError::Refused(Refusal::Terminated),
+                )
+                .await;
+                return;
+            }
             Event::Shutdown => {
                 ctl.cancel.borrow_mut().take();
                 if let Some(c) = server.take() {
@@ -249,6 +302,14 @@ async fn serve(shard: &Shard, stream: TcpStream, session: Session, mode: PoolMod
             }
         }
     }
+}
+
+/// Takes a server connection, timing the wait.
+async fn checkout(pool: &Rc<Pool>, wait: std::time::Duration) -> Result<PooledConn, EngineError> {
+    let start = std::time::Instant::now();
+    let r = pool.checkout(wait).await;
+    pool.stats.checkout_duration.observe(start.elapsed());
+    r
 }
 
 /// Returns a connection whose client left: clean it when that is safe, close

@@ -49,11 +49,24 @@ pub enum EngineError {
 pub enum Refusal {
     UnknownTenant(String),
     NoTenant,
-    UnknownUser { user: String, tenant: String },
+    UnknownUser {
+        user: String,
+        tenant: String,
+    },
     WrongPassword(String),
-    TooManyClients { tenant: String, user: String },
+    TooManyClients {
+        tenant: String,
+        user: String,
+    },
     Replication,
     ShuttingDown,
+    /// The tenant was removed or terminated by an operator.
+    Terminated,
+    /// The user's stored secret cannot verify this kind of client login.
+    AuthMismatch {
+        user: String,
+        why: String,
+    },
     Busy,
 }
 
@@ -80,6 +93,12 @@ impl std::fmt::Display for Refusal {
             ),
             Refusal::Replication => write!(f, "replication connections are not supported"),
             Refusal::ShuttingDown => write!(f, "the pooler is shutting down"),
+            Refusal::AuthMismatch { user, why } => {
+                write!(f, "user \"{user}\" cannot log in this way: {why}")
+            }
+            Refusal::Terminated => {
+                write!(f, "terminating connection due to administrator command")
+            }
             Refusal::Busy => write!(f, "the pooler is overloaded, try again"),
         }
     }
@@ -126,9 +145,10 @@ impl EngineError {
                     "28000"
                 }
                 Refusal::WrongPassword(_) => "28P01",
+                Refusal::AuthMismatch { .. } => "28000",
                 Refusal::TooManyClients { .. } => "53300",
                 Refusal::Replication => "08P01",
-                Refusal::ShuttingDown => "57P01",
+                Refusal::ShuttingDown | Refusal::Terminated => "57P01",
                 Refusal::Busy => "53300",
             },
         }

@@ -4,10 +4,12 @@
 
 pub mod accept;
 pub mod auth;
+pub mod authquery;
 pub mod buf;
 pub mod client;
 pub mod config;
 pub mod error;
+pub mod metrics;
 pub mod oneshot;
 pub mod pool;
 pub mod relay;

@@ -12,10 +12,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use glommio::timer::Timer;
 
-use crate::config::{PoolMode, TenantConfig, UserConfig};
+use crate::config::{FetchedSecret, PoolMode, TenantConfig, UserAuth, UserConfig};
 use crate::error::{EngineError, Refusal};
+use crate::metrics::{PoolSnapshot, PoolStats};
 use crate::oneshot;
-use crate::server::ServerConn;
+use crate::server::{ServerConn, ServerLogin};
 
 /// How long a login may take for a new server connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -31,8 +32,13 @@ pub struct PoolKey {
 
 pub struct Pool {
     pub key: PoolKey,
-    pub tenant: Arc<TenantConfig>,
-    pub user: Arc<UserConfig>,
+    tenant: RefCell<Arc<TenantConfig>>,
+    user: RefCell<Arc<UserConfig>>,
+    /// Bumped when the database address changes: older connections retire.
+    generation: Cell<u64>,
+    /// Set when the pool is dropped from its shard: connections given back close.
+    retired: Cell<bool>,
+    pub stats: PoolStats,
     idle: RefCell<Vec<ServerConn>>,
     /// Connections that exist or are being opened, idle or not.
     total: Cell<usize>,
@@ -41,6 +47,9 @@ pub struct Pool {
     clients: Cell<usize>,
     /// ParameterStatus frames of the first server connection, replayed at login.
     params: RefCell<Option<Bytes>>,
+    /// For users verified through auth_query with SCRAM: the ClientKey from
+    /// the latest client proof, with which the pool logs into PostgreSQL.
+    client_key: Cell<Option<[u8; 32]>>,
 }
 
 /// A checked-out connection. Dropping it (instead of [`Pool::checkin`])
@@ -96,18 +105,99 @@ impl Pool {
     pub fn new(key: PoolKey, tenant: Arc<TenantConfig>, user: Arc<UserConfig>) -> Rc<Pool> {
         Rc::new(Pool {
             key,
-            tenant,
-            user,
+            tenant: RefCell::new(tenant),
+            user: RefCell::new(user),
+            generation: Cell::new(0),
+            retired: Cell::new(false),
+            stats: PoolStats::default(),
             idle: RefCell::new(Vec::new()),
             total: Cell::new(0),
             waiters: RefCell::new(VecDeque::new()),
             clients: Cell::new(0),
             params: RefCell::new(None),
+            client_key: Cell::new(None),
         })
     }
 
+    pub fn tenant(&self) -> Arc<TenantConfig> {
+        self.tenant.borrow().clone()
+    }
+
+    pub fn user(&self) -> Arc<UserConfig> {
+        self.user.borrow().clone()
+    }
+
     pub fn size(&self) -> usize {
-        self.user.pool_size.max(1)
+        self.user.borrow().pool_size.max(1)
+    }
+
+    pub fn waiting_count(&self) -> usize {
+        self.waiters
+            .borrow()
+            .iter()
+            .filter(|w| !w.is_closed())
+            .count()
+    }
+
+    /// New settings for a running pool: resized at once (idle connections
+    /// above the size close, waiters may open new ones), reconnected when the
+    /// database address changed.
+    pub fn update(&self, tenant: Arc<TenantConfig>, user: Arc<UserConfig>) {
+        let moved = {
+            let old = self.tenant.borrow();
+            old.db_host != tenant.db_host
+                || old.db_port != tenant.db_port
+                || old.db_database != tenant.db_database
+        };
+        *self.tenant.borrow_mut() = tenant;
+        *self.user.borrow_mut() = user;
+        if moved {
+            self.generation.set(self.generation.get() + 1);
+            *self.params.borrow_mut() = None;
+            self.close_idle();
+        }
+        while self.total.get() > self.size() && !self.idle.borrow().is_empty() {
+            if let Some(conn) = self.idle.borrow_mut().pop() {
+                self.total.set(self.total.get() - 1);
+                glommio::spawn_local(conn.terminate()).detach();
+            }
+        }
+        // Room to grow: let waiters try to open connections.
+        let mut free = self.size().saturating_sub(self.total.get());
+        while free > 0 {
+            let Some(waiter) = self.waiters.borrow_mut().pop_front() else {
+                break;
+            };
+            if waiter.send(None).is_ok() {
+                free -= 1;
+            }
+        }
+    }
+
+    /// Records the ClientKey of a client that just proved it knows the password.
+    pub fn set_client_key(&self, key: Option<[u8; 32]>) {
+        if key.is_some() {
+            self.client_key.set(key);
+        }
+    }
+
+    /// New settings for a user that came through auth_query (a changed secret).
+    pub fn update_user(&self, user: Arc<UserConfig>) {
+        *self.user.borrow_mut() = user;
+    }
+
+    /// The pool leaves its shard: idle connections close now, the others
+    /// when given back.
+    pub fn retire(&self) {
+        self.retired.set(true);
+        self.close_idle();
+        for waiter in self.waiters.borrow_mut().drain(..) {
+            let _ = waiter.send(None);
+        }
+    }
+
+    pub fn is_retired(&self) -> bool {
+        self.retired.get()
     }
 
     pub fn idle_count(&self) -> usize {
@@ -124,7 +214,7 @@ impl Pool {
 
     /// Admits one more client, or refuses with `53300`.
     pub fn join(self: &Rc<Self>) -> Result<ClientSlot, EngineError> {
-        if self.clients.get() >= self.user.max_clients {
+        if self.clients.get() >= self.user.borrow().max_clients {
             return Err(EngineError::Refused(Refusal::TooManyClients {
                 tenant: self.key.tenant.clone(),
                 user: self.key.user.clone(),
@@ -140,7 +230,8 @@ impl Pool {
         if let Some(p) = self.params.borrow().clone() {
             return Ok(p);
         }
-        let conn = self.checkout(self.user.checkout_timeout).await?;
+        let wait = self.user().checkout_timeout;
+        let conn = self.checkout(wait).await?;
         let params = self.params.borrow().clone().unwrap_or_default();
         self.checkin(conn);
         Ok(params)
@@ -157,10 +248,34 @@ impl Pool {
                     pool: self.clone(),
                 });
             }
+            if self.retired.get() {
+                return Err(EngineError::Refused(Refusal::ShuttingDown));
+            }
             if self.total.get() < self.size() {
                 self.total.set(self.total.get() + 1);
-                match ServerConn::connect(&self.tenant, &self.user, CONNECT_TIMEOUT).await {
-                    Ok(conn) => {
+                let (tenant, user) = (self.tenant(), self.user());
+                let generation = self.generation.get();
+                let login = match &user.auth {
+                    UserAuth::Password { password, .. } => ServerLogin::Password(password),
+                    UserAuth::Fetched(FetchedSecret::Md5(secret)) => ServerLogin::Md5Secret(secret),
+                    UserAuth::Fetched(FetchedSecret::Scram(secret)) => {
+                        match self.client_key.get() {
+                            Some(client_key) => ServerLogin::ScramKey {
+                                client_key,
+                                server_key: secret.server_key,
+                            },
+                            None => {
+                                self.release_slot();
+                                return Err(EngineError::UnsupportedServerAuth(
+                                    "no client has logged in yet to lend its SCRAM key".into(),
+                                ));
+                            }
+                        }
+                    }
+                };
+                match ServerConn::connect(&tenant, &user.db_user, login, CONNECT_TIMEOUT).await {
+                    Ok(mut conn) => {
+                        conn.generation = generation;
                         if self.params.borrow().is_none() {
                             *self.params.borrow_mut() = Some(conn.login_params.clone().freeze());
                         }
@@ -218,7 +333,11 @@ impl Pool {
         };
         conn.last_used = Instant::now();
         conn.buf.release_if_empty();
-        if !conn.is_clean() {
+        if !conn.is_clean()
+            || self.retired.get()
+            || conn.generation != self.generation.get()
+            || self.total.get() > self.size()
+        {
             drop(conn);
             self.release_slot();
             return;
@@ -245,6 +364,33 @@ impl Pool {
             if waiter.send(None).is_ok() {
                 return;
             }
+        }
+    }
+
+    pub fn snapshot(&self) -> PoolSnapshot {
+        let st = &self.stats;
+        let idle = self.idle.borrow().len();
+        PoolSnapshot {
+            tenant: self.key.tenant.clone(),
+            user: self.key.user.clone(),
+            mode: self.key.mode.as_str(),
+            db_name: self.tenant.borrow().db_database.clone(),
+            pool_size: self.size(),
+            server_connections: self.total.get(),
+            idle,
+            checked_out: self.total.get().saturating_sub(idle),
+            clients: self.clients.get(),
+            waiting: self.waiting_count(),
+            joins_ok: st.joins_ok.get(),
+            joins_fail: st.joins_fail.get(),
+            client_recv: st.client_recv.get(),
+            client_send: st.client_send.get(),
+            db_recv: st.db_recv.get(),
+            db_send: st.db_send.get(),
+            queries: st.queries.get(),
+            query_duration: st.query_duration.snapshot(),
+            checkout_duration: st.checkout_duration.snapshot(),
+            client_connection_duration: st.client_connection_duration.snapshot(),
         }
     }
 

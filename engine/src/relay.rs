@@ -10,6 +10,7 @@ use std::cell::RefCell;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use futures_lite::AsyncRead;
 use glommio::net::TcpStream;
@@ -18,7 +19,9 @@ use wire::frontend::{FUNCTION_CALL_TAG, QUERY_TAG, SYNC_TAG, TERMINATE_TAG};
 use wire::WireError;
 
 use crate::buf::IoBuf;
+use crate::metrics::{bump, PoolStats};
 use crate::server::ServerConn;
+use crate::shard::{ClientCtl, Signal};
 
 /// Stop reading a side while this much of it waits to be written.
 const READ_CAP: usize = 256 * 1024;
@@ -38,6 +41,8 @@ pub enum Event {
     ServerProtocol(WireError),
     /// Shutdown asked and the client is between transactions.
     Shutdown,
+    /// The client's tenant was removed or terminated: leave now.
+    Killed,
 }
 
 /// What the client asked of the server connection it holds.
@@ -47,6 +52,8 @@ pub struct Tracker {
     pub pending: u32,
     /// Extended-protocol messages sent since the last Sync (or Flush round trips).
     pub ext_open: bool,
+    /// When the oldest unanswered request was sent.
+    pub started: Option<Instant>,
 }
 
 pub struct ClientSide {
@@ -100,9 +107,9 @@ impl ClientSide {
             |_| false,
             |seen| {
                 match seen.tag {
-                    QUERY_TAG | FUNCTION_CALL_TAG => tracker.pending += 1,
+                    QUERY_TAG | FUNCTION_CALL_TAG => tracker.expect(),
                     SYNC_TAG => {
-                        tracker.pending += 1;
+                        tracker.expect();
                         tracker.ext_open = false;
                     }
                     TERMINATE_TAG => {
@@ -129,8 +136,35 @@ impl ClientSide {
     }
 }
 
+impl Tracker {
+    fn expect(&mut self) {
+        if self.pending == 0 {
+            self.started = Some(Instant::now());
+        }
+        self.pending += 1;
+    }
+
+    /// A ReadyForQuery arrived: one request answered.
+    fn answered(&mut self, stats: &PoolStats) {
+        bump(&stats.queries, 1);
+        if let Some(t) = self.started {
+            let now = Instant::now();
+            stats.query_duration.observe(now - t);
+            self.started = Some(now);
+        }
+        self.pending = self.pending.saturating_sub(1);
+        if self.pending == 0 {
+            self.started = None;
+        }
+    }
+}
+
 /// Walks newly read server bytes; ReadyForQuery updates status and count.
-fn walk_server(server: &mut ServerConn, tracker: &mut Tracker) -> Result<(), WireError> {
+fn walk_server(
+    server: &mut ServerConn,
+    tracker: &mut Tracker,
+    stats: &PoolStats,
+) -> Result<(), WireError> {
     let start = server.walked;
     let mut status = server.status;
     let n = server.walker.walk(
@@ -141,7 +175,7 @@ fn walk_server(server: &mut ServerConn, tracker: &mut Tracker) -> Result<(), Wir
                 if let Some(&s) = body.first() {
                     status = s;
                 }
-                tracker.pending = tracker.pending.saturating_sub(1);
+                tracker.answered(stats);
             }
             Flow::Continue
         },
@@ -157,7 +191,8 @@ pub struct Relay<'a> {
     pub scratch: &'a RefCell<Vec<u8>>,
     /// Release the server at transaction end (transaction mode).
     pub release: bool,
-    pub shutdown: &'a dyn Fn(&mut Context<'_>) -> bool,
+    pub ctl: &'a ClientCtl,
+    pub stats: &'a PoolStats,
 }
 
 impl Relay<'_> {
@@ -180,6 +215,11 @@ impl Relay<'_> {
     ) -> Poll<Event> {
         loop {
             let mut progress = false;
+            let draining = match self.ctl.signal(cx.waker()) {
+                Signal::Kill => return Poll::Ready(Event::Killed),
+                Signal::Drain => true,
+                Signal::None => false,
+            };
             if self.client.terminated && self.client.walked == 0 {
                 return Poll::Ready(Event::ClientGone);
             }
@@ -194,6 +234,7 @@ impl Relay<'_> {
                     {
                         Poll::Ready(Ok(n)) => {
                             self.client.walked -= n;
+                            bump(&self.stats.db_send, n as u64);
                             progress = true;
                         }
                         Poll::Ready(Err(e)) => return Poll::Ready(Event::ServerGone(Some(e))),
@@ -205,6 +246,7 @@ impl Relay<'_> {
                     match s.buf.poll_write_to(cx, &mut self.client.stream, s.walked) {
                         Poll::Ready(Ok(n)) => {
                             s.walked -= n;
+                            bump(&self.stats.client_send, n as u64);
                             progress = true;
                         }
                         Poll::Ready(Err(e)) => return Poll::Ready(Event::ClientError(e)),
@@ -212,7 +254,7 @@ impl Relay<'_> {
                     }
                 }
                 if Self::server_free(self.client, self.tracker, s) {
-                    if (self.shutdown)(cx) {
+                    if draining {
                         return Poll::Ready(Event::Shutdown);
                     }
                     if self.release {
@@ -223,7 +265,7 @@ impl Relay<'_> {
                 if self.client.walked > 0 {
                     return Poll::Ready(Event::NeedServer);
                 }
-                if (self.shutdown)(cx) {
+                if draining {
                     return Poll::Ready(Event::Shutdown);
                 }
             }
@@ -232,7 +274,8 @@ impl Relay<'_> {
             if !self.client.terminated && self.client.buf.len() < READ_CAP {
                 match self.client.poll_read(cx, self.scratch) {
                     Poll::Ready(Ok(0)) => return Poll::Ready(Event::ClientGone),
-                    Poll::Ready(Ok(_)) => {
+                    Poll::Ready(Ok(n)) => {
+                        bump(&self.stats.client_recv, n as u64);
                         if let Err(e) = self.client.walk(self.tracker) {
                             return Poll::Ready(Event::ClientProtocol(e));
                         }
@@ -248,8 +291,9 @@ impl Relay<'_> {
                 if s.buf.len() < READ_CAP {
                     match s.buf.poll_read_from(cx, &mut s.stream) {
                         Poll::Ready(Ok(0)) => return Poll::Ready(Event::ServerGone(None)),
-                        Poll::Ready(Ok(_)) => {
-                            if let Err(e) = walk_server(s, self.tracker) {
+                        Poll::Ready(Ok(n)) => {
+                            bump(&self.stats.db_recv, n as u64);
+                            if let Err(e) = walk_server(s, self.tracker, self.stats) {
                                 return Poll::Ready(Event::ServerProtocol(e));
                             }
                             progress = true;

@@ -16,7 +16,7 @@ use wire::frame::{split_frame, Walker, MAX_AUTH_FRAME_LEN};
 use wire::{frontend, md5, scram, startup};
 
 use crate::buf::IoBuf;
-use crate::config::{TenantConfig, UserConfig};
+use crate::config::TenantConfig;
 use crate::error::EngineError;
 
 /// What a client needs to cancel the query running on this connection.
@@ -24,6 +24,19 @@ use crate::error::EngineError;
 pub struct CancelTarget {
     pub addr: SocketAddr,
     pub key: BackendKeyData,
+}
+
+/// How the pooler proves itself to PostgreSQL.
+#[derive(Clone, Copy)]
+pub enum ServerLogin<'a> {
+    Password(&'a str),
+    /// SCRAM pass-through: the ClientKey recovered from a client's proof.
+    ScramKey {
+        client_key: [u8; 32],
+        server_key: [u8; 32],
+    },
+    /// md5 with the stored secret ("md5" + hex) instead of the password.
+    Md5Secret(&'a str),
 }
 
 impl CancelTarget {
@@ -61,6 +74,8 @@ pub struct ServerConn {
     pub last_used: Instant,
     /// Last ReadyForQuery status.
     pub status: u8,
+    /// The pool generation (database address) it was opened for.
+    pub generation: u64,
 }
 
 impl std::fmt::Debug for ServerConn {
@@ -70,6 +85,28 @@ impl std::fmt::Debug for ServerConn {
             .field("status", &(self.status as char))
             .finish_non_exhaustive()
     }
+}
+
+/// The columns of a DataRow body (None = NULL).
+fn decode_data_row(body: &[u8]) -> Result<Vec<Option<Vec<u8>>>, EngineError> {
+    let bad = || EngineError::ServerProtocol(wire::WireError::Protocol("malformed DataRow".into()));
+    let n = body.get(..2).ok_or_else(bad)?;
+    let n = i16::from_be_bytes([n[0], n[1]]);
+    let mut pos = 2;
+    let mut cols = Vec::with_capacity(n.max(0) as usize);
+    for _ in 0..n.max(0) {
+        let len = body.get(pos..pos + 4).ok_or_else(bad)?;
+        let len = i32::from_be_bytes([len[0], len[1], len[2], len[3]]);
+        pos += 4;
+        if len < 0 {
+            cols.push(None);
+            continue;
+        }
+        let v = body.get(pos..pos + len as usize).ok_or_else(bad)?;
+        cols.push(Some(v.to_vec()));
+        pos += len as usize;
+    }
+    Ok(cols)
 }
 
 fn resolve(host: &str, port: u16) -> Result<SocketAddr, EngineError> {
@@ -116,11 +153,12 @@ impl ServerConn {
     /// Opens a connection and logs in as `user`.
     pub async fn connect(
         tenant: &TenantConfig,
-        user: &UserConfig,
+        db_user: &str,
+        login: ServerLogin<'_>,
         timeout: Duration,
     ) -> Result<ServerConn, EngineError> {
         let addr = resolve(&tenant.db_host, tenant.db_port)?;
-        let fut = Self::connect_inner(addr, tenant, user);
+        let fut = Self::connect_inner(addr, tenant, db_user, login);
         match glommio::timer::timeout(timeout, async { Ok(fut.await) }).await {
             Ok(r) => r,
             Err(_) => Err(EngineError::Timeout("connecting to the database")),
@@ -130,7 +168,8 @@ impl ServerConn {
     async fn connect_inner(
         addr: SocketAddr,
         tenant: &TenantConfig,
-        user: &UserConfig,
+        db_user: &str,
+        login: ServerLogin<'_>,
     ) -> Result<ServerConn, EngineError> {
         let mut stream = TcpStream::connect(addr)
             .await
@@ -142,7 +181,7 @@ impl ServerConn {
         let mut out = BytesMut::new();
         startup::encode_startup(
             &[
-                ("user", &user.db_user),
+                ("user", db_user),
                 ("database", &tenant.db_database),
                 ("application_name", "Supavisor"),
             ],
@@ -166,11 +205,25 @@ impl ServerConn {
                     let mut out = BytesMut::new();
                     match auth {
                         Authentication::Ok => continue,
-                        Authentication::CleartextPassword => {
-                            frontend::encode_password(user.db_password.as_bytes(), &mut out)
-                        }
+                        Authentication::CleartextPassword => match login {
+                            ServerLogin::Password(p) => {
+                                frontend::encode_password(p.as_bytes(), &mut out)
+                            }
+                            _ => return Err(EngineError::UnsupportedServerAuth(
+                                "cleartext password, but the pooler has no password for this user"
+                                    .into(),
+                            )),
+                        },
                         Authentication::Md5Password { salt } => {
-                            let secret = md5::md5_secret(&user.db_user, &user.db_password);
+                            let secret = match login {
+                                ServerLogin::Password(p) => md5::md5_secret(db_user, p),
+                                ServerLogin::Md5Secret(s) => s.to_string(),
+                                ServerLogin::ScramKey { .. } => {
+                                    return Err(EngineError::UnsupportedServerAuth(
+                                        "md5, but the user's secret is SCRAM".into(),
+                                    ))
+                                }
+                            };
                             let resp = md5::md5_response(&secret, salt);
                             frontend::encode_password(resp.as_bytes(), &mut out)
                         }
@@ -180,7 +233,21 @@ impl ServerConn {
                                     mechanisms.join(","),
                                 ));
                             }
-                            let client = scram::ScramClient::new(&user.db_password);
+                            let client = match login {
+                                ServerLogin::Password(p) => scram::ScramClient::new(p),
+                                ServerLogin::ScramKey {
+                                    client_key,
+                                    server_key,
+                                } => scram::ScramClient::from_client_key(
+                                    client_key,
+                                    Some(server_key),
+                                ),
+                                ServerLogin::Md5Secret(_) => {
+                                    return Err(EngineError::UnsupportedServerAuth(
+                                        "SCRAM, but the user's secret is md5".into(),
+                                    ))
+                                }
+                            };
                             frontend::encode_sasl_initial_response(
                                 scram::SCRAM_SHA_256,
                                 &client.client_first(),
@@ -246,6 +313,7 @@ impl ServerConn {
                         created: now,
                         last_used: now,
                         status,
+                        generation: 0,
                     });
                 }
                 // NoticeResponse, NegotiateProtocolVersion: nothing to do.
@@ -375,6 +443,73 @@ impl ServerConn {
         match glommio::timer::timeout(timeout, async { Ok(fut.await) }).await {
             Ok(r) => r,
             Err(_) => Err(EngineError::Timeout("resetting a server connection")),
+        }
+    }
+
+    /// Runs one parameterized query (extended protocol, text format) and
+    /// returns its first row; used for `auth_query`.
+    pub async fn query_row(
+        &mut self,
+        sql: &str,
+        params: &[&str],
+        timeout: Duration,
+    ) -> Result<Option<Vec<Option<Vec<u8>>>>, EngineError> {
+        let fut = async {
+            let mut out = BytesMut::new();
+            frontend::encode_parse(b"", sql.as_bytes(), &[], &mut out);
+            let values: Vec<Option<&[u8]>> = params.iter().map(|p| Some(p.as_bytes())).collect();
+            frontend::encode_bind(b"", b"", &[], &values, &[], &mut out)
+                .map_err(EngineError::ServerProtocol)?;
+            frontend::encode_execute(b"", 0, &mut out);
+            frontend::encode_sync(&mut out);
+            self.stream
+                .write_all(&out)
+                .await
+                .map_err(EngineError::ServerIo)?;
+            let mut inbuf = BytesMut::new();
+            inbuf.put_slice(self.buf.bytes());
+            self.buf.clear();
+            let mut row = None;
+            let mut error = None;
+            loop {
+                let (tag, body) = loop {
+                    if let Some((h, body)) = split_frame(&mut inbuf, wire::frame::MAX_FRAME_LEN)
+                        .map_err(EngineError::ServerProtocol)?
+                    {
+                        break (h.tag, body);
+                    }
+                    let mut chunk = [0u8; 4096];
+                    let n = self
+                        .stream
+                        .read(&mut chunk)
+                        .await
+                        .map_err(EngineError::ServerIo)?;
+                    if n == 0 {
+                        return Err(EngineError::ServerIo(
+                            std::io::ErrorKind::UnexpectedEof.into(),
+                        ));
+                    }
+                    inbuf.put_slice(&chunk[..n]);
+                };
+                match tag {
+                    b'D' if row.is_none() => row = Some(decode_data_row(&body)?),
+                    ERROR_RESPONSE_TAG => error = ErrorFields::decode(&body).ok(),
+                    READY_FOR_QUERY_TAG => {
+                        self.status = backend::decode_ready_for_query(&body)
+                            .map_err(EngineError::ServerProtocol)?;
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            match error {
+                Some(fields) => Err(EngineError::Database(fields)),
+                None => Ok(row),
+            }
+        };
+        match glommio::timer::timeout(timeout, async { Ok(fut.await) }).await {
+            Ok(r) => r,
+            Err(_) => Err(EngineError::Timeout("running auth_query")),
         }
     }
 

@@ -20,7 +20,8 @@ use glommio::{LocalExecutorBuilder, Placement};
 use tracing::{debug, info, warn};
 use wire::startup::StartupMessage;
 
-use crate::config::{Config, PoolMode, TenantConfig, UserConfig};
+use crate::config::{Config, PoolMode, TenantConfig, UserAuth, UserConfig};
+use crate::metrics::{PoolSnapshot, ShardCounters, ShardSnapshot};
 use crate::pool::{Pool, PoolKey};
 use crate::server::CancelTarget;
 
@@ -43,7 +44,19 @@ pub struct Handoff {
 
 pub enum ShardMsg {
     Handoff(Handoff),
-    Cancel { process_id: i32, secret: Vec<u8> },
+    Cancel {
+        process_id: i32,
+        secret: Vec<u8>,
+    },
+    /// A new configuration snapshot: pools resize, removed tenants and users
+    /// lose their clients (57P01) and pools.
+    Config(Arc<Config>),
+    /// Drop a tenant's clients (57P01) and pools; its configuration stays.
+    Terminate {
+        tenant: String,
+    },
+    /// Report counters and pools.
+    Snapshot(crossbeam_channel::Sender<ShardSnapshot>),
     Shutdown,
 }
 
@@ -64,30 +77,45 @@ impl ShardHandle {
     }
 }
 
-/// Per-client control block: cancel key, the server it holds, shutdown flag.
+/// What the shard asks of a client task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    None,
+    /// Finish the current transaction, then leave (57P01).
+    Drain,
+    /// Leave now (57P01), even mid-transaction: the tenant was removed or terminated.
+    Kill,
+}
+
+/// Per-client control block: cancel key, the server it holds, signals.
 pub struct ClientCtl {
+    pub key: PoolKey,
     pub secret: [u8; 4],
     pub cancel: RefCell<Option<CancelTarget>>,
-    shutdown: Cell<bool>,
+    signal: Cell<Signal>,
     waker: RefCell<Option<Waker>>,
 }
 
 impl ClientCtl {
-    /// True once shutdown was asked; remembers the waker to be woken then.
-    pub fn shutdown_requested(&self, waker: &Waker) -> bool {
-        if self.shutdown.get() {
-            return true;
+    /// The pending signal; remembers the waker to be woken by the next one.
+    pub fn signal(&self, waker: &Waker) -> Signal {
+        let s = self.signal.get();
+        if s != Signal::None {
+            return s;
         }
         let mut slot = self.waker.borrow_mut();
         match slot.as_ref() {
             Some(w) if w.will_wake(waker) => {}
             _ => *slot = Some(waker.clone()),
         }
-        false
+        Signal::None
     }
 
-    fn request_shutdown(&self) {
-        self.shutdown.set(true);
+    fn raise(&self, signal: Signal) {
+        if signal == Signal::Drain && self.signal.get() == Signal::Kill {
+            return;
+        }
+        self.signal.set(signal);
         if let Some(w) = self.waker.borrow_mut().take() {
             w.wake();
         }
@@ -96,9 +124,18 @@ impl ClientCtl {
 
 pub struct Shard {
     pub id: usize,
-    pub config: Arc<Config>,
+    config: RefCell<Arc<Config>>,
     pub peers: Arc<Vec<ShardHandle>>,
     pools: RefCell<HashMap<PoolKey, Rc<Pool>>>,
+    /// Secrets fetched through auth_query, per (tenant, db user).
+    pub auth_cache: RefCell<HashMap<(String, String), crate::authquery::Cached>>,
+    /// Failed logins per (tenant, user, mode): a refused login starts no pool.
+    failed_joins: RefCell<HashMap<PoolKey, u64>>,
+    pub handoffs_in: Cell<u64>,
+    pub handoffs_out: Cell<u64>,
+    pub tasks_spawned: Cell<u64>,
+    pub refused: Cell<u64>,
+    pub stalls: Cell<u64>,
     clients: RefCell<HashMap<i32, Rc<ClientCtl>>>,
     next_pid: Cell<u32>,
     /// Idle clients read through this buffer instead of holding their own.
@@ -117,6 +154,22 @@ pub fn tenant_hash(tenant: &str) -> u64 {
 }
 
 impl Shard {
+    /// The current configuration snapshot.
+    pub fn config(&self) -> Arc<Config> {
+        self.config.borrow().clone()
+    }
+
+    /// Spawns a detached task on this shard, counted.
+    pub fn spawn(&self, fut: impl std::future::Future<Output = ()> + 'static) {
+        crate::metrics::bump(&self.tasks_spawned, 1);
+        glommio::spawn_local(fut).detach();
+    }
+
+    /// Counts a failed login of a known tenant and user.
+    pub fn join_failed(&self, key: PoolKey) {
+        *self.failed_joins.borrow_mut().entry(key).or_default() += 1;
+    }
+
     pub fn owner_of(&self, tenant: &str) -> usize {
         (tenant_hash(tenant) % self.peers.len() as u64) as usize
     }
@@ -145,7 +198,7 @@ impl Shard {
     }
 
     /// Issues a cancel key and registers the client.
-    pub fn register_client(&self) -> (i32, Rc<ClientCtl>) {
+    pub fn register_client(&self, key: &PoolKey) -> (i32, Rc<ClientCtl>) {
         let mut clients = self.clients.borrow_mut();
         let pid = loop {
             let n = self.next_pid.get() % (1 << PID_SHARD_SHIFT);
@@ -156,9 +209,14 @@ impl Shard {
             }
         };
         let ctl = Rc::new(ClientCtl {
+            key: key.clone(),
             secret: rand::random(),
             cancel: RefCell::new(None),
-            shutdown: Cell::new(self.draining.get()),
+            signal: Cell::new(if self.draining.get() {
+                Signal::Drain
+            } else {
+                Signal::None
+            }),
             waker: RefCell::new(None),
         });
         clients.insert(pid, ctl.clone());
@@ -224,7 +282,96 @@ impl Shard {
     fn begin_shutdown(&self) {
         self.draining.set(true);
         for ctl in self.clients.borrow().values() {
-            ctl.request_shutdown();
+            ctl.raise(Signal::Drain);
+        }
+    }
+
+    /// Applies a new configuration snapshot.
+    fn apply_config(&self, config: Arc<Config>) {
+        *self.config.borrow_mut() = config.clone();
+        let mut gone = Vec::new();
+        for (key, pool) in self.pools.borrow().iter() {
+            let Some(t) = config.tenant(&key.tenant) else {
+                gone.push(key.clone());
+                continue;
+            };
+            match t.users.get(&key.user) {
+                Some(u) => pool.update(t.clone(), u.clone()),
+                // A user that came through auth_query keeps its pool.
+                None if !t.require_user && matches!(pool.user().auth, UserAuth::Fetched(_)) => {
+                    pool.update(t.clone(), pool.user())
+                }
+                None => gone.push(key.clone()),
+            }
+        }
+        self.auth_cache
+            .borrow_mut()
+            .retain(|(tenant, _), _| config.tenant(tenant).is_some());
+        for key in gone {
+            self.drop_pool(&key);
+        }
+    }
+
+    /// Kills the pool's clients and retires it.
+    fn drop_pool(&self, key: &PoolKey) {
+        if let Some(pool) = self.pools.borrow_mut().remove(key) {
+            pool.retire();
+        }
+        for ctl in self.clients.borrow().values() {
+            if &ctl.key == key {
+                ctl.raise(Signal::Kill);
+            }
+        }
+    }
+
+    fn terminate_tenant(&self, tenant: &str) {
+        let keys: Vec<PoolKey> = self
+            .pools
+            .borrow()
+            .keys()
+            .filter(|k| k.tenant == tenant)
+            .cloned()
+            .collect();
+        for key in keys {
+            self.drop_pool(&key);
+        }
+        // Clients whose pool was already replaced still go.
+        for ctl in self.clients.borrow().values() {
+            if ctl.key.tenant == tenant {
+                ctl.raise(Signal::Kill);
+            }
+        }
+    }
+
+    fn snapshot(&self) -> ShardSnapshot {
+        let mut pools: Vec<PoolSnapshot> =
+            self.pools.borrow().values().map(|p| p.snapshot()).collect();
+        for (key, fails) in self.failed_joins.borrow().iter() {
+            match pools.iter_mut().find(|p| {
+                p.tenant == key.tenant && p.user == key.user && p.mode == key.mode.as_str()
+            }) {
+                Some(p) => p.joins_fail += fails,
+                None => {
+                    let db_name = self
+                        .config()
+                        .tenant(&key.tenant)
+                        .map(|t| t.db_database.clone())
+                        .unwrap_or_default();
+                    pools.push(PoolSnapshot::empty(key, db_name, *fails));
+                }
+            }
+        }
+        ShardSnapshot {
+            shard: self.id,
+            counters: ShardCounters {
+                handoffs_out: self.handoffs_out.get(),
+                handoffs_in: self.handoffs_in.get(),
+                clients: self.clients.borrow().len() as u64,
+                tasks_spawned: self.tasks_spawned.get(),
+                stalls: self.stalls.get(),
+                refused: self.refused.get(),
+            },
+            pools,
         }
     }
 
@@ -326,6 +473,23 @@ pub fn start(config: Arc<Config>) -> io::Result<Running> {
     Ok(Running { handles, joins })
 }
 
+/// How often the lag probe wakes, and how late it may wake before the
+/// executor counts as stalled (a task that did not yield in time).
+const LAG_PROBE: Duration = Duration::from_millis(50);
+const STALL_LATENESS: Duration = Duration::from_millis(10);
+
+/// Measures the executor's lag: a timer that wakes late means something
+/// kept the executor busy.
+async fn lag_probe(shard: Rc<Shard>) {
+    loop {
+        let start = Instant::now();
+        glommio::timer::sleep(LAG_PROBE).await;
+        if start.elapsed() > LAG_PROBE + STALL_LATENESS {
+            crate::metrics::bump(&shard.stalls, 1);
+        }
+    }
+}
+
 async fn shard_main(
     id: usize,
     config: Arc<Config>,
@@ -348,9 +512,16 @@ async fn shard_main(
     };
     let shard = Rc::new(Shard {
         id,
-        config: config.clone(),
+        config: RefCell::new(config.clone()),
         peers,
         pools: RefCell::new(HashMap::new()),
+        failed_joins: RefCell::new(HashMap::new()),
+        auth_cache: RefCell::new(HashMap::new()),
+        handoffs_in: Cell::new(0),
+        handoffs_out: Cell::new(0),
+        tasks_spawned: Cell::new(0),
+        refused: Cell::new(0),
+        stalls: Cell::new(0),
         clients: RefCell::new(HashMap::new()),
         next_pid: Cell::new(1),
         scratch: RefCell::new(vec![0; SCRATCH_LEN]),
@@ -363,6 +534,7 @@ async fn shard_main(
         transaction,
         PoolMode::Transaction,
     ));
+    let probe = glommio::spawn_local(lag_probe(shard.clone()));
     let _ = ready.send(Ok(()));
     drop(ready);
     info!(shard = id, "shard ready");
@@ -380,13 +552,22 @@ async fn shard_main(
                 ShardMsg::Handoff(h) => {
                     // SAFETY: the fd is a connected TCP socket handed over by its owner.
                     let stream = unsafe { TcpStream::from_raw_fd(h.fd.into_raw_fd()) };
-                    let shard = shard.clone();
-                    glommio::spawn_local(crate::client::run(
-                        shard, stream, h.startup, h.leftover, h.mode, h.peer,
-                    ))
-                    .detach();
+                    crate::metrics::bump(&shard.handoffs_in, 1);
+                    shard.spawn(crate::client::run(
+                        shard.clone(),
+                        stream,
+                        h.startup,
+                        h.leftover,
+                        h.mode,
+                        h.peer,
+                    ));
                 }
                 ShardMsg::Cancel { process_id, secret } => shard.cancel(process_id, &secret),
+                ShardMsg::Config(config) => shard.apply_config(config),
+                ShardMsg::Terminate { tenant } => shard.terminate_tenant(&tenant),
+                ShardMsg::Snapshot(reply) => {
+                    let _ = reply.try_send(shard.snapshot());
+                }
                 ShardMsg::Shutdown => break 'inbox,
             }
         }
@@ -395,8 +576,9 @@ async fn shard_main(
     // Shutdown: stop accepting, let transactions finish, then go.
     accept_session.cancel().await;
     accept_txn.cancel().await;
+    probe.cancel().await;
     shard.begin_shutdown();
-    let deadline = Instant::now() + config.proxy.shutdown_timeout;
+    let deadline = Instant::now() + shard.config().proxy.shutdown_timeout;
     while shard.client_count() > 0 && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(10)).await;
     }
@@ -407,9 +589,7 @@ async fn shard_main(
 async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, mode: PoolMode) {
     loop {
         match listener.accept().await {
-            Ok(stream) => {
-                glommio::spawn_local(crate::accept::handle(shard.clone(), stream, mode)).detach();
-            }
+            Ok(stream) => shard.spawn(crate::accept::handle(shard.clone(), stream, mode)),
             Err(e) => {
                 // Out of descriptors and the like: back off instead of spinning.
                 warn!(shard = shard.id, error = %e, "accept failed");

@@ -55,11 +55,10 @@ fn run_config(path: Option<PathBuf>) -> Result<(), String> {
         Some(p) => ConfigFile::load(&p).map_err(|e| e.to_string())?,
         None => ConfigFile::default(),
     };
-    let config = file.build().map_err(|e| e.to_string())?;
-    control::run::run(config, |c| {
+    control::run::run(file, |r| {
         println!(
-            "supavisor ready session={} transaction={}",
-            c.proxy.session_addr, c.proxy.transaction_addr
+            "supavisor ready session={} transaction={} api={}",
+            r.session, r.transaction, r.api
         );
         let _ = std::io::stdout().flush();
     })

@@ -206,11 +206,21 @@ impl TenantCfg {
     }
 }
 
+/// Secrets every test pooler runs with (env API_JWT_SECRET, METRICS_JWT_SECRET, VAULT_ENC_KEY).
+pub const API_JWT_SECRET: &str = "test-api-jwt-secret-0123456789abcdef";
+pub const METRICS_JWT_SECRET: &str = "test-metrics-jwt-secret-0123456789ab";
+pub const VAULT_ENC_KEY: &str = "test-vault-key-0123456789abcdef01";
+
 #[derive(Clone, Debug)]
 pub struct PoolerConfig {
     pub shards: u32,
     pub shutdown_timeout: u64,
     pub tenants: Vec<TenantCfg>,
+    /// The sled store directory; `None` = a fresh one inside the test's temp dir.
+    /// Give the same path to two poolers (one after the other) to test persistence.
+    pub store_dir: Option<PathBuf>,
+    /// Extra TOML appended verbatim.
+    pub extra_toml: String,
 }
 
 impl PoolerConfig {
@@ -227,19 +237,31 @@ impl PoolerConfig {
             shards: 2,
             shutdown_timeout: 5000,
             tenants,
+            store_dir: None,
+            extra_toml: String::new(),
         }
     }
 
-    fn to_toml(&self, session: SocketAddr, transaction: SocketAddr) -> String {
+    fn to_toml(
+        &self,
+        session: SocketAddr,
+        transaction: SocketAddr,
+        api: SocketAddr,
+        store: &std::path::Path,
+    ) -> String {
         let pg = pg();
         let mut s = String::new();
         writeln!(
             s,
             "[proxy]\nsession_addr = \"{session}\"\ntransaction_addr = \"{transaction}\"\n\
-             shards = {}\nshutdown_timeout = {}\n",
-            self.shards, self.shutdown_timeout
+             shards = {}\nshutdown_timeout = {}\n\n[api]\naddr = \"{api}\"\n\n[store]\npath = {:?}\n",
+            self.shards,
+            self.shutdown_timeout,
+            store.display().to_string()
         )
         .unwrap();
+        s.push_str(&self.extra_toml);
+        s.push('\n');
         for t in &self.tenants {
             writeln!(
                 s,
@@ -279,6 +301,10 @@ pub struct Pooler {
     child: Child,
     pub session: SocketAddr,
     pub transaction: SocketAddr,
+    /// HTTP API and metrics.
+    pub api: SocketAddr,
+    /// The sled store directory in use.
+    pub store_dir: PathBuf,
     stderr_path: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -296,9 +322,17 @@ impl Pooler {
             .prefix("supavisor-test.")
             .tempdir()
             .expect("temp dir");
-        let (session, transaction) = (free_addr(), free_addr());
+        let (session, transaction, api) = (free_addr(), free_addr(), free_addr());
+        let store_dir = cfg
+            .store_dir
+            .clone()
+            .unwrap_or_else(|| dir.path().join("store"));
         let config_path = dir.path().join("supavisor.toml");
-        std::fs::write(&config_path, cfg.to_toml(session, transaction)).expect("write config");
+        std::fs::write(
+            &config_path,
+            cfg.to_toml(session, transaction, api, &store_dir),
+        )
+        .expect("write config");
         let stderr_path = dir.path().join("stderr.log");
         let stderr = std::fs::File::create(&stderr_path).expect("stderr log");
         let mut child = Command::new(env!("CARGO_BIN_EXE_supavisor"))
@@ -308,6 +342,9 @@ impl Pooler {
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .env("API_JWT_SECRET", API_JWT_SECRET)
+            .env("METRICS_JWT_SECRET", METRICS_JWT_SECRET)
+            .env("VAULT_ENC_KEY", VAULT_ENC_KEY)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr)
@@ -342,6 +379,8 @@ impl Pooler {
             child,
             session,
             transaction,
+            api,
+            store_dir,
             stderr_path,
             _dir: dir,
         };
@@ -394,6 +433,12 @@ impl Pooler {
         unsafe {
             libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
         }
+    }
+
+    /// SIGKILL, no drain: for crash-persistence tests.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// The exit status, if the process has exited.

@@ -2,12 +2,15 @@
 //! (tokio-postgres, psql, pgbench). Each test starts its own pooler process on its own ports; all
 //! share one PostgreSQL started by the harness.
 
+mod api_tests;
 mod auth;
 mod basic;
+mod cli_tests;
 mod faults;
 mod garbage;
 mod harness;
 mod load;
+mod metrics_tests;
 
 use harness::*;
 

@@ -1,0 +1,1245 @@
+//! `supavisorctl`: manage tenants, users and pools of a node through its
+//! HTTP API with a bearer token.
+//!
+//! The binary only parses flags and calls [`run`]. Each subcommand maps to
+//! an [`ApiRequest`] built by a pure function (tested below); responses are
+//! read as `serde_json::Value`, leniently, and printed as aligned tables, or
+//! as JSON with `--json`.
+
+use std::fmt::Write as _;
+use std::io::Write;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde_json::{json, Map, Value};
+
+use crate::model::FieldError;
+
+/// Lifetime of a token minted from `--jwt-secret`.
+pub const TOKEN_TTL_SECS: u64 = 300;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "supavisorctl",
+    version,
+    about = "Manage a Supavisor-rs node through its HTTP API"
+)]
+pub struct Cli {
+    /// Base URL of the node's HTTP API.
+    #[arg(
+        long,
+        global = true,
+        env = "SUPAVISOR_API",
+        default_value = "http://127.0.0.1:4000"
+    )]
+    pub api: String,
+    /// Bearer token for the API.
+    #[arg(long, global = true, env = "SUPAVISOR_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// The API's JWT secret: mints a short-lived token (used when --token is absent).
+    #[arg(long, global = true, env = "API_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// Print the API's JSON answer instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Tenants: where a database is and who may use it.
+    Tenant {
+        #[command(subcommand)]
+        cmd: TenantCmd,
+    },
+    /// Database users of a tenant.
+    User {
+        #[command(subcommand)]
+        cmd: UserCmd,
+    },
+    /// Pools of the node.
+    Pool {
+        #[command(subcommand)]
+        cmd: PoolCmd,
+    },
+    /// The node's health.
+    Health,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TenantCmd {
+    /// Create or replace a tenant with one user.
+    Add(TenantAddArgs),
+    /// List tenants.
+    List,
+    /// Show one tenant.
+    Show { id: String },
+    /// Change fields of a tenant; users keep their passwords.
+    Update(TenantUpdateArgs),
+    /// Delete a tenant.
+    Rm { id: String },
+    /// Disconnect a tenant's clients and close its pools (its config stays).
+    Terminate { id: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum UserCmd {
+    /// Add or update a user of a tenant.
+    Add(UserAddArgs),
+    /// Remove a user from a tenant.
+    Rm { tenant: String, user: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PoolCmd {
+    /// List pools, per shard.
+    List,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Transaction,
+    Session,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Transaction => "transaction",
+            Mode::Session => "session",
+        }
+    }
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuthType {
+    #[value(name = "scram-sha-256")]
+    ScramSha256,
+    #[value(name = "md5")]
+    Md5,
+}
+
+impl AuthType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthType::ScramSha256 => "scram-sha-256",
+            AuthType::Md5 => "md5",
+        }
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct TenantAddArgs {
+    /// Tenant id (A-Z, a-z, 0-9, '_', '-'); clients log in as USER.ID.
+    pub id: String,
+    #[arg(long)]
+    pub db_host: String,
+    #[arg(long)]
+    pub db_port: u16,
+    #[arg(long)]
+    pub db_database: String,
+    /// The database user.
+    #[arg(long)]
+    pub user: String,
+    /// The database user's password (stored encrypted, never shown).
+    #[arg(long)]
+    pub password: String,
+    /// Server connections of the user's pool, and the tenant's default.
+    #[arg(long)]
+    pub pool_size: usize,
+    #[arg(long, value_enum)]
+    pub mode: Mode,
+    /// Client connections the user may hold.
+    #[arg(long)]
+    pub max_clients: Option<usize>,
+    /// How clients authenticate to the pooler.
+    #[arg(long, value_enum, default_value = "scram-sha-256")]
+    pub auth_type: AuthType,
+    /// true: only listed users may log in; false: any user, checked with auth_query.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub require_user: bool,
+    /// Query that fetches a user's secret (run as the manager user).
+    #[arg(long)]
+    pub auth_query: Option<String>,
+    /// This user runs auth_query.
+    #[arg(long)]
+    pub manager: bool,
+}
+
+#[derive(Args, Debug, Clone, Default)]
+pub struct TenantUpdateArgs {
+    pub id: String,
+    #[arg(long)]
+    pub db_host: Option<String>,
+    #[arg(long)]
+    pub db_port: Option<u16>,
+    #[arg(long)]
+    pub db_database: Option<String>,
+    /// The tenant's default pool size; users whose pool size equalled the old default follow it.
+    #[arg(long)]
+    pub pool_size: Option<usize>,
+    /// The tenant's default max clients; users whose limit equalled the old default follow it.
+    #[arg(long)]
+    pub max_clients: Option<usize>,
+    /// The tenant's default checkout timeout, in milliseconds.
+    #[arg(long)]
+    pub checkout_timeout_ms: Option<u64>,
+    #[arg(long, value_enum)]
+    pub auth_type: Option<AuthType>,
+    #[arg(long)]
+    pub require_user: Option<bool>,
+    #[arg(long)]
+    pub auth_query: Option<String>,
+}
+
+impl TenantUpdateArgs {
+    fn is_empty(&self) -> bool {
+        self.db_host.is_none()
+            && self.db_port.is_none()
+            && self.db_database.is_none()
+            && self.pool_size.is_none()
+            && self.max_clients.is_none()
+            && self.checkout_timeout_ms.is_none()
+            && self.auth_type.is_none()
+            && self.require_user.is_none()
+            && self.auth_query.is_none()
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct UserAddArgs {
+    pub tenant: String,
+    #[arg(long)]
+    pub user: String,
+    /// Required for a new user; an existing user keeps its password when absent.
+    #[arg(long)]
+    pub password: Option<String>,
+    /// Default: the tenant's default pool size.
+    #[arg(long)]
+    pub pool_size: Option<usize>,
+    #[arg(long, value_enum, default_value = "transaction")]
+    pub mode: Mode,
+    #[arg(long)]
+    pub max_clients: Option<usize>,
+    #[arg(long)]
+    pub manager: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    /// Exit code 2.
+    #[error("{0}")]
+    Usage(String),
+    #[error("cannot reach the API at {url}: {source}")]
+    Unreachable {
+        url: String,
+        #[source]
+        source: Box<ureq::Transport>,
+    },
+    #[error("unauthorized: check --token / API_JWT_SECRET{}", api_said(.0))]
+    Unauthorized(Option<String>),
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("invalid input: {}", join_field_errors(.0))]
+    Invalid(Vec<FieldError>),
+    #[error("the API answered {status}: {message}")]
+    Api { status: u16, message: String },
+    #[error("unexpected answer from the API ({status}): {why}")]
+    BadResponse { status: u16, why: String },
+    #[error("minting a token from the JWT secret: {0}")]
+    Token(#[from] jsonwebtoken::errors::Error),
+    #[error("writing output: {0}")]
+    Output(#[from] std::io::Error),
+}
+
+fn api_said(m: &Option<String>) -> String {
+    match m {
+        Some(m) if !m.is_empty() => format!(" (the API said: {m})"),
+        _ => String::new(),
+    }
+}
+
+fn join_field_errors(errors: &[FieldError]) -> String {
+    if errors.is_empty() {
+        return "the API gave no details".into();
+    }
+    errors
+        .iter()
+        .map(|e| format!("{} {}", e.field, e.message))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+impl CtlError {
+    /// 2 for usage errors, 1 for everything else.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CtlError::Usage(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// One HTTP call to the API.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiRequest {
+    pub method: &'static str,
+    /// Path and query, e.g. `/api/tenants/acme`.
+    pub path: String,
+    pub body: Option<Value>,
+    /// What a 404 means, e.g. `tenant "acme"`.
+    pub target: String,
+}
+
+/// Percent-encodes one path segment (everything but RFC 3986 unreserved).
+pub fn path_segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
+}
+
+fn tenant_path(id: &str) -> String {
+    format!("/api/tenants/{}", path_segment(id))
+}
+
+fn tenant_target(id: &str) -> String {
+    format!("tenant {id:?}")
+}
+
+/// `PUT /api/tenants/ID` for `tenant add`.
+pub fn tenant_add_request(a: &TenantAddArgs) -> ApiRequest {
+    let mut user = Map::new();
+    user.insert("db_user".into(), json!(a.user));
+    user.insert("db_password".into(), json!(a.password));
+    user.insert("pool_size".into(), json!(a.pool_size));
+    user.insert("mode_type".into(), json!(a.mode.as_str()));
+    if let Some(n) = a.max_clients {
+        user.insert("max_clients".into(), json!(n));
+    }
+    user.insert("is_manager".into(), json!(a.manager));
+    let mut tenant = Map::new();
+    tenant.insert("db_host".into(), json!(a.db_host));
+    tenant.insert("db_port".into(), json!(a.db_port));
+    tenant.insert("db_database".into(), json!(a.db_database));
+    tenant.insert("require_user".into(), json!(a.require_user));
+    if let Some(q) = &a.auth_query {
+        tenant.insert("auth_query".into(), json!(q));
+    }
+    tenant.insert("default_pool_size".into(), json!(a.pool_size));
+    tenant.insert("auth_type".into(), json!(a.auth_type.as_str()));
+    tenant.insert("users".into(), Value::Array(vec![Value::Object(user)]));
+    ApiRequest {
+        method: "PUT",
+        path: tenant_path(&a.id),
+        body: Some(json!({ "tenant": tenant })),
+        target: tenant_target(&a.id),
+    }
+}
+
+/// The fields of a tenant the API accepts back (`TenantSpec`, which denies
+/// unknown fields); passwords are never in a view, so users keep theirs.
+const TENANT_FIELDS: &[&str] = &[
+    "db_host",
+    "db_port",
+    "db_database",
+    "require_user",
+    "auth_query",
+    "default_pool_size",
+    "default_max_clients",
+    "default_pool_checkout_timeout",
+    "auth_type",
+];
+const USER_FIELDS: &[&str] = &[
+    "db_user",
+    "pool_size",
+    "mode_type",
+    "max_clients",
+    "pool_checkout_timeout",
+    "is_manager",
+];
+
+fn pick(from: &Map<String, Value>, fields: &[&str]) -> Map<String, Value> {
+    fields
+        .iter()
+        .filter_map(|f| from.get(*f).map(|v| (f.to_string(), v.clone())))
+        .collect()
+}
+
+/// The body of the PUT that `tenant update` sends: `current` is the tenant
+/// as the API showed it (the `data` of `GET /api/tenants/ID`), with the
+/// given fields changed.
+pub fn tenant_update_body(current: &Value, a: &TenantUpdateArgs) -> Result<Value, CtlError> {
+    let bad = |why: &str| CtlError::BadResponse {
+        status: 200,
+        why: format!("tenant {:?}: {why}", a.id),
+    };
+    let cur = current.as_object().ok_or_else(|| bad("not an object"))?;
+    let mut t = pick(cur, TENANT_FIELDS);
+    let mut users = Vec::new();
+    if let Some(list) = cur.get("users") {
+        for u in list.as_array().ok_or_else(|| bad("users is not a list"))? {
+            let u = u
+                .as_object()
+                .ok_or_else(|| bad("a user is not an object"))?;
+            users.push(pick(u, USER_FIELDS));
+        }
+    }
+    let mut set = |k: &str, v: Value| {
+        t.insert(k.into(), v);
+    };
+    if let Some(h) = &a.db_host {
+        set("db_host", json!(h));
+    }
+    if let Some(p) = a.db_port {
+        set("db_port", json!(p));
+    }
+    if let Some(d) = &a.db_database {
+        set("db_database", json!(d));
+    }
+    if let Some(ms) = a.checkout_timeout_ms {
+        set("default_pool_checkout_timeout", json!(ms));
+    }
+    if let Some(at) = a.auth_type {
+        set("auth_type", json!(at.as_str()));
+    }
+    if let Some(r) = a.require_user {
+        set("require_user", json!(r));
+    }
+    if let Some(q) = &a.auth_query {
+        set("auth_query", json!(q));
+    }
+    // A user whose own value equals the tenant's old default follows the new default.
+    for (tenant_key, user_key, new) in [
+        ("default_pool_size", "pool_size", a.pool_size),
+        ("default_max_clients", "max_clients", a.max_clients),
+    ] {
+        let Some(n) = new else { continue };
+        let old = t.get(tenant_key).cloned();
+        for u in &mut users {
+            if old.is_some() && u.get(user_key) == old.as_ref() {
+                u.insert(user_key.into(), json!(n));
+            }
+        }
+        t.insert(tenant_key.into(), json!(n));
+    }
+    t.insert(
+        "users".into(),
+        Value::Array(users.into_iter().map(Value::Object).collect()),
+    );
+    Ok(json!({ "tenant": t }))
+}
+
+/// `PUT /api/tenants/T/users/U` for `user add`.
+pub fn user_add_request(a: &UserAddArgs) -> ApiRequest {
+    let mut user = Map::new();
+    user.insert("db_user".into(), json!(a.user));
+    if let Some(p) = &a.password {
+        user.insert("db_password".into(), json!(p));
+    }
+    if let Some(n) = a.pool_size {
+        user.insert("pool_size".into(), json!(n));
+    }
+    user.insert("mode_type".into(), json!(a.mode.as_str()));
+    if let Some(n) = a.max_clients {
+        user.insert("max_clients".into(), json!(n));
+    }
+    user.insert("is_manager".into(), json!(a.manager));
+    ApiRequest {
+        method: "PUT",
+        path: format!("{}/users/{}", tenant_path(&a.tenant), path_segment(&a.user)),
+        body: Some(json!({ "user": user })),
+        target: tenant_target(&a.tenant),
+    }
+}
+
+fn get(path: String, target: String) -> ApiRequest {
+    ApiRequest {
+        method: "GET",
+        path,
+        body: None,
+        target,
+    }
+}
+
+/// The request of every subcommand but `tenant update` (a GET then a PUT).
+pub fn request_for(cmd: &Cmd) -> Option<ApiRequest> {
+    Some(match cmd {
+        Cmd::Tenant { cmd } => match cmd {
+            TenantCmd::Add(a) => tenant_add_request(a),
+            TenantCmd::List => get("/api/tenants".into(), "tenants".into()),
+            TenantCmd::Show { id } => get(tenant_path(id), tenant_target(id)),
+            TenantCmd::Update(_) => return None,
+            TenantCmd::Rm { id } => ApiRequest {
+                method: "DELETE",
+                path: tenant_path(id),
+                body: None,
+                target: tenant_target(id),
+            },
+            TenantCmd::Terminate { id } => {
+                get(format!("{}/terminate", tenant_path(id)), tenant_target(id))
+            }
+        },
+        Cmd::User { cmd } => match cmd {
+            UserCmd::Add(a) => user_add_request(a),
+            UserCmd::Rm { tenant, user } => ApiRequest {
+                method: "DELETE",
+                path: format!("{}/users/{}", tenant_path(tenant), path_segment(user)),
+                body: None,
+                target: format!("user {user:?} of tenant {tenant:?}"),
+            },
+        },
+        Cmd::Pool { cmd: PoolCmd::List } => get("/api/pools".into(), "pools".into()),
+        Cmd::Health => get("/api/health".into(), "health".into()),
+    })
+}
+
+/// A token for the API: HS256, `{"role": "api", "iat": now, "exp": now + 300}`.
+pub fn mint_token(secret: &str, now_secs: u64) -> Result<String, CtlError> {
+    let claims = json!({
+        "role": "api",
+        "iat": now_secs,
+        "exp": now_secs + TOKEN_TTL_SECS,
+    });
+    Ok(jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )?)
+}
+
+/// The Authorization header value: `--token`, else a token minted from
+/// `--jwt-secret`, else none.
+pub fn bearer(cli: &Cli) -> Result<Option<String>, CtlError> {
+    if let Some(t) = cli.token.as_deref().filter(|t| !t.is_empty()) {
+        return Ok(Some(format!("Bearer {t}")));
+    }
+    if let Some(s) = cli.jwt_secret.as_deref().filter(|s| !s.is_empty()) {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        return Ok(Some(format!("Bearer {}", mint_token(s, now)?)));
+    }
+    Ok(None)
+}
+
+/// An HTTP client bound to one API base URL and credentials.
+pub struct ApiClient {
+    agent: ureq::Agent,
+    base: String,
+    auth: Option<String>,
+}
+
+impl ApiClient {
+    pub fn new(base: &str, auth: Option<String>) -> ApiClient {
+        ApiClient {
+            agent: ureq::AgentBuilder::new()
+                .timeout_connect(CONNECT_TIMEOUT)
+                .timeout(REQUEST_TIMEOUT)
+                .build(),
+            base: base.trim_end_matches('/').to_string(),
+            auth,
+        }
+    }
+
+    /// Sends `req`; returns the whole JSON body of a 2xx answer (`Null` when empty).
+    pub fn send(&self, req: &ApiRequest) -> Result<Value, CtlError> {
+        let url = format!("{}{}", self.base, req.path);
+        let mut r = self.agent.request(req.method, &url);
+        if let Some(a) = &self.auth {
+            r = r.set("Authorization", a);
+        }
+        r = r.set("Accept", "application/json");
+        let result = match &req.body {
+            Some(b) => r.send_json(b),
+            None => r.call(),
+        };
+        match result {
+            Ok(resp) => {
+                let status = resp.status();
+                let text = resp.into_string().map_err(|e| CtlError::BadResponse {
+                    status,
+                    why: format!("reading the body: {e}"),
+                })?;
+                parse_body(status, &text)
+            }
+            Err(ureq::Error::Status(status, resp)) => {
+                let text = resp.into_string().unwrap_or_default();
+                Err(error_for(status, &text, &req.target))
+            }
+            Err(ureq::Error::Transport(t)) => Err(CtlError::Unreachable {
+                url: self.base.clone(),
+                source: Box::new(t),
+            }),
+        }
+    }
+}
+
+fn parse_body(status: u16, text: &str) -> Result<Value, CtlError> {
+    if text.trim().is_empty() {
+        return Ok(Value::Null);
+    }
+    serde_json::from_str(text).map_err(|e| CtlError::BadResponse {
+        status,
+        why: format!("not JSON: {e}"),
+    })
+}
+
+/// The `data` of a success body (the whole body when it has none).
+pub fn data_of(body: &Value) -> &Value {
+    body.get("data").unwrap_or(body)
+}
+
+/// Maps an error answer to plain words.
+pub fn error_for(status: u16, text: &str, target: &str) -> CtlError {
+    let body: Value = serde_json::from_str(text).unwrap_or(Value::Null);
+    let message = body
+        .get("error")
+        .map(|e| match e {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        })
+        .filter(|m| !m.is_empty());
+    match status {
+        401 | 403 => CtlError::Unauthorized(message),
+        404 => CtlError::NotFound(match message {
+            Some(m) => match m.strip_prefix("not found: ") {
+                Some(rest) => rest.to_string(),
+                None if m.ends_with(" not found") => m.trim_end_matches(" not found").into(),
+                None => target.to_string(),
+            },
+            None => target.to_string(),
+        }),
+        422 => CtlError::Invalid(
+            body.get("errors")
+                .and_then(Value::as_array)
+                .map(|errs| {
+                    errs.iter()
+                        .map(|e| FieldError {
+                            field: text_of(e.get("field")),
+                            message: text_of(e.get("message")),
+                        })
+                        .collect()
+                })
+                .unwrap_or_else(|| {
+                    message
+                        .into_iter()
+                        .map(|m| FieldError {
+                            field: "request".into(),
+                            message: m,
+                        })
+                        .collect()
+                }),
+        ),
+        _ => CtlError::Api {
+            status,
+            message: message.unwrap_or_else(|| {
+                let t = text.trim();
+                if t.is_empty() {
+                    "(no details)".into()
+                } else {
+                    t.chars().take(300).collect()
+                }
+            }),
+        },
+    }
+}
+
+/// A JSON value as table text: strings bare, null/absent as `-`.
+fn text_of(v: Option<&Value>) -> String {
+    match v {
+        None | Some(Value::Null) => "-".into(),
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Bool(b)) => if *b { "yes" } else { "no" }.into(),
+        Some(other) => other.to_string(),
+    }
+}
+
+/// Rows aligned under their headers, columns two spaces apart.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            if let Some(w) = widths.get_mut(i) {
+                *w = (*w).max(c.chars().count());
+            }
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: Vec<&str>| {
+        let mut l = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                l.push_str(c);
+            } else {
+                let _ = write!(l, "{:<w$}  ", c, w = widths[i]);
+            }
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(headers.to_vec());
+    for r in rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+    out
+}
+
+fn items(v: &Value) -> &[Value] {
+    v.as_array().map(Vec::as_slice).unwrap_or(&[])
+}
+
+fn user_names(t: &Value) -> String {
+    let names: Vec<String> = items(t.get("users").unwrap_or(&Value::Null))
+        .iter()
+        .map(|u| text_of(u.get("db_user")))
+        .collect();
+    if names.is_empty() {
+        "-".into()
+    } else {
+        names.join(",")
+    }
+}
+
+fn database_of(t: &Value) -> String {
+    format!(
+        "{}:{}/{}",
+        text_of(t.get("db_host")),
+        text_of(t.get("db_port")),
+        text_of(t.get("db_database"))
+    )
+}
+
+pub fn render_tenant_list(data: &Value) -> String {
+    let rows: Vec<Vec<String>> = items(data)
+        .iter()
+        .map(|t| {
+            vec![
+                text_of(t.get("external_id")),
+                database_of(t),
+                user_names(t),
+                text_of(t.get("default_pool_size")),
+            ]
+        })
+        .collect();
+    if rows.is_empty() {
+        return "no tenants\n".into();
+    }
+    table(&["ID", "DATABASE", "USERS", "POOL SIZE"], &rows)
+}
+
+pub fn render_tenant(t: &Value) -> String {
+    let mut out = String::new();
+    let auth_query = match t.get("auth_query") {
+        None | Some(Value::Null) => "(default)".to_string(),
+        v => text_of(v),
+    };
+    let fields = [
+        ("tenant", text_of(t.get("external_id"))),
+        ("database", database_of(t)),
+        ("auth type", text_of(t.get("auth_type"))),
+        ("require user", text_of(t.get("require_user"))),
+        ("auth query", auth_query),
+        ("default pool size", text_of(t.get("default_pool_size"))),
+        ("default max clients", text_of(t.get("default_max_clients"))),
+        (
+            "checkout timeout ms",
+            text_of(t.get("default_pool_checkout_timeout")),
+        ),
+    ];
+    for (k, v) in fields {
+        let _ = writeln!(out, "{k:<20} {v}");
+    }
+    let rows: Vec<Vec<String>> = items(t.get("users").unwrap_or(&Value::Null))
+        .iter()
+        .map(|u| {
+            vec![
+                text_of(u.get("db_user")),
+                text_of(u.get("mode_type")),
+                text_of(u.get("pool_size")),
+                text_of(u.get("max_clients")),
+                text_of(u.get("is_manager")),
+            ]
+        })
+        .collect();
+    out.push('\n');
+    if rows.is_empty() {
+        out.push_str("no users\n");
+    } else {
+        out.push_str(&table(
+            &["USER", "MODE", "POOL SIZE", "MAX CLIENTS", "MANAGER"],
+            &rows,
+        ));
+    }
+    out
+}
+
+pub fn render_pools(data: &Value) -> String {
+    let rows: Vec<Vec<String>> = items(data)
+        .iter()
+        .map(|p| {
+            [
+                "tenant",
+                "db_user",
+                "mode",
+                "shard",
+                "pool_size",
+                "server_connections",
+                "idle",
+                "checked_out",
+                "clients",
+                "waiting",
+            ]
+            .iter()
+            .map(|k| text_of(p.get(*k)))
+            .collect()
+        })
+        .collect();
+    if rows.is_empty() {
+        return "no pools\n".into();
+    }
+    table(
+        &[
+            "TENANT", "USER", "MODE", "SHARD", "SIZE", "OPEN", "IDLE", "BUSY", "CLIENTS", "WAITING",
+        ],
+        &rows,
+    )
+}
+
+pub fn render_health(data: &Value) -> String {
+    let mut out = String::new();
+    match data.as_object() {
+        Some(m) => {
+            for (k, v) in m {
+                let _ = writeln!(out, "{k:<12} {}", text_of(Some(v)));
+            }
+        }
+        None => {
+            let _ = writeln!(out, "{}", text_of(Some(data)));
+        }
+    }
+    out
+}
+
+/// Runs one command, printing its result to `out`.
+pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<(), CtlError> {
+    if let Cmd::Tenant {
+        cmd: TenantCmd::Update(a),
+    } = &cli.command
+    {
+        if a.is_empty() {
+            return Err(CtlError::Usage(
+                "nothing to update: give at least one of --db-host, --db-port, --db-database, \
+                 --pool-size, --max-clients, --checkout-timeout-ms, --auth-type, \
+                 --require-user, --auth-query"
+                    .into(),
+            ));
+        }
+    }
+    let auth = bearer(cli)?;
+    if auth.is_none() && !matches!(cli.command, Cmd::Health) {
+        return Err(CtlError::Usage(
+            "no credentials: give --token (SUPAVISOR_TOKEN) or --jwt-secret (API_JWT_SECRET)"
+                .into(),
+        ));
+    }
+    let client = ApiClient::new(&cli.api, auth);
+    let body = match request_for(&cli.command) {
+        Some(req) => client.send(&req)?,
+        None => {
+            let Cmd::Tenant {
+                cmd: TenantCmd::Update(a),
+            } = &cli.command
+            else {
+                return Err(CtlError::Usage("unsupported command".into()));
+            };
+            let shown = client.send(&get(tenant_path(&a.id), tenant_target(&a.id)))?;
+            client.send(&ApiRequest {
+                method: "PUT",
+                path: tenant_path(&a.id),
+                body: Some(tenant_update_body(data_of(&shown), a)?),
+                target: tenant_target(&a.id),
+            })?
+        }
+    };
+    if cli.json {
+        if !body.is_null() {
+            let text = serde_json::to_string_pretty(&body).map_err(|e| CtlError::BadResponse {
+                status: 200,
+                why: e.to_string(),
+            })?;
+            writeln!(out, "{text}")?;
+        }
+        return Ok(());
+    }
+    let data = data_of(&body);
+    let text = match &cli.command {
+        Cmd::Tenant { cmd } => match cmd {
+            TenantCmd::List => render_tenant_list(data),
+            TenantCmd::Add(_) | TenantCmd::Update(_) | TenantCmd::Show { .. } => {
+                render_tenant(data)
+            }
+            TenantCmd::Rm { id } => format!("tenant {id:?} deleted\n"),
+            TenantCmd::Terminate { id } => {
+                format!("tenant {id:?}: clients disconnected, pools closed\n")
+            }
+        },
+        Cmd::User { cmd } => match cmd {
+            UserCmd::Add(a) => format!(
+                "user {:?} of tenant {:?} saved\n\n{}",
+                a.user,
+                a.tenant,
+                render_tenant(data)
+            ),
+            UserCmd::Rm { tenant, user } => {
+                format!("user {user:?} removed from tenant {tenant:?}\n")
+            }
+        },
+        Cmd::Pool { .. } => render_pools(data),
+        Cmd::Health => render_health(data),
+    };
+    out.write_all(text.as_bytes())?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Cli {
+        let mut full = vec!["supavisorctl"];
+        full.extend_from_slice(args);
+        Cli::try_parse_from(full).expect("parse")
+    }
+
+    #[test]
+    fn tenant_add_maps_to_a_supavisor_shaped_put() {
+        let cli = parse(&[
+            "--api",
+            "http://h:1",
+            "tenant",
+            "add",
+            "acme",
+            "--db-host",
+            "127.0.0.1",
+            "--db-port",
+            "5433",
+            "--db-database",
+            "postgres",
+            "--user",
+            "postgres",
+            "--password",
+            "pw",
+            "--pool-size",
+            "2",
+            "--mode",
+            "transaction",
+        ]);
+        let req = request_for(&cli.command).unwrap();
+        assert_eq!(req.method, "PUT");
+        assert_eq!(req.path, "/api/tenants/acme");
+        assert_eq!(
+            req.body.unwrap(),
+            json!({"tenant": {
+                "db_host": "127.0.0.1", "db_port": 5433, "db_database": "postgres",
+                "require_user": true, "default_pool_size": 2, "auth_type": "scram-sha-256",
+                "users": [{"db_user": "postgres", "db_password": "pw", "pool_size": 2,
+                           "mode_type": "transaction", "is_manager": false}]
+            }})
+        );
+        // The body deserializes into the model the API uses.
+        let spec: crate::model::TenantEnvelope<crate::model::TenantSpec> = serde_json::from_value(
+            tenant_add_request(match &cli.command {
+                Cmd::Tenant {
+                    cmd: TenantCmd::Add(a),
+                } => a,
+                _ => unreachable!(),
+            })
+            .body
+            .unwrap(),
+        )
+        .unwrap();
+        assert!(spec.tenant.validate().is_empty());
+
+        let cli = parse(&[
+            "tenant",
+            "add",
+            "t2",
+            "--db-host",
+            "db",
+            "--db-port",
+            "5432",
+            "--db-database",
+            "app",
+            "--user",
+            "mgr",
+            "--password",
+            "pw",
+            "--pool-size",
+            "5",
+            "--mode",
+            "session",
+            "--max-clients",
+            "50",
+            "--auth-type",
+            "md5",
+            "--require-user",
+            "false",
+            "--auth-query",
+            "SELECT 1",
+            "--manager",
+            "--json",
+        ]);
+        assert!(cli.json);
+        let body = request_for(&cli.command).unwrap().body.unwrap();
+        let t = &body["tenant"];
+        assert_eq!(t["require_user"], json!(false));
+        assert_eq!(t["auth_query"], json!("SELECT 1"));
+        assert_eq!(t["auth_type"], json!("md5"));
+        assert_eq!(t["users"][0]["mode_type"], json!("session"));
+        assert_eq!(t["users"][0]["max_clients"], json!(50));
+        assert_eq!(t["users"][0]["is_manager"], json!(true));
+    }
+
+    #[test]
+    fn other_commands_map_to_their_endpoints() {
+        let cases: &[(&[&str], &str, &str)] = &[
+            (&["tenant", "list"], "GET", "/api/tenants"),
+            (&["tenant", "show", "acme"], "GET", "/api/tenants/acme"),
+            (&["tenant", "rm", "acme"], "DELETE", "/api/tenants/acme"),
+            (
+                &["tenant", "terminate", "acme"],
+                "GET",
+                "/api/tenants/acme/terminate",
+            ),
+            (
+                &["user", "rm", "acme", "app user"],
+                "DELETE",
+                "/api/tenants/acme/users/app%20user",
+            ),
+            (&["pool", "list"], "GET", "/api/pools"),
+            (&["health"], "GET", "/api/health"),
+        ];
+        for (args, method, path) in cases {
+            let req = request_for(&parse(args).command).unwrap();
+            assert_eq!(
+                (req.method, req.path.as_str()),
+                (*method, *path),
+                "{args:?}"
+            );
+            assert!(req.body.is_none());
+        }
+        let req = request_for(
+            &parse(&[
+                "user",
+                "add",
+                "acme",
+                "--user",
+                "app",
+                "--password",
+                "pw",
+                "--pool-size",
+                "4",
+            ])
+            .command,
+        )
+        .unwrap();
+        assert_eq!(
+            (req.method, req.path.as_str()),
+            ("PUT", "/api/tenants/acme/users/app")
+        );
+        assert_eq!(
+            req.body.unwrap(),
+            json!({"user": {"db_user": "app", "db_password": "pw", "pool_size": 4,
+                            "mode_type": "transaction", "is_manager": false}})
+        );
+        // Without a password the user keeps the stored one.
+        let req = request_for(
+            &parse(&["user", "add", "acme", "--user", "app", "--mode", "session"]).command,
+        )
+        .unwrap();
+        assert_eq!(
+            req.body.unwrap(),
+            json!({"user": {"db_user": "app", "mode_type": "session", "is_manager": false}})
+        );
+    }
+
+    #[test]
+    fn usage_errors_are_refused_by_the_parser() {
+        for args in [
+            &["tenant", "add", "acme", "--db-host", "h"][..],
+            &["tenant", "add", "acme", "--db-host", "h", "--db-port", "x"][..],
+            &["tenant", "show"][..],
+            &["user", "add", "acme", "--user", "u", "--mode", "statement"][..],
+            &["frobnicate"][..],
+        ] {
+            let mut full = vec!["supavisorctl"];
+            full.extend_from_slice(args);
+            let err = Cli::try_parse_from(full).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{args:?}");
+        }
+        let cli = parse(&["tenant", "update", "acme"]);
+        let err = run(&cli, &mut Vec::new()).unwrap_err();
+        assert_eq!(err.exit_code(), 2, "{err}");
+    }
+
+    #[test]
+    fn update_keeps_fields_drops_view_extras_and_moves_following_users() {
+        let shown = json!({
+            "external_id": "acme", "db_host": "h", "db_port": 5432, "db_database": "d",
+            "require_user": true, "auth_query": null, "default_pool_size": 2,
+            "default_max_clients": 1000, "default_pool_checkout_timeout": 60000,
+            "auth_type": "scram-sha-256", "inserted_at": "2024-01-01",
+            "users": [
+                {"db_user": "a", "pool_size": 2, "mode_type": "transaction", "max_clients": null,
+                 "pool_checkout_timeout": null, "is_manager": false, "extra": 1},
+                {"db_user": "b", "pool_size": 7, "mode_type": "session", "max_clients": 1000,
+                 "pool_checkout_timeout": null, "is_manager": true}
+            ]
+        });
+        let args = TenantUpdateArgs {
+            id: "acme".into(),
+            pool_size: Some(3),
+            max_clients: Some(10),
+            db_port: Some(6000),
+            ..Default::default()
+        };
+        let body = tenant_update_body(&shown, &args).unwrap();
+        let t = &body["tenant"];
+        assert!(t.get("external_id").is_none() && t.get("inserted_at").is_none());
+        assert_eq!(t["default_pool_size"], json!(3));
+        assert_eq!(t["default_max_clients"], json!(10));
+        assert_eq!(t["db_port"], json!(6000));
+        assert_eq!(t["db_host"], json!("h"));
+        assert_eq!(t["users"][0]["pool_size"], json!(3), "followed the default");
+        assert_eq!(t["users"][1]["pool_size"], json!(7), "own value kept");
+        assert_eq!(t["users"][0]["max_clients"], json!(null));
+        assert_eq!(t["users"][1]["max_clients"], json!(10));
+        assert!(t["users"][0].get("extra").is_none());
+        assert!(t["users"][0].get("db_password").is_none());
+        // What is sent is a valid TenantSpec for the API.
+        let env: crate::model::TenantEnvelope<crate::model::TenantSpec> =
+            serde_json::from_value(body).unwrap();
+        assert_eq!(env.tenant.users[0].db_password, None);
+        assert!(tenant_update_body(&json!([1]), &args).is_err());
+    }
+
+    #[test]
+    fn minted_tokens_decode_with_the_same_secret_only() {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let token = mint_token("s3cret", now).unwrap();
+        let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+        v.set_required_spec_claims(&["exp"]);
+        let got = jsonwebtoken::decode::<Value>(
+            &token,
+            &jsonwebtoken::DecodingKey::from_secret(b"s3cret"),
+            &v,
+        )
+        .unwrap();
+        assert_eq!(got.claims["role"], json!("api"));
+        assert_eq!(got.claims["iat"], json!(now));
+        assert_eq!(got.claims["exp"], json!(now + TOKEN_TTL_SECS));
+        assert!(jsonwebtoken::decode::<Value>(
+            &token,
+            &jsonwebtoken::DecodingKey::from_secret(b"other"),
+            &v,
+        )
+        .is_err());
+        // --token wins over --jwt-secret; neither means no header.
+        let cli = parse(&["--token", "abc", "--jwt-secret", "s", "health"]);
+        assert_eq!(bearer(&cli).unwrap().as_deref(), Some("Bearer abc"));
+        let cli = parse(&["--jwt-secret", "s3cret", "health"]);
+        assert!(bearer(&cli).unwrap().unwrap().starts_with("Bearer ey"));
+    }
+
+    #[test]
+    fn error_answers_read_as_plain_words() {
+        let e = error_for(
+            404,
+            r#"{"error": "not found: tenant \"x\""}"#,
+            "tenant \"y\"",
+        );
+        assert_eq!(e.to_string(), "tenant \"x\" not found");
+        let e = error_for(404, "", "tenant \"y\"");
+        assert_eq!(e.to_string(), "tenant \"y\" not found");
+        let e = error_for(
+            422,
+            r#"{"errors": [{"field": "users[0].pool_size", "message": "must be at least 1"}]}"#,
+            "t",
+        );
+        assert_eq!(
+            e.to_string(),
+            "invalid input: users[0].pool_size must be at least 1"
+        );
+        let e = error_for(401, r#"{"error": "bad token"}"#, "t");
+        assert!(e
+            .to_string()
+            .starts_with("unauthorized: check --token / API_JWT_SECRET"));
+        let e = error_for(503, r#"{"error": "no leader"}"#, "t");
+        assert_eq!(e.to_string(), "the API answered 503: no leader");
+        assert_eq!(e.exit_code(), 1);
+        let e = error_for(500, "<html>oops</html>", "t");
+        assert!(e.to_string().contains("oops"));
+    }
+
+    #[test]
+    fn unreachable_api_is_reported_with_its_url() {
+        // A port nothing listens on: bind, note the port, close.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let api = format!("http://127.0.0.1:{port}");
+        let cli = parse(&["--api", &api, "--token", "t", "tenant", "list"]);
+        let err = run(&cli, &mut Vec::new()).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with(&format!("cannot reach the API at {api}:")),
+            "{err}"
+        );
+        assert_eq!(err.exit_code(), 1);
+    }
+
+    #[test]
+    fn tables_are_aligned() {
+        let data = json!([
+            {"external_id": "acme", "db_host": "127.0.0.1", "db_port": 5432, "db_database": "postgres",
+             "default_pool_size": 2, "users": [{"db_user": "postgres"}, {"db_user": "app"}]},
+            {"external_id": "b", "db_host": "h", "db_port": 1, "db_database": "d",
+             "default_pool_size": 15, "users": []}
+        ]);
+        let text = render_tenant_list(&data);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0],
+            "ID    DATABASE                 USERS         POOL SIZE"
+        );
+        assert_eq!(lines[1], "acme  127.0.0.1:5432/postgres  postgres,app  2");
+        assert_eq!(lines[2], "b     h:1/d                    -             15");
+        let pools = render_pools(&json!([{"tenant": "acme", "db_user": "postgres",
+            "mode": "transaction", "shard": 1, "pool_size": 2, "server_connections": 1,
+            "idle": 1, "checked_out": 0, "clients": 0, "waiting": 0}]));
+        assert!(
+            pools.starts_with("TENANT  USER      MODE         SHARD  SIZE"),
+            "{pools}"
+        );
+        assert!(
+            pools.contains("acme    postgres  transaction  1      2"),
+            "{pools}"
+        );
+        assert_eq!(render_pools(&json!([])), "no pools\n");
+    }
+}
