@@ -23,7 +23,9 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tracing::{debug, warn};
+use utoipa::openapi::schema::{ObjectBuilder, Schema, SchemaType, Type};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::RefOr;
 use utoipa::{OpenApi, ToSchema};
 
 use crate::model::{valid_id, FieldError, TenantEnvelope, TenantSpec, TenantView, UserSpec};
@@ -479,6 +481,20 @@ impl utoipa::Modify for SecurityAddon {
         };
         components.add_security_scheme("bearer", bearer("API_JWT_SECRET"));
         components.add_security_scheme("metrics_bearer", bearer("METRICS_JWT_SECRET"));
+        // `db_password` is never serialized, so the derive leaves it out; it
+        // is an input all the same.
+        if let Some(RefOr::T(Schema::Object(user))) = components.schemas.get_mut("UserSpec") {
+            user.properties.insert(
+                "db_password".into(),
+                ObjectBuilder::new()
+                    .schema_type(SchemaType::from_iter([Type::String, Type::Null]))
+                    .write_only(Some(true))
+                    .description(Some(
+                        "Write-only: never returned. On update, an absent password keeps the stored one.",
+                    ))
+                    .into(),
+            );
+        }
     }
 }
 
@@ -1676,7 +1692,8 @@ mod tests {
         assert!(put["requestBody"].is_object(), "{put}");
         let schemas = &v["components"]["schemas"];
         assert!(schemas["TenantSpec"]["properties"]["default_pool_size"].is_object());
-        assert!(schemas["UserSpec"]["properties"]["db_password"].is_object());
+        let pw = &schemas["UserSpec"]["properties"]["db_password"];
+        assert_eq!(pw["writeOnly"], true, "{pw}");
         assert!(v["components"]["securitySchemes"]["bearer"].is_object());
 
         for p in ["/swaggerui", "/swaggerui/", "/swaggerui/index.html"] {

@@ -241,7 +241,8 @@ pub enum CtlError {
     },
     #[error("unauthorized: check --token / API_JWT_SECRET{}", api_said(.0))]
     Unauthorized(Option<String>),
-    #[error("{0} not found")]
+    /// The whole sentence, e.g. `tenant "x" not found`.
+    #[error("{0}")]
     NotFound(String),
     #[error("invalid input: {}", join_field_errors(.0))]
     Invalid(Vec<FieldError>),
@@ -612,12 +613,13 @@ pub fn error_for(status: u16, text: &str, target: &str) -> CtlError {
     match status {
         401 | 403 => CtlError::Unauthorized(message),
         404 => CtlError::NotFound(match message {
+            // The API names what is missing: `tenant "x"`, or a whole sentence.
             Some(m) => match m.strip_prefix("not found: ") {
-                Some(rest) => rest.to_string(),
-                None if m.ends_with(" not found") => m.trim_end_matches(" not found").into(),
-                None => target.to_string(),
+                Some(subject) => format!("{subject} not found"),
+                None if m.contains("not found") => m,
+                None => format!("{m} not found"),
             },
-            None => target.to_string(),
+            None => format!("{target} not found"),
         }),
         422 => CtlError::Invalid(
             body.get("errors")
@@ -1174,6 +1176,8 @@ mod tests {
         assert_eq!(e.to_string(), "tenant \"x\" not found");
         let e = error_for(404, "", "tenant \"y\"");
         assert_eq!(e.to_string(), "tenant \"y\" not found");
+        let e = error_for(404, r#"{"error": "user \"u\" of tenant \"t\""}"#, "x");
+        assert_eq!(e.to_string(), "user \"u\" of tenant \"t\" not found");
         let e = error_for(
             422,
             r#"{"errors": [{"field": "users[0].pool_size", "message": "must be at least 1"}]}"#,

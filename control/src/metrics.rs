@@ -237,7 +237,17 @@ fn pool_labels(k: &PoolKey) -> PoolLabels<'_> {
 
 /// Monotonic counters, exposed `untyped` so the name carries no `_total`
 /// (see the module docs).
-const POOL_COUNTERS: &[(&str, &str, fn(&PoolTotals) -> u64)] = &[
+/// (name, help, value)
+type PoolSeries = (&'static str, &'static str, fn(&PoolTotals) -> u64);
+type PoolHistogram = (
+    &'static str,
+    &'static str,
+    fn(&PoolTotals) -> &HistogramSnapshot,
+);
+/// (name, help, monotonic?, value)
+type ShardSeries = (&'static str, &'static str, bool, fn(&ShardCounters) -> u64);
+
+const POOL_COUNTERS: &[PoolSeries] = &[
     (
         "supavisor_client_joins_ok",
         "Client logins that reached a pool.",
@@ -275,7 +285,7 @@ const POOL_COUNTERS: &[(&str, &str, fn(&PoolTotals) -> u64)] = &[
     ),
 ];
 
-const POOL_HISTOGRAMS: &[(&str, &str, fn(&PoolTotals) -> &HistogramSnapshot)] = &[
+const POOL_HISTOGRAMS: &[PoolHistogram] = &[
     (
         "supavisor_client_query_duration",
         "Query duration in seconds.",
@@ -293,7 +303,7 @@ const POOL_HISTOGRAMS: &[(&str, &str, fn(&PoolTotals) -> &HistogramSnapshot)] = 
     ),
 ];
 
-const POOL_GAUGES: &[(&str, &str, fn(&PoolTotals) -> u64)] = &[
+const POOL_GAUGES: &[PoolSeries] = &[
     (
         "supavisor_pool_connections_checked_out",
         "Server connections checked out by clients.",
@@ -332,7 +342,7 @@ const POOL_GAUGES: &[(&str, &str, fn(&PoolTotals) -> u64)] = &[
 ];
 
 /// Engine health per shard: (name, help, monotonic?, value).
-const SHARD_SERIES: &[(&str, &str, bool, fn(&ShardCounters) -> u64)] = &[
+const SHARD_SERIES: &[ShardSeries] = &[
     (
         "supavisor_shard_handoffs_in",
         "Connections handed to this shard by others.",

@@ -662,11 +662,8 @@ async fn peak_active(
     for _ in 0..n {
         conns.push(select_one(addr, user, password).await.expect("login"));
     }
-    let mut tasks = Vec::new();
-    for c in &conns {
-        let q = c.client.simple_query(&format!("SELECT pg_sleep({secs})"));
-        tasks.push(q);
-    }
+    let sql = format!("SELECT pg_sleep({secs})");
+    let tasks: Vec<_> = conns.iter().map(|c| c.client.simple_query(&sql)).collect();
     let all = futures_util::future::join_all(tasks);
     tokio::pin!(all);
     let d = direct().await;

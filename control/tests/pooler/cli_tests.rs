@@ -10,7 +10,7 @@ use crate::harness::*;
 
 /// Runs `supavisorctl --api http://API --jwt-secret SECRET ARGS...`.
 fn ctl_with_secret(api: SocketAddr, secret: &str, args: &[&str]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_supavisorctl"))
+    Command::new(env!("CARGO_BIN_EXE_supavisorctl"))
         .arg("--api")
         .arg(format!("http://{api}"))
         .arg("--jwt-secret")
@@ -20,8 +20,7 @@ fn ctl_with_secret(api: SocketAddr, secret: &str, args: &[&str]) -> Output {
         .env_remove("SUPAVISOR_TOKEN")
         .env_remove("API_JWT_SECRET")
         .output()
-        .expect("run supavisorctl");
-    out
+        .expect("run supavisorctl")
 }
 
 fn ctl(api: SocketAddr, args: &[&str]) -> Output {
@@ -264,6 +263,7 @@ fn cli_tenants_survive_kill_9() {
     let user = format!("{}.durable", pg().superuser);
 
     let mut first = Pooler::start(&cfg);
+    assert_eq!(first.store_dir, store_dir);
     wait_for_api(first.api);
     add_tenant(first.api, "durable", 2);
     let o = psql(first.transaction, &user, "SELECT 'before'");

@@ -4,6 +4,7 @@
 
 mod api_tests;
 mod auth;
+mod authquery_tests;
 mod basic;
 mod cli_tests;
 mod faults;
