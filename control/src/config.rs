@@ -294,7 +294,11 @@ pub fn build_tenant(
             .auth_query
             .clone()
             .unwrap_or_else(|| model::DEFAULT_AUTH_QUERY.to_string()),
-        manager: t.users.iter().find(|u| u.is_manager).map(|u| u.db_user.clone()),
+        manager: t
+            .users
+            .iter()
+            .find(|u| u.is_manager)
+            .map(|u| u.db_user.clone()),
         default_pool_size: t.default_pool_size,
         default_max_clients: t.default_max_clients,
         default_checkout_timeout: Duration::from_millis(t.default_pool_checkout_timeout),

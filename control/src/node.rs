@@ -36,7 +36,12 @@ fn view(id: &str, spec: TenantSpec) -> TenantView {
 }
 
 impl Node {
-    pub fn new(store: Store, proxy: ProxyConfig, secrets: SecretCache, shards: Arc<Vec<ShardHandle>>) -> Node {
+    pub fn new(
+        store: Store,
+        proxy: ProxyConfig,
+        secrets: SecretCache,
+        shards: Arc<Vec<ShardHandle>>,
+    ) -> Node {
         Node {
             store,
             proxy,
@@ -72,15 +77,42 @@ impl Node {
     fn broadcast(&self, make: impl Fn() -> ShardMsg) -> Result<(), PlaneError> {
         for (i, h) in self.shards.iter().enumerate() {
             if h.send(make()).is_err() {
-                return Err(PlaneError::Unavailable(format!("shard {i} is not taking messages")));
+                return Err(PlaneError::Unavailable(format!(
+                    "shard {i} is not taking messages"
+                )));
             }
         }
         Ok(())
     }
 
+    /// Sends the store's state to every shard and waits until each has it,
+    /// so that an API answer means the change is live.
     fn publish(&self) -> Result<(), PlaneError> {
-        let config = Arc::new(Self::engine_config(&self.proxy, &self.store, &self.secrets)?);
-        self.broadcast(|| ShardMsg::Config(config.clone()))
+        let config = Arc::new(Self::engine_config(
+            &self.proxy,
+            &self.store,
+            &self.secrets,
+        )?);
+        self.broadcast(|| ShardMsg::Config(config.clone()))?;
+        self.barrier()
+    }
+
+    /// Waits until every shard has applied the messages sent before.
+    fn barrier(&self) -> Result<(), PlaneError> {
+        let (tx, rx) = crossbeam_channel::bounded(self.shards.len());
+        self.broadcast(|| ShardMsg::Barrier(tx.clone()))?;
+        drop(tx);
+        let deadline = Instant::now() + GATHER_TIMEOUT;
+        for answered in 0..self.shards.len() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if rx.recv_timeout(left).is_err() {
+                return Err(PlaneError::Unavailable(format!(
+                    "{answered} of {} shards confirmed the change",
+                    self.shards.len()
+                )));
+            }
+        }
+        Ok(())
     }
 
     fn apply(&self, cmd: &Command) -> Result<Option<TenantSpec>, PlaneError> {
@@ -159,7 +191,8 @@ impl ControlPlane for Node {
         }
         self.broadcast(|| ShardMsg::Terminate {
             tenant: id.to_string(),
-        })
+        })?;
+        self.barrier()
     }
 
     fn put_user(&self, tenant: &str, user: UserSpec) -> Result<TenantView, PlaneError> {
@@ -203,7 +236,9 @@ impl ControlPlane for Node {
                 });
             }
         }
-        pools.sort_by(|a, b| (&a.tenant, &a.db_user, &a.mode).cmp(&(&b.tenant, &b.db_user, &b.mode)));
+        pools.sort_by(|a, b| {
+            (&a.tenant, &a.db_user, &a.mode).cmp(&(&b.tenant, &b.db_user, &b.mode))
+        });
         Ok(pools)
     }
 

@@ -47,7 +47,10 @@ pub fn run(file: ConfigFile, on_ready: impl FnOnce(&Ready)) -> Result<(), String
     let store = Store::open(&file.store.path, &vault_key()).map_err(|e| e.to_string())?;
     for (id, spec) in file.seeds() {
         store
-            .apply(&Command::PutTenant { id: id.clone(), spec })
+            .apply(&Command::PutTenant {
+                id: id.clone(),
+                spec,
+            })
             .map_err(|e| format!("tenant {id:?} of the config file: {e}"))?;
     }
     let secrets = SecretCache::default();
@@ -55,7 +58,12 @@ pub fn run(file: ConfigFile, on_ready: impl FnOnce(&Ready)) -> Result<(), String
     let tenants = config.tenants.len();
     let mut signals = Signals::new([SIGTERM, SIGINT]).map_err(|e| e.to_string())?;
     let running = engine::start(Arc::new(config)).map_err(|e| e.to_string())?;
-    let node = Arc::new(Node::new(store, proxy.clone(), secrets, running.handles().clone()));
+    let node = Arc::new(Node::new(
+        store,
+        proxy.clone(),
+        secrets,
+        running.handles().clone(),
+    ));
 
     // The control thread: a small tokio runtime for the HTTP API.
     let auth = crate::api::ApiAuth {
@@ -71,7 +79,10 @@ pub fn run(file: ConfigFile, on_ready: impl FnOnce(&Ready)) -> Result<(), String
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     let _ = api_tx.send(Err(format!("control runtime: {e}")));
@@ -123,7 +134,10 @@ pub fn run(file: ConfigFile, on_ready: impl FnOnce(&Ready)) -> Result<(), String
         .name("signals".into())
         .spawn(move || {
             if let Some(sig) = signals.forever().next() {
-                info!(signal = sig, "shutting down: no new clients, draining transactions");
+                info!(
+                    signal = sig,
+                    "shutting down: no new clients, draining transactions"
+                );
                 for h in handles.iter() {
                     let _ = h.send(engine::shard::ShardMsg::Shutdown);
                 }

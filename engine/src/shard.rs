@@ -57,6 +57,8 @@ pub enum ShardMsg {
     },
     /// Report counters and pools.
     Snapshot(crossbeam_channel::Sender<ShardSnapshot>),
+    /// Answered with the shard id once every message sent before it is applied.
+    Barrier(crossbeam_channel::Sender<usize>),
     Shutdown,
 }
 
@@ -567,6 +569,9 @@ async fn shard_main(
                 ShardMsg::Terminate { tenant } => shard.terminate_tenant(&tenant),
                 ShardMsg::Snapshot(reply) => {
                     let _ = reply.try_send(shard.snapshot());
+                }
+                ShardMsg::Barrier(reply) => {
+                    let _ = reply.try_send(shard.id);
                 }
                 ShardMsg::Shutdown => break 'inbox,
             }

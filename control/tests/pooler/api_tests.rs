@@ -592,14 +592,15 @@ async fn put_takes_effect_and_delete_drops_clients() {
 
     let r = api.delete(&format!("/api/tenants/{id}")).await;
     assert_eq!(r.status, 204, "{}", r.text());
-    for c in clients {
-        expect_closed_with(c, "57P01", "client of a deleted tenant").await;
-    }
+    // At once: the 204 means the shards no longer know the tenant.
     for (port, addr) in pooler.ports() {
         match try_connect(addr, &user, PG_PASSWORD).await {
             Ok(_) => panic!("{port}: a login to a deleted tenant succeeded"),
             Err(e) => assert_eq!(sqlstate(&e).as_deref(), Some("28000"), "{port}: {e:?}"),
         }
+    }
+    for c in clients {
+        expect_closed_with(c, "57P01", "client of a deleted tenant").await;
     }
     api.assert_never_returned(&[PG_PASSWORD]);
 }

@@ -30,7 +30,8 @@ fn allow_md5_roles() {
         let old = std::fs::read_to_string(&hba).expect("read pg_hba.conf");
         let line = "host all +aq_md5_users 127.0.0.1/32 md5\n";
         std::fs::write(&hba, format!("{line}{old}")).expect("write pg_hba.conf");
-        pg().psql("CREATE ROLE aq_md5_users NOLOGIN").expect("group");
+        pg().psql("CREATE ROLE aq_md5_users NOLOGIN")
+            .expect("group");
         pg().psql("SELECT pg_reload_conf()").expect("reload");
     });
 }
@@ -53,10 +54,13 @@ async fn scram_user_through_auth_query() {
         let c = try_connect(addr, &format!("{role}.taq"), "first-pw")
             .await
             .unwrap_or_else(|e| panic!("{mode}: auth_query login failed: {e}"));
-        let who: String = within("current_user", c.query_one("SELECT current_user::text", &[]))
-            .await
-            .unwrap()
-            .get(0);
+        let who: String = within(
+            "current_user",
+            c.query_one("SELECT current_user::text", &[]),
+        )
+        .await
+        .unwrap()
+        .get(0);
         assert_eq!(who, role, "{mode}: backend must run as the client's role");
         expect_code(
             try_connect(addr, &format!("{role}.taq"), "wrong-pw").await,
@@ -86,12 +90,19 @@ async fn changed_password_applies_without_restart() {
     pg().psql(&format!("ALTER ROLE {role} PASSWORD 'new-pw'"))
         .unwrap();
     let (addr, u) = (pooler.transaction, user.clone());
-    eventually("the new password is accepted", Duration::from_secs(10), move || {
-        let u = u.clone();
-        async move { try_connect(addr, &u, "new-pw").await.is_ok() }
-    })
+    eventually(
+        "the new password is accepted",
+        Duration::from_secs(10),
+        move || {
+            let u = u.clone();
+            async move { try_connect(addr, &u, "new-pw").await.is_ok() }
+        },
+    )
     .await;
-    expect_code(try_connect(pooler.transaction, &user, "old-pw").await, "28P01");
+    expect_code(
+        try_connect(pooler.transaction, &user, "old-pw").await,
+        "28P01",
+    );
 }
 
 /// An md5 role works with an md5 tenant when the client names the tenant
@@ -109,10 +120,13 @@ async fn md5_user_through_auth_query() {
     let mut cfg = client_config(pooler.transaction, &role, "md5-pw");
     cfg.options("reference=tmd5q");
     let c = connect_with(&cfg).await.expect("md5 auth_query login");
-    let who: String = within("current_user", c.client.query_one("SELECT current_user::text", &[]))
-        .await
-        .unwrap()
-        .get(0);
+    let who: String = within(
+        "current_user",
+        c.client.query_one("SELECT current_user::text", &[]),
+    )
+    .await
+    .unwrap()
+    .get(0);
     assert_eq!(who, role);
     let mut bad = client_config(pooler.transaction, &role, "nope");
     bad.options("reference=tmd5q");

@@ -197,7 +197,6 @@ async fn metrics_follow_real_traffic() {
         s2.lines("supavisor_pool_checkout_duration_count")
     );
 
-    eprintln!("SCRAPE-BEGIN\n{}\nSCRAPE-END", s2.text);
     // Bytes. Each Query message of "SELECT 1" is 'Q' + length + "SELECT 1\0" = 14 bytes, and the
     // clients sent nothing else in between; each answer holds at least a 6-byte ReadyForQuery.
     let delta = |name: &str| s2.sum(name, &T1) - s1.sum(name, &T1);
