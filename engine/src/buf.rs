@@ -69,6 +69,27 @@ impl IoBuf {
         self.end = 0;
     }
 
+    /// Removes `len` queued bytes starting `at` bytes after the head.
+    pub fn remove(&mut self, at: usize, len: usize) {
+        debug_assert!(at + len <= self.len());
+        let from = self.start + at;
+        self.data.copy_within(from + len..self.end, from);
+        self.end -= len;
+        if self.start == self.end {
+            self.clear();
+        }
+    }
+
+    /// Inserts bytes `at` bytes after the head.
+    pub fn insert(&mut self, at: usize, src: &[u8]) {
+        debug_assert!(at <= self.len());
+        self.reserve(src.len());
+        let pos = self.start + at;
+        self.data.copy_within(pos..self.end, pos + src.len());
+        self.data[pos..pos + src.len()].copy_from_slice(src);
+        self.end += src.len();
+    }
+
     /// Frees the memory when nothing is queued.
     pub fn release_if_empty(&mut self) {
         if self.is_empty() && !self.data.is_empty() {
@@ -164,6 +185,15 @@ mod tests {
         assert_eq!(b.bytes(), b"wor");
         b.consume(3);
         assert!(b.is_empty());
+        b.extend_from_slice(b"abcdef");
+        b.consume(1);
+        b.remove(1, 2);
+        assert_eq!(b.bytes(), b"bef");
+        b.insert(1, b"XY");
+        assert_eq!(b.bytes(), b"bXYef");
+        b.insert(5, b"!");
+        assert_eq!(b.bytes(), b"bXYef!");
+        b.clear();
         b.release_if_empty();
         assert!(!b.is_allocated());
     }

@@ -19,7 +19,7 @@ use crate::config::{PoolMode, TenantConfig, UserAuth, UserConfig};
 use crate::error::{EngineError, Refusal};
 use crate::metrics::bump;
 use crate::pool::{ClientSlot, Pool, PoolKey, PooledConn, RESET_TIMEOUT};
-use crate::relay::{ClientSide, Event, Relay, Tracker};
+use crate::relay::{ClientSide, Event, Relay, Shape, Tracker};
 use crate::shard::{ClientCtl, Shard};
 
 struct Session {
@@ -212,12 +212,17 @@ async fn serve(shard: &Shard, stream: TcpStream, session: Session, mode: PoolMod
                 tracker: &mut tracker,
                 scratch: &shard.scratch,
                 release: mode == PoolMode::Transaction,
+                shape: Shape {
+                    rewrite: mode == PoolMode::Transaction,
+                    registry: &pool.statements,
+                },
                 ctl: &ctl,
                 stats: &pool.stats,
             };
             relay.poll_step(cx, server.as_deref_mut())
         })
         .await;
+        tracing::trace!(?event, "relay event");
         match event {
             Event::NeedServer => match checkout(&pool, checkout_timeout).await {
                 Ok(c) => {
@@ -235,13 +240,25 @@ async fn serve(shard: &Shard, stream: TcpStream, session: Session, mode: PoolMod
                     ctl.cancel.borrow_mut().take();
                     pool.checkin(c);
                 }
-                client.buf.release_if_empty();
+                client.release_buffers();
             }
             Event::ClientGone | Event::ClientError(_) => {
                 ctl.cancel.borrow_mut().take();
                 if let Some(c) = server.take() {
                     give_back(&pool, c, &tracker, mode).await;
                 }
+                return;
+            }
+            Event::ClientRefused(e) => {
+                ctl.cancel.borrow_mut().take();
+                info!(tenant = %pool.key.tenant, error = %e, "client refused");
+                // What was sent so far may be half a batch: the connection goes.
+                drop(server.take());
+                refuse(
+                    &mut client.stream,
+                    &EngineError::TooManyStatements(e.to_string()),
+                )
+                .await;
                 return;
             }
             Event::ClientProtocol(e) => {
@@ -317,6 +334,7 @@ async fn checkout(pool: &Rc<Pool>, wait: std::time::Duration) -> Result<PooledCo
 async fn give_back(pool: &Rc<Pool>, mut conn: PooledConn, tracker: &Tracker, mode: PoolMode) {
     let quiet = tracker.pending == 0
         && !tracker.ext_open
+        && tracker.expect.is_empty()
         && conn.walked == 0
         && conn.buf.is_empty()
         && conn.walker.at_boundary();

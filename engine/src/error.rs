@@ -42,6 +42,8 @@ pub enum EngineError {
     Timeout(&'static str),
     #[error("{0}")]
     Refused(Refusal),
+    #[error("{0}")]
+    TooManyStatements(String),
 }
 
 /// A login the pooler refuses on its own account.
@@ -116,6 +118,7 @@ impl EngineError {
             | EngineError::UnsupportedServerAuth(_)
             | EngineError::Connect { .. } => Side::Server,
             EngineError::CheckoutTimeout(_) | EngineError::Timeout(_) => Side::Internal,
+            EngineError::TooManyStatements(_) => Side::Client,
         }
     }
 
@@ -140,6 +143,7 @@ impl EngineError {
             EngineError::Connect { .. } => "08006",
             EngineError::CheckoutTimeout(_) => "53300",
             EngineError::Timeout(_) => "57014",
+            EngineError::TooManyStatements(_) => "54000",
             EngineError::Refused(r) => match r {
                 Refusal::UnknownTenant(_) | Refusal::NoTenant | Refusal::UnknownUser { .. } => {
                     "28000"

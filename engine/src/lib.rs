@@ -12,6 +12,7 @@ pub mod error;
 pub mod metrics;
 pub mod oneshot;
 pub mod pool;
+pub mod prepared;
 pub mod relay;
 pub mod server;
 pub mod shard;

@@ -16,6 +16,7 @@ use crate::config::{FetchedSecret, PoolMode, TenantConfig, UserAuth, UserConfig}
 use crate::error::{EngineError, Refusal};
 use crate::metrics::{PoolSnapshot, PoolStats};
 use crate::oneshot;
+use crate::prepared::Registry;
 use crate::server::{ServerConn, ServerLogin};
 
 /// How long a login may take for a new server connection.
@@ -39,6 +40,8 @@ pub struct Pool {
     /// Set when the pool is dropped from its shard: connections given back close.
     retired: Cell<bool>,
     pub stats: PoolStats,
+    /// Named statements of the pool's clients, by query text (transaction mode).
+    pub statements: RefCell<Registry>,
     idle: RefCell<Vec<ServerConn>>,
     /// Connections that exist or are being opened, idle or not.
     total: Cell<usize>,
@@ -110,6 +113,7 @@ impl Pool {
             generation: Cell::new(0),
             retired: Cell::new(false),
             stats: PoolStats::default(),
+            statements: RefCell::new(Registry::default()),
             idle: RefCell::new(Vec::new()),
             total: Cell::new(0),
             waiters: RefCell::new(VecDeque::new()),
@@ -388,6 +392,9 @@ impl Pool {
             db_recv: st.db_recv.get(),
             db_send: st.db_send.get(),
             queries: st.queries.get(),
+            prepared_hits: st.prepared_hits.get(),
+            prepared_misses: st.prepared_misses.get(),
+            prepared_evictions: st.prepared_evictions.get(),
             query_duration: st.query_duration.snapshot(),
             checkout_duration: st.checkout_duration.snapshot(),
             client_connection_duration: st.client_connection_duration.snapshot(),

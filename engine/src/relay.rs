@@ -1,12 +1,15 @@
-//! The hot path: bytes spliced between a client and its server connection as
-//! they came. Only frame headers are walked, plus the body of ReadyForQuery,
-//! to know when the server connection is free again.
+//! The hot path: bytes spliced between a client and its server connection.
+//! Frame headers are walked to know when the server connection is free again;
+//! in transaction mode the frames that carry statement names (Parse, Bind,
+//! Describe, Close) and small simple queries are decoded and rewritten (see
+//! `prepared`), everything else is copied as it came.
 //!
 //! One future drives all four directions (read client, write server, read
 //! server, write client), so neither side can stall the other and no read is
 //! ever cancelled half-way.
 
 use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -14,12 +17,16 @@ use std::time::Instant;
 
 use futures_lite::AsyncRead;
 use glommio::net::TcpStream;
-use wire::frame::{Flow, Walker};
+use wire::frame::{parse_header, Flow, Walker, MAX_FRAME_LEN};
 use wire::frontend::{FUNCTION_CALL_TAG, QUERY_TAG, SYNC_TAG, TERMINATE_TAG};
 use wire::WireError;
 
 use crate::buf::IoBuf;
 use crate::metrics::{bump, PoolStats};
+use crate::prepared::{
+    copy_in_started, on_server_frame, take_synthetics, ClientStmts, Expect, Registry, RewriteError,
+    Rewriter, Verdict, MAX_INSPECT_QUERY, MAX_REWRITE_FRAME,
+};
 use crate::server::ServerConn;
 use crate::shard::{ClientCtl, Signal};
 
@@ -37,6 +44,8 @@ pub enum Event {
     ClientGone,
     ClientError(io::Error),
     ClientProtocol(WireError),
+    /// The client's message cannot be served (e.g. too many prepared statements).
+    ClientRefused(RewriteError),
     ServerGone(Option<io::Error>),
     ServerProtocol(WireError),
     /// Shutdown asked and the client is between transactions.
@@ -46,7 +55,7 @@ pub enum Event {
 }
 
 /// What the client asked of the server connection it holds.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default)]
 pub struct Tracker {
     /// Query / Sync / FunctionCall sent whose ReadyForQuery has not come.
     pub pending: u32,
@@ -54,15 +63,39 @@ pub struct Tracker {
     pub ext_open: bool,
     /// When the oldest unanswered request was sent.
     pub started: Option<Instant>,
+    /// Replies owed, in order.
+    pub expect: VecDeque<Expect>,
+    /// The server is in COPY IN and the client has not ended it: Sync and
+    /// Flush are ignored by the server meanwhile.
+    pub copy_in: bool,
+}
+
+impl Tracker {
+    /// A ReadyForQuery arrived: one request answered.
+    fn answered(&mut self, stats: &PoolStats) {
+        bump(&stats.queries, 1);
+        if let Some(t) = self.started {
+            let now = Instant::now();
+            stats.query_duration.observe(now - t);
+            self.started = Some(now);
+        }
+        self.pending = self.pending.saturating_sub(1);
+        if self.pending == 0 {
+            self.started = None;
+        }
+    }
 }
 
 pub struct ClientSide {
     pub stream: TcpStream,
+    /// Bytes read from the client, not yet looked at.
     pub buf: IoBuf,
-    /// Head bytes of `buf` walked and ready to forward.
-    pub walked: usize,
+    /// Bytes for the server, rewritten where needed.
+    pub out: IoBuf,
     pub walker: Walker,
     pub terminated: bool,
+    /// The client's prepared statement names (transaction mode).
+    pub stmts: ClientStmts,
 }
 
 impl ClientSide {
@@ -74,10 +107,17 @@ impl ClientSide {
         ClientSide {
             stream,
             buf,
-            walked: 0,
+            out: IoBuf::new(),
             walker: Walker::default(),
             terminated: false,
+            stmts: ClientStmts::default(),
         }
+    }
+
+    /// Gives the buffers' memory back while idle.
+    pub fn release_buffers(&mut self) {
+        self.buf.release_if_empty();
+        self.out.release_if_empty();
     }
 
     /// Reads into the client's own buffer, or through the shard's scratch
@@ -98,90 +138,243 @@ impl ClientSide {
         Poll::Ready(Ok(n))
     }
 
-    /// Walks newly read bytes, counting what the server will answer.
-    fn walk(&mut self, tracker: &mut Tracker) -> Result<(), WireError> {
-        let mut terminate_at = None;
-        let start = self.walked;
-        let n = self.walker.walk(
-            &self.buf.bytes()[start..],
-            |_| false,
-            |seen| {
-                match seen.tag {
-                    QUERY_TAG | FUNCTION_CALL_TAG => tracker.expect(),
-                    SYNC_TAG => {
-                        tracker.expect();
-                        tracker.ext_open = false;
-                    }
-                    TERMINATE_TAG => {
-                        terminate_at = Some(seen.offset);
-                        return Flow::Stop;
-                    }
-                    b'P' | b'B' | b'D' | b'C' | b'E' | b'H' => tracker.ext_open = true,
-                    // CopyData / CopyDone / CopyFail travel inside a Query or
-                    // Sync that is already counted.
-                    _ => {}
+    /// True when the read buffer may take more: below the cap, or short of
+    /// a frame that is needed whole.
+    fn wants_more(&self, rewrite: bool) -> bool {
+        if self.buf.len() < READ_CAP || self.walker.wanted() > self.buf.len() {
+            return true;
+        }
+        matches!(parse_header(self.buf.bytes(), MAX_FRAME_LEN), Ok(Some(h))
+            if self.walker.at_boundary() && wants_whole(rewrite, h.tag, h.frame_len())
+                && h.frame_len() > self.buf.len())
+    }
+}
+
+/// Frames decoded whole before they go on: the ones that carry statement
+/// names, and small simple queries (transaction mode).
+fn wants_whole(rewrite: bool, tag: u8, len: usize) -> bool {
+    rewrite
+        && match tag {
+            b'P' | b'B' | b'D' | b'C' => len <= MAX_REWRITE_FRAME,
+            QUERY_TAG => len <= MAX_INSPECT_QUERY,
+            _ => false,
+        }
+}
+
+/// What the client side does with its frames.
+pub struct Shape<'a> {
+    /// Rewrite statement names (transaction mode).
+    pub rewrite: bool,
+    pub registry: &'a RefCell<Registry>,
+}
+
+/// Moves the client's complete frames into `out` for `server`, rewriting
+/// named-statement frames and counting the replies owed.
+fn process_client(
+    client: &mut ClientSide,
+    server: &mut ServerConn,
+    tracker: &mut Tracker,
+    shape: &Shape<'_>,
+    stats: &PoolStats,
+) -> Result<(), RewriteError> {
+    let ClientSide {
+        buf,
+        out,
+        walker,
+        terminated,
+        stmts,
+        ..
+    } = client;
+    let Tracker {
+        pending,
+        ext_open,
+        started,
+        expect,
+        copy_in,
+    } = tracker;
+    let rewrite = shape.rewrite;
+    let bytes = buf.bytes();
+    let mut copied = 0usize;
+    let mut terminate_at = None;
+    let mut failure = None;
+    let mut scratch: Vec<u8> = Vec::new();
+    let whole = |tag: u8, len: usize| wants_whole(rewrite, tag, len);
+    let n = walker.walk(bytes, whole, |seen| {
+        let tag = seen.tag;
+        tracing::trace!(tag = %(tag as char), len = seen.len, "client frame");
+        if tag == TERMINATE_TAG {
+            out.extend_from_slice(&bytes[copied..seen.offset]);
+            copied = seen.offset;
+            terminate_at = Some(seen.offset);
+            return Flow::Stop;
+        }
+        match tag {
+            // Ignored by the server during COPY IN: no reply owed.
+            SYNC_TAG | b'H' if *copy_in => return Flow::Continue,
+            b'c' | b'f' => {
+                if *copy_in {
+                    *copy_in = false;
+                } else {
+                    expect.push_back(Expect::CopyEnd);
                 }
-                Flow::Continue
-            },
-        )?;
-        match terminate_at {
-            Some(off) => {
-                self.walked = start + off;
-                self.buf.truncate(self.walked);
-                self.terminated = true;
+                return Flow::Continue;
             }
-            None => self.walked = start + n,
+            QUERY_TAG | FUNCTION_CALL_TAG | SYNC_TAG => {
+                if *pending == 0 {
+                    *started = Some(Instant::now());
+                }
+                *pending += 1;
+                if tag == SYNC_TAG {
+                    *ext_open = false;
+                }
+            }
+            b'P' | b'B' | b'D' | b'C' | b'E' | b'H' => *ext_open = true,
+            _ => {}
         }
-        Ok(())
+        match seen.body {
+            Some(_) => {
+                out.extend_from_slice(&bytes[copied..seen.offset]);
+                scratch.clear();
+                let mut rw = Rewriter {
+                    client: stmts,
+                    registry: shape.registry,
+                    server: &mut server.prepared,
+                    expect,
+                    stats,
+                };
+                if let Err(e) = rw.frame(
+                    tag,
+                    &bytes[seen.offset..seen.offset + seen.len],
+                    &mut scratch,
+                ) {
+                    failure = Some(e);
+                    return Flow::Stop;
+                }
+                out.extend_from_slice(&scratch);
+                copied = seen.offset + seen.len;
+            }
+            None => {
+                // Streamed as it is; its reply is still owed in order.
+                let owed = match tag {
+                    b'P' => Some(Expect::Parse {
+                        swallow: false,
+                        stmt: None,
+                    }),
+                    b'B' => Some(Expect::Bind),
+                    b'D' => Some(Expect::Describe),
+                    b'C' => Some(Expect::Close { swallow: false }),
+                    b'E' => Some(Expect::Execute),
+                    SYNC_TAG => Some(Expect::Sync),
+                    QUERY_TAG => Some(Expect::Query),
+                    FUNCTION_CALL_TAG => Some(Expect::FunctionCall),
+                    _ => None,
+                };
+                if let Some(e) = owed {
+                    expect.push_back(e);
+                }
+            }
+        }
+        Flow::Continue
+    })?;
+    if let Some(e) = failure {
+        return Err(e);
     }
+    match terminate_at {
+        Some(_) => {
+            *terminated = true;
+            buf.clear();
+        }
+        None => {
+            out.extend_from_slice(&bytes[copied..n]);
+            buf.consume(n);
+        }
+    }
+    Ok(())
 }
 
-impl Tracker {
-    fn expect(&mut self) {
-        if self.pending == 0 {
-            self.started = Some(Instant::now());
-        }
-        self.pending += 1;
+/// Sends replies the pooler owes at the head of the queue, when the server
+/// stream is at a frame boundary.
+fn emit_synthetics(server: &mut ServerConn, expect: &mut VecDeque<Expect>) {
+    if !matches!(expect.front(), Some(Expect::Synthetic(_))) || !server.walker.at_boundary() {
+        return;
     }
-
-    /// A ReadyForQuery arrived: one request answered.
-    fn answered(&mut self, stats: &PoolStats) {
-        bump(&stats.queries, 1);
-        if let Some(t) = self.started {
-            let now = Instant::now();
-            stats.query_duration.observe(now - t);
-            self.started = Some(now);
-        }
-        self.pending = self.pending.saturating_sub(1);
-        if self.pending == 0 {
-            self.started = None;
-        }
-    }
+    let mut bytes = Vec::new();
+    take_synthetics(expect, &mut bytes);
+    server.buf.insert(server.walked, &bytes);
+    server.walked += bytes.len();
 }
 
-/// Walks newly read server bytes; ReadyForQuery updates status and count.
+enum Edit {
+    Insert(Vec<u8>),
+    Remove(usize),
+}
+
+/// Walks newly read server bytes: ReadyForQuery updates status and count,
+/// replies are matched against what the client is owed (and, in transaction
+/// mode, the pooler's own replies are put in and injected ones taken out).
 fn walk_server(
     server: &mut ServerConn,
     tracker: &mut Tracker,
     stats: &PoolStats,
+    rewrite: bool,
 ) -> Result<(), WireError> {
     let start = server.walked;
-    let mut status = server.status;
-    let n = server.walker.walk(
-        &server.buf.bytes()[start..],
-        |tag| tag == b'Z',
+    let ServerConn {
+        buf,
+        walker,
+        prepared,
+        status,
+        ..
+    } = server;
+    let mut edits: Vec<(usize, Edit)> = Vec::new();
+    let n = walker.walk(
+        &buf.bytes()[start..],
+        |tag, _| matches!(tag, b'Z' | b'1' | b'3'),
         |seen| {
-            if let Some(body) = seen.body {
-                if let Some(&s) = body.first() {
-                    status = s;
+            tracing::trace!(tag = %(seen.tag as char), len = seen.len, "server frame");
+            if seen.tag == b'G' {
+                let (dropped, ended) = copy_in_started(&mut tracker.expect);
+                tracker.pending = tracker.pending.saturating_sub(dropped);
+                tracker.copy_in = !ended;
+            }
+            if rewrite {
+                let mut synth = Vec::new();
+                take_synthetics(&mut tracker.expect, &mut synth);
+                if !synth.is_empty() {
+                    edits.push((seen.offset, Edit::Insert(synth)));
                 }
-                tracker.answered(stats);
+            }
+            if on_server_frame(&mut tracker.expect, prepared, seen.tag) == Verdict::Swallow {
+                edits.push((seen.offset, Edit::Remove(seen.len)));
+            }
+            if let Some(body) = seen.body {
+                if seen.tag == b'Z' {
+                    if let Some(&s) = body.first() {
+                        *status = s;
+                    }
+                    tracker.answered(stats);
+                }
             }
             Flow::Continue
         },
     )?;
-    server.status = status;
-    server.walked = start + n;
+    let mut walked = start + n;
+    for (off, edit) in edits.iter().rev() {
+        match edit {
+            Edit::Insert(b) => {
+                buf.insert(start + off, b);
+                walked += b.len();
+            }
+            Edit::Remove(len) => {
+                buf.remove(start + off, *len);
+                walked -= len;
+            }
+        }
+    }
+    server.walked = walked;
+    if rewrite {
+        emit_synthetics(server, &mut tracker.expect);
+    }
     Ok(())
 }
 
@@ -191,6 +384,7 @@ pub struct Relay<'a> {
     pub scratch: &'a RefCell<Vec<u8>>,
     /// Release the server at transaction end (transaction mode).
     pub release: bool,
+    pub shape: Shape<'a>,
     pub ctl: &'a ClientCtl,
     pub stats: &'a PoolStats,
 }
@@ -200,8 +394,9 @@ impl Relay<'_> {
     pub fn server_free(client: &ClientSide, tracker: &Tracker, server: &ServerConn) -> bool {
         tracker.pending == 0
             && !tracker.ext_open
+            && tracker.expect.is_empty()
             && server.status == b'I'
-            && client.walked == 0
+            && client.out.is_empty()
             && client.walker.at_boundary()
             && server.buf.is_empty()
             && server.walker.at_boundary()
@@ -220,20 +415,33 @@ impl Relay<'_> {
                 Signal::Drain => true,
                 Signal::None => false,
             };
-            if self.client.terminated && self.client.walked == 0 {
+            if self.client.terminated && self.client.out.is_empty() {
                 return Poll::Ready(Event::ClientGone);
             }
 
             if let Some(s) = server.as_deref_mut() {
-                // client -> server
-                if self.client.walked > 0 {
-                    match self
-                        .client
-                        .buf
-                        .poll_write_to(cx, &mut s.stream, self.client.walked)
+                if !self.client.buf.is_empty() && !self.client.terminated {
+                    let before = self.client.buf.len();
+                    if let Err(e) =
+                        process_client(self.client, s, self.tracker, &self.shape, self.stats)
                     {
+                        return Poll::Ready(match e {
+                            RewriteError::Wire(w) => Event::ClientProtocol(w),
+                            other => Event::ClientRefused(other),
+                        });
+                    }
+                    if self.shape.rewrite {
+                        emit_synthetics(s, &mut self.tracker.expect);
+                    }
+                    if self.client.buf.len() != before || self.client.terminated {
+                        progress = true;
+                    }
+                }
+                // client -> server
+                if !self.client.out.is_empty() {
+                    let len = self.client.out.len();
+                    match self.client.out.poll_write_to(cx, &mut s.stream, len) {
                         Poll::Ready(Ok(n)) => {
-                            self.client.walked -= n;
                             bump(&self.stats.db_send, n as u64);
                             progress = true;
                         }
@@ -262,8 +470,22 @@ impl Relay<'_> {
                     }
                 }
             } else {
-                if self.client.walked > 0 {
-                    return Poll::Ready(Event::NeedServer);
+                match parse_header(self.client.buf.bytes(), MAX_FRAME_LEN) {
+                    Err(e) => return Poll::Ready(Event::ClientProtocol(e)),
+                    Ok(Some(h)) if h.tag == TERMINATE_TAG => {
+                        self.client.terminated = true;
+                        self.client.buf.clear();
+                        return Poll::Ready(Event::ClientGone);
+                    }
+                    // A frame that must be whole waits until it is, so the
+                    // server is not held while a large message arrives.
+                    Ok(Some(h))
+                        if !wants_whole(self.shape.rewrite, h.tag, h.frame_len())
+                            || h.frame_len() <= self.client.buf.len() =>
+                    {
+                        return Poll::Ready(Event::NeedServer)
+                    }
+                    Ok(_) => {}
                 }
                 if draining {
                     return Poll::Ready(Event::Shutdown);
@@ -271,14 +493,11 @@ impl Relay<'_> {
             }
 
             // read client
-            if !self.client.terminated && self.client.buf.len() < READ_CAP {
+            if !self.client.terminated && self.client.wants_more(self.shape.rewrite) {
                 match self.client.poll_read(cx, self.scratch) {
                     Poll::Ready(Ok(0)) => return Poll::Ready(Event::ClientGone),
                     Poll::Ready(Ok(n)) => {
                         bump(&self.stats.client_recv, n as u64);
-                        if let Err(e) = self.client.walk(self.tracker) {
-                            return Poll::Ready(Event::ClientProtocol(e));
-                        }
                         progress = true;
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Event::ClientError(e)),
@@ -293,7 +512,9 @@ impl Relay<'_> {
                         Poll::Ready(Ok(0)) => return Poll::Ready(Event::ServerGone(None)),
                         Poll::Ready(Ok(n)) => {
                             bump(&self.stats.db_recv, n as u64);
-                            if let Err(e) = walk_server(s, self.tracker, self.stats) {
+                            if let Err(e) =
+                                walk_server(s, self.tracker, self.stats, self.shape.rewrite)
+                            {
                                 return Poll::Ready(Event::ServerProtocol(e));
                             }
                             progress = true;

@@ -76,6 +76,8 @@ pub struct ServerConn {
     pub status: u8,
     /// The pool generation (database address) it was opened for.
     pub generation: u64,
+    /// Named statements prepared on this connection (transaction mode).
+    pub prepared: crate::prepared::ServerStmts,
 }
 
 impl std::fmt::Debug for ServerConn {
@@ -314,6 +316,7 @@ impl ServerConn {
                         last_used: now,
                         status,
                         generation: 0,
+                        prepared: crate::prepared::ServerStmts::default(),
                     });
                 }
                 // NoticeResponse, NegotiateProtocolVersion: nothing to do.
@@ -358,7 +361,7 @@ impl ServerConn {
             let bytes = self.buf.bytes();
             let walked = self.walker.walk(
                 bytes,
-                |_| true,
+                |_, _| true,
                 |seen| {
                     if !matches!(seen.tag, b'N' | b'A' | b'S') {
                         ok = false;

@@ -102,6 +102,8 @@ pub struct Walker {
     /// Bytes of the current frame not yet walked.
     remaining: usize,
     max_len: usize,
+    /// Length of a whole-wanted frame the last walk stopped at, incomplete.
+    wanted: usize,
 }
 
 impl Default for Walker {
@@ -115,7 +117,15 @@ impl Walker {
         Self {
             remaining: 0,
             max_len,
+            wanted: 0,
         }
+    }
+
+    /// After a walk: the length of the incomplete frame it stopped at, when
+    /// that frame was wanted whole (the caller must buffer at least this
+    /// much); 0 otherwise.
+    pub fn wanted(&self) -> usize {
+        self.wanted
     }
 
     /// True when the bytes walked so far end exactly at a frame boundary.
@@ -125,12 +135,14 @@ impl Walker {
 
     /// Walks `buf` (bytes that follow what was walked before) and returns how
     /// many bytes were walked: those can be forwarded. The rest (a header, or
-    /// an incomplete frame of a `whole` type) waits for more bytes.
+    /// an incomplete frame that `whole(tag, frame_len)` wants whole) waits for
+    /// more bytes.
     pub fn walk<W, F>(&mut self, buf: &[u8], whole: W, mut f: F) -> Result<usize>
     where
-        W: Fn(u8) -> bool,
+        W: Fn(u8, usize) -> bool,
         F: FnMut(Seen<'_>) -> Flow,
     {
+        self.wanted = 0;
         let mut pos = 0;
         loop {
             if self.remaining > 0 {
@@ -145,8 +157,9 @@ impl Walker {
                 return Ok(pos);
             };
             let frame_len = header.frame_len();
-            if whole(header.tag) {
+            if whole(header.tag, frame_len) {
                 if buf.len() - pos < frame_len {
+                    self.wanted = frame_len;
                     return Ok(pos);
                 }
                 let flow = f(Seen {
@@ -228,7 +241,7 @@ mod tests {
             let n = w
                 .walk(
                     &pending,
-                    |t| t == b'Z',
+                    |t, _| t == b'Z',
                     |s| {
                         seen.push((s.tag, s.body.map(|b| b.to_vec())));
                         Flow::Continue
@@ -250,6 +263,20 @@ mod tests {
     }
 
     #[test]
+    fn walker_reports_the_incomplete_whole_frame() {
+        let f = frame(b'B', &[1u8; 100]);
+        let mut w = Walker::default();
+        let n = w
+            .walk(&f[..50], |t, _| t == b'B', |_| Flow::Continue)
+            .unwrap();
+        assert_eq!(n, 0);
+        assert_eq!(w.wanted(), 105);
+        let n = w.walk(&f, |t, _| t == b'B', |_| Flow::Continue).unwrap();
+        assert_eq!(n, 105);
+        assert_eq!(w.wanted(), 0);
+    }
+
+    #[test]
     fn walker_stops_when_asked() {
         let mut stream = frame(b'Q', b"select 1\0");
         stream.extend_from_slice(&frame(b'X', b""));
@@ -259,7 +286,7 @@ mod tests {
         let n = w
             .walk(
                 &stream,
-                |_| false,
+                |_, _| false,
                 |s| {
                     tags.push(s.tag);
                     if s.tag == b'X' {
@@ -278,7 +305,7 @@ mod tests {
     fn walker_rejects_garbage() {
         let mut w = Walker::default();
         assert!(w
-            .walk(&[b'Q', 0, 0, 0, 1, 2, 3], |_| false, |_| Flow::Continue)
+            .walk(&[b'Q', 0, 0, 0, 1, 2, 3], |_, _| false, |_| Flow::Continue)
             .is_err());
     }
 }

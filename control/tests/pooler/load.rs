@@ -117,7 +117,7 @@ async fn many_clients_transaction_consistency() {
 }
 
 /// `pgbench -i` once, directly against PostgreSQL.
-fn pgbench_tables() {
+pub fn pgbench_tables() {
     static INIT: OnceLock<()> = OnceLock::new();
     INIT.get_or_init(|| {
         let pg = pg();

@@ -1,0 +1,759 @@
+//! Named prepared statements in transaction mode.
+//!
+//! A client's statement names mean nothing on a server connection it did not
+//! prepare them on. So each Parse of a named statement is mapped to a
+//! pool-wide statement (one per query text and parameter types) with its own
+//! name; Bind, Describe and Close are rewritten to that name; a server
+//! connection that lacks it gets a Close + Parse injected first, whose
+//! answers are swallowed; a Parse of a statement the connection already has
+//! is answered by the pooler. A queue of expected replies keeps answers in
+//! the order the client asked, and follows the server's "skip until Sync"
+//! after an error.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::rc::Rc;
+
+use bytes::BufMut;
+use wire::frontend;
+use wire::WireError;
+
+use crate::metrics::{bump, PoolStats};
+
+/// Statements each server connection keeps prepared (PgBouncer's default).
+pub const DEFAULT_SERVER_CACHE: usize = 200;
+/// Named statements one client may hold; past it the client is closed.
+pub const MAX_CLIENT_STATEMENTS: usize = 10_000;
+/// Distinct statements a pool keeps names for; past it unused ones are forgotten.
+pub const MAX_POOL_STATEMENTS: usize = 50_000;
+/// Parse / Bind / Describe / Close / Query frames up to this size are read
+/// whole so they can be rewritten; larger ones stream through unchanged.
+pub const MAX_REWRITE_FRAME: usize = 64 << 20;
+/// Simple queries are inspected (DISCARD / DEALLOCATE / PREPARE) up to this size.
+pub const MAX_INSPECT_QUERY: usize = 64 << 10;
+
+/// A statement of the pool: its server-side name and its Parse frame.
+#[derive(Debug)]
+pub struct Stmt {
+    pub name: Vec<u8>,
+    pub parse: Vec<u8>,
+}
+
+/// The pool's statements, by query text and parameter types.
+#[derive(Debug, Default)]
+pub struct Registry {
+    by_text: HashMap<Vec<u8>, Rc<Stmt>>,
+    next: Cell<u64>,
+}
+
+impl Registry {
+    pub fn intern(&mut self, query: &[u8], types: &[u32]) -> Rc<Stmt> {
+        let mut key = Vec::with_capacity(query.len() + 1 + types.len() * 4);
+        key.extend_from_slice(query);
+        key.push(0);
+        for t in types {
+            key.extend_from_slice(&t.to_be_bytes());
+        }
+        if let Some(s) = self.by_text.get(&key) {
+            return s.clone();
+        }
+        if self.by_text.len() >= MAX_POOL_STATEMENTS {
+            // Forget statements no client maps any more.
+            self.by_text.retain(|_, s| Rc::strong_count(s) > 1);
+        }
+        let n = self.next.get();
+        self.next.set(n + 1);
+        let name = format!("sv_{n}").into_bytes();
+        let mut parse = bytes::BytesMut::new();
+        frontend::encode_parse(&name, query, types, &mut parse);
+        let stmt = Rc::new(Stmt {
+            name,
+            parse: parse.to_vec(),
+        });
+        self.by_text.insert(key, stmt.clone());
+        stmt
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_text.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_text.is_empty()
+    }
+}
+
+/// A client's statement names.
+#[derive(Debug, Default)]
+pub struct ClientStmts {
+    map: HashMap<Vec<u8>, Rc<Stmt>>,
+}
+
+impl ClientStmts {
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+/// What one server connection has prepared: a bounded LRU of pool names.
+#[derive(Debug)]
+pub struct ServerStmts {
+    lru: HashMap<Vec<u8>, u64>,
+    tick: u64,
+    cap: usize,
+}
+
+impl Default for ServerStmts {
+    fn default() -> Self {
+        ServerStmts::new(DEFAULT_SERVER_CACHE)
+    }
+}
+
+impl ServerStmts {
+    pub fn new(cap: usize) -> Self {
+        ServerStmts {
+            lru: HashMap::new(),
+            tick: 0,
+            cap: cap.max(1),
+        }
+    }
+
+    fn touch(&mut self, name: &[u8]) -> bool {
+        self.tick += 1;
+        match self.lru.get_mut(name) {
+            Some(t) => {
+                *t = self.tick;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Records a statement; returns the least recently used one to close
+    /// when the cache is full.
+    fn insert(&mut self, name: &[u8]) -> Option<Vec<u8>> {
+        self.tick += 1;
+        let victim = if self.lru.len() >= self.cap && !self.lru.contains_key(name) {
+            let v = self
+                .lru
+                .iter()
+                .min_by_key(|(_, t)| **t)
+                .map(|(k, _)| k.clone());
+            if let Some(v) = &v {
+                self.lru.remove(v);
+            }
+            v
+        } else {
+            None
+        };
+        self.lru.insert(name.to_vec(), self.tick);
+        victim
+    }
+
+    fn remove(&mut self, name: &[u8]) {
+        self.lru.remove(name);
+    }
+
+    fn clear(&mut self) {
+        self.lru.clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.lru.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lru.is_empty()
+    }
+}
+
+/// A reply the server (or the pooler) owes the client, in order.
+#[derive(Debug)]
+pub enum Expect {
+    /// ParseComplete; `swallow` for an injected Parse; `stmt` is forgotten
+    /// by the server connection if the Parse fails or is skipped.
+    Parse {
+        swallow: bool,
+        stmt: Option<Rc<Stmt>>,
+    },
+    Bind,
+    Describe,
+    Execute,
+    Close {
+        swallow: bool,
+    },
+    Sync,
+    Query,
+    FunctionCall,
+    /// A reply the pooler makes itself (ParseComplete, CloseComplete), sent
+    /// when every earlier reply has gone.
+    Synthetic(u8),
+    /// Not a reply: the client ended a COPY (CopyDone / CopyFail) before the
+    /// server said it started one; Syncs before it are ignored by the server.
+    CopyEnd,
+}
+
+/// The server started COPY IN (CopyInResponse): Syncs the client sent after
+/// the COPY's Execute and before its CopyDone / CopyFail are ignored by the
+/// server, so no ReadyForQuery comes for them. Returns how many were dropped
+/// and whether the client already ended the COPY.
+pub fn copy_in_started(expect: &mut VecDeque<Expect>) -> (u32, bool) {
+    let mut dropped = 0;
+    let mut i = 1;
+    while i < expect.len() {
+        match expect[i] {
+            Expect::Sync => {
+                expect.remove(i);
+                dropped += 1;
+            }
+            Expect::CopyEnd => {
+                expect.remove(i);
+                return (dropped, true);
+            }
+            _ => i += 1,
+        }
+    }
+    (dropped, false)
+}
+
+/// What to do with a server frame.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Forward,
+    Swallow,
+}
+
+/// Follows one server frame through the queue.
+pub fn on_server_frame(
+    expect: &mut VecDeque<Expect>,
+    server: &mut ServerStmts,
+    tag: u8,
+) -> Verdict {
+    match tag {
+        b'1' => {
+            if let Some(Expect::Parse { swallow, .. }) = expect.front() {
+                let swallow = *swallow;
+                expect.pop_front();
+                if swallow {
+                    return Verdict::Swallow;
+                }
+            }
+        }
+        b'2' => {
+            if matches!(expect.front(), Some(Expect::Bind)) {
+                expect.pop_front();
+            }
+        }
+        b'3' => {
+            if let Some(Expect::Close { swallow }) = expect.front() {
+                let swallow = *swallow;
+                expect.pop_front();
+                if swallow {
+                    return Verdict::Swallow;
+                }
+            }
+        }
+        b'T' | b'n' => {
+            if matches!(expect.front(), Some(Expect::Describe)) {
+                expect.pop_front();
+            }
+        }
+        b'C' | b's' | b'I' => {
+            if matches!(expect.front(), Some(Expect::Execute)) {
+                expect.pop_front();
+            }
+        }
+        b'E' if !matches!(
+            expect.front(),
+            Some(Expect::Query | Expect::FunctionCall | Expect::Sync) | None
+        ) =>
+        {
+            // An extended-protocol message failed: the server skips
+            // everything up to the next Sync.
+            while let Some(e) = expect.front() {
+                if matches!(e, Expect::Sync | Expect::Query | Expect::FunctionCall) {
+                    break;
+                }
+                if let Some(Expect::Parse {
+                    stmt: Some(stmt), ..
+                }) = expect.pop_front()
+                {
+                    server.remove(&stmt.name);
+                }
+            }
+        }
+        b'Z' => {
+            while let Some(e) = expect.pop_front() {
+                if matches!(e, Expect::Sync | Expect::Query | Expect::FunctionCall) {
+                    break;
+                }
+            }
+        }
+        _ => {}
+    }
+    Verdict::Forward
+}
+
+/// Replies the pooler owes now (at the head of the queue).
+pub fn take_synthetics(expect: &mut VecDeque<Expect>, out: &mut Vec<u8>) {
+    while let Some(Expect::Synthetic(tag)) = expect.front() {
+        out.push(*tag);
+        out.extend_from_slice(&4i32.to_be_bytes());
+        expect.pop_front();
+    }
+}
+
+/// Why a client's message cannot go on.
+#[derive(Debug, thiserror::Error)]
+pub enum RewriteError {
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error("too many prepared statements on one connection (limit {0}); close some")]
+    TooManyStatements(usize),
+}
+
+/// Rewrites client frames for the server connection at hand.
+pub struct Rewriter<'a> {
+    pub client: &'a mut ClientStmts,
+    pub registry: &'a RefCell<Registry>,
+    pub server: &'a mut ServerStmts,
+    pub expect: &'a mut VecDeque<Expect>,
+    pub stats: &'a PoolStats,
+}
+
+/// The first keyword of a SQL text, upper-cased, skipping blanks and comments.
+fn first_keyword(sql: &[u8]) -> (String, &[u8]) {
+    let mut i = 0;
+    loop {
+        while i < sql.len() && sql[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        if sql[i..].starts_with(b"--") {
+            while i < sql.len() && sql[i] != b'\n' {
+                i += 1;
+            }
+            continue;
+        }
+        if sql[i..].starts_with(b"/*") {
+            match memchr::memmem::find(&sql[i + 2..], b"*/") {
+                Some(p) => i += p + 4,
+                None => i = sql.len(),
+            }
+            continue;
+        }
+        break;
+    }
+    let start = i;
+    while i < sql.len() && (sql[i].is_ascii_alphanumeric() || sql[i] == b'_') {
+        i += 1;
+    }
+    (
+        String::from_utf8_lossy(&sql[start..i]).to_ascii_uppercase(),
+        &sql[i..],
+    )
+}
+
+fn trim_sql(s: &[u8]) -> &[u8] {
+    let mut s = s;
+    while let Some((last, rest)) = s.split_last() {
+        if last.is_ascii_whitespace() || *last == b';' || *last == 0 {
+            s = rest;
+        } else {
+            break;
+        }
+    }
+    while let Some((first, rest)) = s.split_first() {
+        if first.is_ascii_whitespace() {
+            s = rest;
+        } else {
+            break;
+        }
+    }
+    s
+}
+
+/// The refusal sent in place of SQL-level PREPARE / EXECUTE.
+const REFUSE_SQL_PREPARE: &str = "DO $supavisor$ BEGIN RAISE EXCEPTION USING ERRCODE = '0A000', \
+     MESSAGE = 'SQL PREPARE / EXECUTE are not supported in transaction mode', \
+     HINT = 'use protocol-level prepared statements (every driver does), or the session port (5432)'; \
+     END $supavisor$";
+
+impl Rewriter<'_> {
+    fn ensure_prepared(&mut self, stmt: &Rc<Stmt>, out: &mut Vec<u8>) {
+        if self.server.touch(&stmt.name) {
+            bump(&self.stats.prepared_hits, 1);
+            return;
+        }
+        bump(&self.stats.prepared_misses, 1);
+        if let Some(victim) = self.server.insert(&stmt.name) {
+            bump(&self.stats.prepared_evictions, 1);
+            let mut b = bytes::BytesMut::new();
+            frontend::encode_close(b'S', &victim, &mut b);
+            out.extend_from_slice(&b);
+            self.expect.push_back(Expect::Close { swallow: true });
+        }
+        // Close first: closing an absent statement is no error, and it keeps
+        // us right even if our record of the connection is stale.
+        let mut b = bytes::BytesMut::new();
+        frontend::encode_close(b'S', &stmt.name, &mut b);
+        out.extend_from_slice(&b);
+        self.expect.push_back(Expect::Close { swallow: true });
+        out.extend_from_slice(&stmt.parse);
+        self.expect.push_back(Expect::Parse {
+            swallow: true,
+            stmt: Some(stmt.clone()),
+        });
+    }
+
+    fn lookup(&self, name: &[u8]) -> Option<Rc<Stmt>> {
+        if name.is_empty() {
+            return None;
+        }
+        self.client.map.get(name).cloned()
+    }
+
+    /// A whole Parse / Bind / Describe / Close / Query frame: appends what
+    /// goes to the server to `out` and records the replies owed.
+    pub fn frame(&mut self, tag: u8, frame: &[u8], out: &mut Vec<u8>) -> Result<(), RewriteError> {
+        let body = &frame[wire::frame::HEADER_LEN..];
+        match tag {
+            b'P' => {
+                let p = frontend::decode_parse(body)?;
+                if p.name.is_empty() {
+                    out.extend_from_slice(frame);
+                    self.expect.push_back(Expect::Parse {
+                        swallow: false,
+                        stmt: None,
+                    });
+                    return Ok(());
+                }
+                if !self.client.map.contains_key(p.name)
+                    && self.client.map.len() >= MAX_CLIENT_STATEMENTS
+                {
+                    return Err(RewriteError::TooManyStatements(MAX_CLIENT_STATEMENTS));
+                }
+                let stmt = self.registry.borrow_mut().intern(p.query, &p.param_types);
+                self.client.map.insert(p.name.to_vec(), stmt.clone());
+                if self.server.touch(&stmt.name) {
+                    bump(&self.stats.prepared_hits, 1);
+                    self.expect.push_back(Expect::Synthetic(b'1'));
+                } else {
+                    bump(&self.stats.prepared_misses, 1);
+                    if let Some(victim) = self.server.insert(&stmt.name) {
+                        bump(&self.stats.prepared_evictions, 1);
+                        let mut b = bytes::BytesMut::new();
+                        frontend::encode_close(b'S', &victim, &mut b);
+                        out.extend_from_slice(&b);
+                        self.expect.push_back(Expect::Close { swallow: true });
+                    }
+                    let mut b = bytes::BytesMut::new();
+                    frontend::encode_close(b'S', &stmt.name, &mut b);
+                    out.extend_from_slice(&b);
+                    self.expect.push_back(Expect::Close { swallow: true });
+                    out.extend_from_slice(&stmt.parse);
+                    self.expect.push_back(Expect::Parse {
+                        swallow: false,
+                        stmt: Some(stmt),
+                    });
+                }
+            }
+            b'B' => {
+                let (portal, name) = frontend::bind_names(body)?;
+                match self.lookup(name) {
+                    Some(stmt) => {
+                        self.ensure_prepared(&stmt, out);
+                        // Same frame with the statement name replaced.
+                        let tail = &body[portal.len() + 1 + name.len() + 1..];
+                        write_frame(out, b'B', |b| {
+                            b.put_slice(portal);
+                            b.put_u8(0);
+                            b.put_slice(&stmt.name);
+                            b.put_u8(0);
+                            b.put_slice(tail);
+                        })?;
+                    }
+                    None => out.extend_from_slice(frame),
+                }
+                self.expect.push_back(Expect::Bind);
+            }
+            b'D' => {
+                let (kind, name) = frontend::describe_target(body)?;
+                match (kind, self.lookup(name)) {
+                    (b'S', Some(stmt)) => {
+                        self.ensure_prepared(&stmt, out);
+                        let mut b = bytes::BytesMut::new();
+                        frontend::encode_describe(b'S', &stmt.name, &mut b);
+                        out.extend_from_slice(&b);
+                    }
+                    _ => out.extend_from_slice(frame),
+                }
+                self.expect.push_back(Expect::Describe);
+            }
+            b'C' => {
+                let (kind, name) = frontend::close_target(body)?;
+                if kind == b'S' && self.client.map.remove(name).is_some() {
+                    // Only the client's name goes; the statement stays for others.
+                    self.expect.push_back(Expect::Synthetic(b'3'));
+                } else {
+                    out.extend_from_slice(frame);
+                    self.expect.push_back(Expect::Close { swallow: false });
+                }
+            }
+            b'Q' => {
+                self.query(frame, body, out)?;
+                self.expect.push_back(Expect::Query);
+            }
+            _ => out.extend_from_slice(frame),
+        }
+        Ok(())
+    }
+
+    fn query(&mut self, frame: &[u8], body: &[u8], out: &mut Vec<u8>) -> Result<(), RewriteError> {
+        let (kw, rest) = first_keyword(body);
+        match kw.as_str() {
+            "PREPARE" | "EXECUTE" => {
+                let mut b = bytes::BytesMut::new();
+                frontend::encode_query(REFUSE_SQL_PREPARE, &mut b);
+                out.extend_from_slice(&b);
+                return Ok(());
+            }
+            "DISCARD" | "DEALLOCATE" => {
+                let (next, after) = first_keyword(rest);
+                let target = if kw == "DEALLOCATE" && next == "PREPARE" {
+                    trim_sql(after)
+                } else if kw == "DEALLOCATE" {
+                    trim_sql(rest)
+                } else {
+                    b""
+                };
+                let all = next == "ALL"
+                    || (kw == "DEALLOCATE" && next == "PREPARE" && first_keyword(after).0 == "ALL");
+                if all {
+                    // The client's names go; the server's statements go too.
+                    self.client.map.clear();
+                    self.server.clear();
+                } else if kw == "DEALLOCATE" && !target.is_empty() {
+                    let name = target
+                        .strip_prefix(b"\"")
+                        .and_then(|t| t.strip_suffix(b"\""))
+                        .unwrap_or(target);
+                    if let Some(stmt) = self.client.map.remove(name) {
+                        // Answer with the same command tag, from the server.
+                        self.ensure_prepared(&stmt, out);
+                        self.server.remove(&stmt.name);
+                        let sql = format!("DEALLOCATE \"{}\"", String::from_utf8_lossy(&stmt.name));
+                        let mut b = bytes::BytesMut::new();
+                        frontend::encode_query(&sql, &mut b);
+                        out.extend_from_slice(&b);
+                        return Ok(());
+                    }
+                }
+            }
+            _ => {}
+        }
+        out.extend_from_slice(frame);
+        Ok(())
+    }
+}
+
+/// Appends one frame built by `f`, with its length filled in.
+fn write_frame(out: &mut Vec<u8>, tag: u8, f: impl FnOnce(&mut Vec<u8>)) -> Result<(), WireError> {
+    let start = out.len();
+    out.push(tag);
+    out.extend_from_slice(&[0; 4]);
+    f(out);
+    let len = i32::try_from(out.len() - start - 1).map_err(|_| WireError::TooLarge {
+        what: "rewritten frame",
+        len: (out.len() - start) as u64,
+        max: i32::MAX as u64,
+    })?;
+    out[start + 1..start + 5].copy_from_slice(&len.to_be_bytes());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(f: impl FnOnce(&mut bytes::BytesMut)) -> Vec<u8> {
+        let mut b = bytes::BytesMut::new();
+        f(&mut b);
+        b.to_vec()
+    }
+
+    struct World {
+        client: ClientStmts,
+        registry: RefCell<Registry>,
+        server: ServerStmts,
+        expect: VecDeque<Expect>,
+        stats: PoolStats,
+    }
+
+    impl World {
+        fn new(cap: usize) -> Self {
+            World {
+                client: ClientStmts::default(),
+                registry: RefCell::new(Registry::default()),
+                server: ServerStmts::new(cap),
+                expect: VecDeque::new(),
+                stats: PoolStats::default(),
+            }
+        }
+
+        fn send(&mut self, frame: &[u8]) -> Vec<u8> {
+            let mut out = Vec::new();
+            let mut rw = Rewriter {
+                client: &mut self.client,
+                registry: &self.registry,
+                server: &mut self.server,
+                expect: &mut self.expect,
+                stats: &self.stats,
+            };
+            rw.frame(frame[0], frame, &mut out).unwrap();
+            out
+        }
+    }
+
+    fn tags(bytes: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        let mut i = 0;
+        while i < bytes.len() {
+            v.push(bytes[i]);
+            let len = i32::from_be_bytes([bytes[i + 1], bytes[i + 2], bytes[i + 3], bytes[i + 4]]);
+            i += len as usize + 1;
+        }
+        v
+    }
+
+    #[test]
+    fn parse_is_renamed_and_reused() {
+        let mut w = World::new(200);
+        let parse = msg(|b| frontend::encode_parse(b"s1", b"select $1", &[23], b));
+        let out = w.send(&parse);
+        assert_eq!(tags(&out), b"CP");
+        let p = frontend::decode_parse(&out[out.len() - (parse.len() + 2)..][5..]).unwrap();
+        assert_eq!(p.name, b"sv_0");
+        // The server answers CloseComplete (swallowed) then ParseComplete (forwarded).
+        assert_eq!(
+            on_server_frame(&mut w.expect, &mut w.server, b'3'),
+            Verdict::Swallow
+        );
+        assert_eq!(
+            on_server_frame(&mut w.expect, &mut w.server, b'1'),
+            Verdict::Forward
+        );
+        assert!(w.expect.is_empty());
+        // Same query prepared again (by the same or another client): answered by us.
+        let again = msg(|b| frontend::encode_parse(b"other", b"select $1", &[23], b));
+        assert!(w.send(&again).is_empty());
+        let mut synth = Vec::new();
+        take_synthetics(&mut w.expect, &mut synth);
+        assert_eq!(synth, vec![b'1', 0, 0, 0, 4]);
+        // Bind is rewritten.
+        let bind = msg(|b| frontend::encode_bind(b"", b"s1", &[], &[Some(b"7")], &[], b).unwrap());
+        let out = w.send(&bind);
+        assert_eq!(tags(&out), b"B");
+        let (_, name) = frontend::bind_names(&out[5..]).unwrap();
+        assert_eq!(name, b"sv_0");
+    }
+
+    #[test]
+    fn bind_on_a_fresh_connection_injects_parse() {
+        let mut w = World::new(200);
+        w.send(&msg(|b| frontend::encode_parse(b"s1", b"select 1", &[], b)));
+        w.expect.clear();
+        // Another server connection: it has nothing prepared.
+        w.server = ServerStmts::new(200);
+        let bind = msg(|b| frontend::encode_bind(b"", b"s1", &[], &[], &[], b).unwrap());
+        let out = w.send(&bind);
+        assert_eq!(tags(&out), b"CPB");
+        assert_eq!(
+            on_server_frame(&mut w.expect, &mut w.server, b'3'),
+            Verdict::Swallow
+        );
+        assert_eq!(
+            on_server_frame(&mut w.expect, &mut w.server, b'1'),
+            Verdict::Swallow
+        );
+        assert_eq!(
+            on_server_frame(&mut w.expect, &mut w.server, b'2'),
+            Verdict::Forward
+        );
+        assert!(w.expect.is_empty());
+    }
+
+    #[test]
+    fn failed_injected_parse_is_forgotten_until_sync() {
+        let mut w = World::new(200);
+        w.send(&msg(|b| {
+            frontend::encode_parse(b"s1", b"select * from gone", &[], b)
+        }));
+        w.expect.clear();
+        w.server = ServerStmts::new(200);
+        w.send(&msg(|b| {
+            frontend::encode_bind(b"", b"s1", &[], &[], &[], b).unwrap()
+        }));
+        w.send(&msg(|b| frontend::encode_execute(b"", 0, b)));
+        w.send(&msg(frontend::encode_sync));
+        assert_eq!(
+            on_server_frame(&mut w.expect, &mut w.server, b'3'),
+            Verdict::Swallow
+        );
+        // The injected Parse fails: its error goes to the client.
+        assert_eq!(
+            on_server_frame(&mut w.expect, &mut w.server, b'E'),
+            Verdict::Forward
+        );
+        assert!(w.server.is_empty(), "statement must not count as prepared");
+        assert_eq!(
+            on_server_frame(&mut w.expect, &mut w.server, b'Z'),
+            Verdict::Forward
+        );
+        assert!(w.expect.is_empty());
+    }
+
+    #[test]
+    fn close_drops_only_the_client_name() {
+        let mut w = World::new(200);
+        w.send(&msg(|b| frontend::encode_parse(b"s1", b"select 1", &[], b)));
+        w.expect.clear();
+        let out = w.send(&msg(|b| frontend::encode_close(b'S', b"s1", b)));
+        assert!(out.is_empty());
+        assert!(matches!(w.expect.front(), Some(Expect::Synthetic(b'3'))));
+        assert!(w.client.is_empty());
+        assert_eq!(w.server.len(), 1);
+    }
+
+    #[test]
+    fn lru_evicts_with_close() {
+        let mut w = World::new(2);
+        for q in [&b"select 1"[..], b"select 2", b"select 3"] {
+            w.send(&msg(|b| frontend::encode_parse(b"", b"x", &[], b)));
+            let out = w.send(&msg(|b| frontend::encode_parse(q, q, &[], b)));
+            let _ = out;
+        }
+        assert_eq!(w.server.len(), 2);
+        assert_eq!(w.stats.prepared_evictions.get(), 1);
+    }
+
+    #[test]
+    fn sql_level_statements() {
+        let mut w = World::new(200);
+        let out = w.send(&msg(|b| {
+            frontend::encode_query("  prepare x as select 1", b)
+        }));
+        assert!(String::from_utf8_lossy(&out).contains("session port"));
+        w.send(&msg(|b| frontend::encode_parse(b"s1", b"select 1", &[], b)));
+        let out = w.send(&msg(|b| frontend::encode_query("DEALLOCATE s1", b)));
+        assert!(String::from_utf8_lossy(&out).contains("DEALLOCATE \"sv_0\""));
+        assert!(w.client.is_empty());
+        w.send(&msg(|b| frontend::encode_parse(b"s2", b"select 2", &[], b)));
+        w.send(&msg(|b| frontend::encode_query("/* c */ discard all;", b)));
+        assert!(w.client.is_empty());
+        assert!(w.server.is_empty());
+    }
+}
