@@ -66,6 +66,9 @@ struct PoolTotals {
     db_recv: u64,
     db_send: u64,
     queries: u64,
+    prepared_hits: u64,
+    prepared_misses: u64,
+    prepared_evictions: u64,
     query_duration: HistogramSnapshot,
     checkout_duration: HistogramSnapshot,
     client_connection_duration: HistogramSnapshot,
@@ -87,6 +90,9 @@ impl PoolTotals {
             db_recv: p.db_recv,
             db_send: p.db_send,
             queries: p.queries,
+            prepared_hits: p.prepared_hits,
+            prepared_misses: p.prepared_misses,
+            prepared_evictions: p.prepared_evictions,
             query_duration: p.query_duration.clone(),
             checkout_duration: p.checkout_duration.clone(),
             client_connection_duration: p.client_connection_duration.clone(),
@@ -107,6 +113,9 @@ impl PoolTotals {
         self.db_recv = self.db_recv.wrapping_add(p.db_recv);
         self.db_send = self.db_send.wrapping_add(p.db_send);
         self.queries = self.queries.wrapping_add(p.queries);
+        self.prepared_hits = self.prepared_hits.wrapping_add(p.prepared_hits);
+        self.prepared_misses = self.prepared_misses.wrapping_add(p.prepared_misses);
+        self.prepared_evictions = self.prepared_evictions.wrapping_add(p.prepared_evictions);
         merge(&mut self.query_duration, &p.query_duration);
         merge(&mut self.checkout_duration, &p.checkout_duration);
         merge(
@@ -282,6 +291,21 @@ const POOL_COUNTERS: &[PoolSeries] = &[
         "supavisor_client_queries_count",
         "Queries run by clients (ReadyForQuery sent).",
         |t| t.queries,
+    ),
+    (
+        "supavisor_prepared_statements_hits",
+        "Named statements found already prepared on the server connection (transaction mode).",
+        |t| t.prepared_hits,
+    ),
+    (
+        "supavisor_prepared_statements_misses",
+        "Named statements that had to be prepared on a server connection (transaction mode).",
+        |t| t.prepared_misses,
+    ),
+    (
+        "supavisor_prepared_statements_evictions",
+        "Statements closed to keep a server connection's cache bounded (transaction mode).",
+        |t| t.prepared_evictions,
     ),
 ];
 
@@ -660,6 +684,9 @@ mod tests {
             db_recv: base * 300,
             db_send: base * 400,
             queries: base * 10,
+            prepared_hits: base * 3,
+            prepared_misses: base,
+            prepared_evictions: 0,
             query_duration: hist(DURATION_BUCKETS, &[0.0001, 0.003, 0.003, 100.0]),
             checkout_duration: hist(DURATION_BUCKETS, &[0.0002]),
             client_connection_duration: hist(LIFETIME_BUCKETS, &[5.0]),

@@ -85,23 +85,29 @@ async fn read_first(shard: &Shard, stream: &mut TcpStream) -> Result<First, Engi
 /// lingers: our side is shut for writing and the client's last bytes are read
 /// and dropped, so that closing with unread input does not reset the
 /// connection and destroy the error before the client reads it.
-pub async fn refuse(stream: &mut TcpStream, err: &EngineError) {
-    let mut out = BytesMut::new();
-    err.encode("FATAL", &mut out);
-    if stream.write_all(&out).await.is_err() {
-        return;
-    }
-    let _ = stream.shutdown(std::net::Shutdown::Write).await;
-    let _ = glommio::timer::timeout(LINGER, async {
-        let mut sink = [0u8; 512];
-        while let Ok(n) = stream.read(&mut sink).await {
-            if n == 0 {
-                break;
-            }
+pub fn refuse<'a>(
+    stream: &'a mut TcpStream,
+    err: &'a EngineError,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + 'a>> {
+    // Boxed: a cold path that must not grow every client task's state.
+    Box::pin(async move {
+        let mut out = BytesMut::new();
+        err.encode("FATAL", &mut out);
+        if stream.write_all(&out).await.is_err() {
+            return;
         }
-        Ok(())
+        let _ = stream.shutdown(std::net::Shutdown::Write).await;
+        let _ = glommio::timer::timeout(LINGER, async {
+            let mut sink = [0u8; 512];
+            while let Ok(n) = stream.read(&mut sink).await {
+                if n == 0 {
+                    break;
+                }
+            }
+            Ok(())
+        })
+        .await;
     })
-    .await;
 }
 
 /// How long a refused client may take to read its error and close.
@@ -119,8 +125,10 @@ pub async fn handle(shard: Rc<Shard>, mut stream: TcpStream, mode: PoolMode) {
     let peer = stream.peer_addr().ok();
     let config = shard.config();
     let timeout = config.proxy.client_startup_timeout;
-    let first =
-        glommio::timer::timeout(timeout, async { Ok(read_first(&shard, &mut stream).await) }).await;
+    let first = glommio::timer::timeout(timeout, async {
+        Ok(Box::pin(read_first(&shard, &mut stream)).await)
+    })
+    .await;
     let (msg, leftover) = match first {
         Ok(Ok(First::Startup(msg, leftover))) => (msg, leftover),
         Ok(Ok(First::Cancel | First::Closed)) => return,
@@ -162,7 +170,7 @@ pub async fn handle(shard: Rc<Shard>, mut stream: TcpStream, mode: PoolMode) {
     }
     let owner = shard.owner_of(&ident.tenant);
     if owner == shard.id {
-        crate::client::run(shard, stream, msg, leftover, mode, peer).await;
+        Box::pin(crate::client::run(shard, stream, msg, leftover, mode, peer)).await;
         return;
     }
     // Hand the socket to its owner: a duplicate of the fd travels, this

@@ -19,11 +19,13 @@ use crate::config::{PoolMode, TenantConfig, UserAuth, UserConfig};
 use crate::error::{EngineError, Refusal};
 use crate::metrics::bump;
 use crate::pool::{ClientSlot, Pool, PoolKey, PooledConn, RESET_TIMEOUT};
-use crate::relay::{ClientSide, Event, Relay, Shape, Tracker};
+use crate::relay::{sync_params, ClientSide, Event, Relay, Shape, Tracker};
 use crate::shard::{ClientCtl, Shard};
 
 struct Session {
     pool: Rc<Pool>,
+    /// Session settings from the startup message.
+    params: std::collections::BTreeMap<String, String>,
     _slot: ClientSlot,
     pid: i32,
     ctl: Rc<ClientCtl>,
@@ -41,7 +43,7 @@ pub async fn run(
     let _ = stream.set_nodelay(true);
     let timeout = shard.config().proxy.client_startup_timeout;
     let login = glommio::timer::timeout(timeout, async {
-        Ok(login(&shard, &mut stream, &msg, leftover, mode).await)
+        Ok(Box::pin(login(&shard, &mut stream, &msg, leftover, mode)).await)
     })
     .await;
     let session = match login {
@@ -177,6 +179,7 @@ async fn login(
     bump(&pool.stats.joins_ok, 1);
     Ok(Session {
         pool,
+        params: startup_settings(msg),
         _slot: slot,
         pid,
         ctl,
@@ -188,14 +191,15 @@ async fn serve(shard: &Shard, stream: TcpStream, session: Session, mode: PoolMod
     let pool = session.pool.clone();
     let ctl = session.ctl.clone();
     let checkout_timeout = pool.user().checkout_timeout;
-    let mut client = ClientSide::new(stream, &session.leftover);
+    let mut client = ClientSide::new(stream, &session.leftover, session.params.clone());
     let mut tracker = Tracker::default();
     let mut server: Option<PooledConn> = None;
 
     if mode == PoolMode::Session {
-        match checkout(&pool, checkout_timeout).await {
-            Ok(c) => {
+        match Box::pin(checkout(&pool, checkout_timeout)).await {
+            Ok(mut c) => {
                 *ctl.cancel.borrow_mut() = c.cancel.clone();
+                sync_params(&mut client, &mut c, &mut tracker);
                 server = Some(c);
             }
             Err(e) => {
@@ -224,9 +228,10 @@ async fn serve(shard: &Shard, stream: TcpStream, session: Session, mode: PoolMod
         .await;
         tracing::trace!(?event, "relay event");
         match event {
-            Event::NeedServer => match checkout(&pool, checkout_timeout).await {
-                Ok(c) => {
+            Event::NeedServer => match Box::pin(checkout(&pool, checkout_timeout)).await {
+                Ok(mut c) => {
                     *ctl.cancel.borrow_mut() = c.cancel.clone();
+                    sync_params(&mut client, &mut c, &mut tracker);
                     server = Some(c);
                 }
                 Err(e) => {
@@ -245,7 +250,7 @@ async fn serve(shard: &Shard, stream: TcpStream, session: Session, mode: PoolMod
             Event::ClientGone | Event::ClientError(_) => {
                 ctl.cancel.borrow_mut().take();
                 if let Some(c) = server.take() {
-                    give_back(&pool, c, &tracker, mode).await;
+                    Box::pin(give_back(&pool, c, &tracker, mode)).await;
                 }
                 return;
             }
@@ -266,7 +271,7 @@ async fn serve(shard: &Shard, stream: TcpStream, session: Session, mode: PoolMod
                 debug!(error = %e, "client protocol violation");
                 refuse(&mut client.stream, &EngineError::ClientProtocol(e)).await;
                 if let Some(c) = server.take() {
-                    give_back(&pool, c, &tracker, mode).await;
+                    Box::pin(give_back(&pool, c, &tracker, mode)).await;
                 }
                 return;
             }
@@ -308,7 +313,7 @@ async fn serve(shard: &Shard, stream: TcpStream, session: Session, mode: PoolMod
             Event::Shutdown => {
                 ctl.cancel.borrow_mut().take();
                 if let Some(c) = server.take() {
-                    give_back(&pool, c, &tracker, mode).await;
+                    Box::pin(give_back(&pool, c, &tracker, mode)).await;
                 }
                 refuse(
                     &mut client.stream,
@@ -319,6 +324,41 @@ async fn serve(shard: &Shard, stream: TcpStream, session: Session, mode: PoolMod
             }
         }
     }
+}
+
+/// The settings a client's startup message asks for: its GUC parameters and
+/// the `-c name=value` / `--name=value` of `options`.
+fn startup_settings(msg: &StartupMessage) -> std::collections::BTreeMap<String, String> {
+    let mut out = std::collections::BTreeMap::new();
+    for (k, v) in &msg.params {
+        if matches!(k.as_str(), "user" | "database" | "options" | "replication")
+            || k.starts_with("_pq_.")
+        {
+            continue;
+        }
+        out.insert(k.clone(), v.clone());
+    }
+    let tokens = msg.option_tokens();
+    let mut i = 0;
+    while i < tokens.len() {
+        let t = &tokens[i];
+        let setting = if t == "-c" {
+            i += 1;
+            tokens.get(i).map(String::as_str)
+        } else if let Some(s) = t.strip_prefix("-c") {
+            Some(s)
+        } else {
+            t.strip_prefix("--")
+        };
+        if let Some((k, v)) = setting.and_then(|s| s.split_once('=')) {
+            // `reference` names the tenant; it is not a setting.
+            if k != "reference" {
+                out.insert(k.replace('-', "_"), v.to_string());
+            }
+        }
+        i += 1;
+    }
+    out
 }
 
 /// Takes a server connection, timing the wait.

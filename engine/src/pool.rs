@@ -277,7 +277,14 @@ impl Pool {
                         }
                     }
                 };
-                match ServerConn::connect(&tenant, &user.db_user, login, CONNECT_TIMEOUT).await {
+                match Box::pin(ServerConn::connect(
+                    &tenant,
+                    &user.db_user,
+                    login,
+                    CONNECT_TIMEOUT,
+                ))
+                .await
+                {
                     Ok(mut conn) => {
                         conn.generation = generation;
                         if self.params.borrow().is_none() {

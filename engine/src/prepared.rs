@@ -37,6 +37,36 @@ pub const MAX_INSPECT_QUERY: usize = 64 << 10;
 pub struct Stmt {
     pub name: Vec<u8>,
     pub parse: Vec<u8>,
+    /// DISCARD ALL / DEALLOCATE ALL / RESET ALL: executing it resets the
+    /// server connection's statements or settings.
+    pub resets: bool,
+    /// The setting a `SET name ...` statement changes (lower case).
+    pub sets: Option<String>,
+}
+
+/// The setting a SQL `SET` changes for the session (not `SET LOCAL`).
+pub fn set_target(sql: &[u8]) -> Option<String> {
+    let (kw, rest) = first_keyword(sql);
+    if kw != "SET" {
+        return None;
+    }
+    let (mut name, mut after) = first_keyword(rest);
+    if name == "SESSION" {
+        (name, after) = first_keyword(after);
+    }
+    let _ = after;
+    (name != "LOCAL" && !name.is_empty()).then(|| name.to_ascii_lowercase())
+}
+
+/// Whether a SQL text resets the session (statements or settings).
+pub fn is_reset_sql(sql: &[u8]) -> bool {
+    let (kw, rest) = first_keyword(sql);
+    let (next, after) = first_keyword(rest);
+    match kw.as_str() {
+        "DISCARD" | "RESET" => next == "ALL",
+        "DEALLOCATE" => next == "ALL" || (next == "PREPARE" && first_keyword(after).0 == "ALL"),
+        _ => false,
+    }
 }
 
 /// The pool's statements, by query text and parameter types.
@@ -69,6 +99,8 @@ impl Registry {
         let stmt = Rc::new(Stmt {
             name,
             parse: parse.to_vec(),
+            resets: is_reset_sql(query),
+            sets: set_target(query),
         });
         self.by_text.insert(key, stmt.clone());
         stmt
@@ -158,7 +190,7 @@ impl ServerStmts {
         self.lru.remove(name);
     }
 
-    fn clear(&mut self) {
+    pub fn clear(&mut self) {
         self.lru.clear();
     }
 
@@ -192,6 +224,9 @@ pub enum Expect {
     /// A reply the pooler makes itself (ParseComplete, CloseComplete), sent
     /// when every earlier reply has gone.
     Synthetic(u8),
+    /// A query the pooler sent itself (session settings): every reply up to
+    /// and including its ReadyForQuery is swallowed.
+    Injected,
     /// Not a reply: the client ended a COPY (CopyDone / CopyFail) before the
     /// server said it started one; Syncs before it are ignored by the server.
     CopyEnd,
@@ -233,6 +268,12 @@ pub fn on_server_frame(
     server: &mut ServerStmts,
     tag: u8,
 ) -> Verdict {
+    if matches!(expect.front(), Some(Expect::Injected)) {
+        if tag == b'Z' {
+            expect.pop_front();
+        }
+        return Verdict::Swallow;
+    }
     match tag {
         b'1' => {
             if let Some(Expect::Parse { swallow, .. }) = expect.front() {
@@ -318,6 +359,13 @@ pub enum RewriteError {
 
 /// Rewrites client frames for the server connection at hand.
 pub struct Rewriter<'a> {
+    /// Set when the client resets its session (DISCARD ALL, RESET ALL,
+    /// DEALLOCATE ALL): once that has run, the connection's statements and
+    /// settings are forgotten.
+    pub reset: &'a mut bool,
+    /// Settings the client SET that PostgreSQL may not report back: whoever
+    /// gets the connection next has them RESET unless it asked for them.
+    pub dirty: &'a mut Vec<String>,
     pub client: &'a mut ClientStmts,
     pub registry: &'a RefCell<Registry>,
     pub server: &'a mut ServerStmts,
@@ -378,7 +426,7 @@ fn trim_sql(s: &[u8]) -> &[u8] {
 
 /// The refusal sent in place of SQL-level PREPARE / EXECUTE.
 const REFUSE_SQL_PREPARE: &str = "DO $supavisor$ BEGIN RAISE EXCEPTION USING ERRCODE = '0A000', \
-     MESSAGE = 'SQL PREPARE / EXECUTE are not supported in transaction mode', \
+     MESSAGE = 'SQL PREPARE / EXECUTE are not supported in transaction mode: use the session port', \
      HINT = 'use protocol-level prepared statements (every driver does), or the session port (5432)'; \
      END $supavisor$";
 
@@ -423,8 +471,17 @@ impl Rewriter<'_> {
         match tag {
             b'P' => {
                 let p = frontend::decode_parse(body)?;
+                let replaced = self.inspect_sql(p.query, out);
+                let query = replaced.as_deref().map(str::as_bytes).unwrap_or(p.query);
                 if p.name.is_empty() {
-                    out.extend_from_slice(frame);
+                    match &replaced {
+                        Some(_) => {
+                            let mut b = bytes::BytesMut::new();
+                            frontend::encode_parse(b"", query, &p.param_types, &mut b);
+                            out.extend_from_slice(&b);
+                        }
+                        None => out.extend_from_slice(frame),
+                    }
                     self.expect.push_back(Expect::Parse {
                         swallow: false,
                         stmt: None,
@@ -436,7 +493,7 @@ impl Rewriter<'_> {
                 {
                     return Err(RewriteError::TooManyStatements(MAX_CLIENT_STATEMENTS));
                 }
-                let stmt = self.registry.borrow_mut().intern(p.query, &p.param_types);
+                let stmt = self.registry.borrow_mut().intern(query, &p.param_types);
                 self.client.map.insert(p.name.to_vec(), stmt.clone());
                 if self.server.touch(&stmt.name) {
                     bump(&self.stats.prepared_hits, 1);
@@ -465,6 +522,15 @@ impl Rewriter<'_> {
                 let (portal, name) = frontend::bind_names(body)?;
                 match self.lookup(name) {
                     Some(stmt) => {
+                        if let Some(name) = &stmt.sets {
+                            self.dirty.push(name.clone());
+                        }
+                        if stmt.resets {
+                            // Executing it drops every statement of the connection.
+                            self.client.map.clear();
+                            self.server.clear();
+                            *self.reset = true;
+                        }
                         self.ensure_prepared(&stmt, out);
                         // Same frame with the statement name replaced.
                         let tail = &body[portal.len() + 1 + name.len() + 1..];
@@ -512,14 +578,23 @@ impl Rewriter<'_> {
         Ok(())
     }
 
-    fn query(&mut self, frame: &[u8], body: &[u8], out: &mut Vec<u8>) -> Result<(), RewriteError> {
-        let (kw, rest) = first_keyword(body);
+    /// What a SQL text does to prepared statements and session state; for
+    /// texts that must change, the SQL to send instead.
+    fn inspect_sql(&mut self, sql: &[u8], out: &mut Vec<u8>) -> Option<String> {
+        let (kw, rest) = first_keyword(sql);
         match kw.as_str() {
-            "PREPARE" | "EXECUTE" => {
-                let mut b = bytes::BytesMut::new();
-                frontend::encode_query(REFUSE_SQL_PREPARE, &mut b);
-                out.extend_from_slice(&b);
-                return Ok(());
+            "PREPARE" | "EXECUTE" => Some(REFUSE_SQL_PREPARE.to_string()),
+            "RESET" if first_keyword(rest).0 == "ALL" => {
+                *self.reset = true;
+                None
+            }
+            "SET" => {
+                // SET LOCAL ends with the transaction; a session SET leaves
+                // the connection's value unknown to the pooler.
+                if let Some(name) = set_target(sql) {
+                    self.dirty.push(name);
+                }
+                None
             }
             "DISCARD" | "DEALLOCATE" => {
                 let (next, after) = first_keyword(rest);
@@ -533,29 +608,42 @@ impl Rewriter<'_> {
                 let all = next == "ALL"
                     || (kw == "DEALLOCATE" && next == "PREPARE" && first_keyword(after).0 == "ALL");
                 if all {
-                    // The client's names go; the server's statements go too.
+                    // The client's names go; the server's statements go too
+                    // (forgotten now and again once it has run: re-preparing
+                    // closes first, so forgetting early is always safe).
                     self.client.map.clear();
                     self.server.clear();
+                    *self.reset = true;
                 } else if kw == "DEALLOCATE" && !target.is_empty() {
                     let name = target
                         .strip_prefix(b"\"")
                         .and_then(|t| t.strip_suffix(b"\""))
                         .unwrap_or(target);
                     if let Some(stmt) = self.client.map.remove(name) {
-                        // Answer with the same command tag, from the server.
+                        // Same command tag, from the server.
                         self.ensure_prepared(&stmt, out);
                         self.server.remove(&stmt.name);
-                        let sql = format!("DEALLOCATE \"{}\"", String::from_utf8_lossy(&stmt.name));
-                        let mut b = bytes::BytesMut::new();
-                        frontend::encode_query(&sql, &mut b);
-                        out.extend_from_slice(&b);
-                        return Ok(());
+                        return Some(format!(
+                            "DEALLOCATE \"{}\"",
+                            String::from_utf8_lossy(&stmt.name)
+                        ));
                     }
                 }
+                None
             }
-            _ => {}
+            _ => None,
         }
-        out.extend_from_slice(frame);
+    }
+
+    fn query(&mut self, frame: &[u8], body: &[u8], out: &mut Vec<u8>) -> Result<(), RewriteError> {
+        match self.inspect_sql(body, out) {
+            Some(sql) => {
+                let mut b = bytes::BytesMut::new();
+                frontend::encode_query(&sql, &mut b);
+                out.extend_from_slice(&b);
+            }
+            None => out.extend_from_slice(frame),
+        }
         Ok(())
     }
 }
@@ -591,6 +679,8 @@ mod tests {
         server: ServerStmts,
         expect: VecDeque<Expect>,
         stats: PoolStats,
+        reset: bool,
+        dirty: Vec<String>,
     }
 
     impl World {
@@ -601,12 +691,16 @@ mod tests {
                 server: ServerStmts::new(cap),
                 expect: VecDeque::new(),
                 stats: PoolStats::default(),
+                reset: false,
+                dirty: Vec::new(),
             }
         }
 
         fn send(&mut self, frame: &[u8]) -> Vec<u8> {
             let mut out = Vec::new();
             let mut rw = Rewriter {
+                reset: &mut self.reset,
+                dirty: &mut self.dirty,
                 client: &mut self.client,
                 registry: &self.registry,
                 server: &mut self.server,
@@ -755,5 +849,11 @@ mod tests {
         w.send(&msg(|b| frontend::encode_query("/* c */ discard all;", b)));
         assert!(w.client.is_empty());
         assert!(w.server.is_empty());
+        assert!(w.reset);
+        // Through the extended protocol too.
+        let out = w.send(&msg(|b| {
+            frontend::encode_parse(b"", b"PREPARE y AS SELECT 1", &[], b)
+        }));
+        assert!(String::from_utf8_lossy(&out).contains("session port"));
     }
 }

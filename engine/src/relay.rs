@@ -9,7 +9,7 @@
 //! ever cancelled half-way.
 
 use std::cell::RefCell;
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -29,6 +29,9 @@ use crate::prepared::{
 };
 use crate::server::ServerConn;
 use crate::shard::{ClientCtl, Signal};
+
+/// Server frames up to this size are reported whole by the walker.
+const SMALL_FRAME: usize = 8 * 1024;
 
 /// Stop reading a side while this much of it waits to be written.
 const READ_CAP: usize = 256 * 1024;
@@ -68,6 +71,10 @@ pub struct Tracker {
     /// The server is in COPY IN and the client has not ended it: Sync and
     /// Flush are ignored by the server meanwhile.
     pub copy_in: bool,
+    /// The client reset its session (DISCARD ALL, RESET ALL, DEALLOCATE ALL):
+    /// at the next ReadyForQuery the connection's statements and settings
+    /// are forgotten.
+    pub reset: bool,
 }
 
 impl Tracker {
@@ -96,10 +103,15 @@ pub struct ClientSide {
     pub terminated: bool,
     /// The client's prepared statement names (transaction mode).
     pub stmts: ClientStmts,
+    /// Session settings the client asked for (startup, SET); applied to
+    /// each server connection it gets.
+    pub params: BTreeMap<String, String>,
+    /// The settings of its startup message, restored by RESET ALL / DISCARD ALL.
+    pub startup_params: BTreeMap<String, String>,
 }
 
 impl ClientSide {
-    pub fn new(stream: TcpStream, leftover: &[u8]) -> Self {
+    pub fn new(stream: TcpStream, leftover: &[u8], params: BTreeMap<String, String>) -> Self {
         let mut buf = IoBuf::new();
         if !leftover.is_empty() {
             buf.extend_from_slice(leftover);
@@ -111,6 +123,8 @@ impl ClientSide {
             walker: Walker::default(),
             terminated: false,
             stmts: ClientStmts::default(),
+            startup_params: params.clone(),
+            params,
         }
     }
 
@@ -191,6 +205,7 @@ fn process_client(
         started,
         expect,
         copy_in,
+        reset,
     } = tracker;
     let rewrite = shape.rewrite;
     let bytes = buf.bytes();
@@ -198,6 +213,7 @@ fn process_client(
     let mut terminate_at = None;
     let mut failure = None;
     let mut scratch: Vec<u8> = Vec::new();
+    let mut dirty: Vec<String> = Vec::new();
     let whole = |tag: u8, len: usize| wants_whole(rewrite, tag, len);
     let n = walker.walk(bytes, whole, |seen| {
         let tag = seen.tag;
@@ -236,6 +252,8 @@ fn process_client(
                 out.extend_from_slice(&bytes[copied..seen.offset]);
                 scratch.clear();
                 let mut rw = Rewriter {
+                    reset,
+                    dirty: &mut dirty,
                     client: stmts,
                     registry: shape.registry,
                     server: &mut server.prepared,
@@ -276,6 +294,16 @@ fn process_client(
         }
         Flow::Continue
     })?;
+    for name in dirty {
+        // The server's value is unknown from now on (a ParameterStatus, for
+        // the settings PostgreSQL reports, will tell it).
+        let key = FOLLOWED
+            .iter()
+            .find(|f| f.eq_ignore_ascii_case(&name))
+            .map(|f| f.to_string())
+            .unwrap_or(name);
+        server.params.insert(key, DIRTY.to_string());
+    }
     if let Some(e) = failure {
         return Err(e);
     }
@@ -304,6 +332,84 @@ fn emit_synthetics(server: &mut ServerConn, expect: &mut VecDeque<Expect>) {
     server.walked += bytes.len();
 }
 
+/// Settings PostgreSQL reports (ParameterStatus) that a client may change
+/// with SET: seen changes follow the client to its next server connection.
+const FOLLOWED: &[&str] = &[
+    "application_name",
+    "client_encoding",
+    "DateStyle",
+    "IntervalStyle",
+    "TimeZone",
+    "search_path",
+    "standard_conforming_strings",
+];
+
+/// The value of a setting the pooler cannot know (a client SET it).
+const DIRTY: &str = "\u{0}unknown";
+
+fn quote_literal(v: &str) -> String {
+    format!("'{}'", v.replace('\'', "''"))
+}
+
+fn valid_setting_name(k: &str) -> bool {
+    !k.is_empty()
+        && k.len() <= 63
+        && k.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.')
+}
+
+/// Before the client's first message on a server connection: makes the
+/// connection's settings the client's (SET what differs, RESET what another
+/// client changed), as one query whose replies are swallowed.
+pub fn sync_params(client: &mut ClientSide, server: &mut ServerConn, tracker: &mut Tracker) {
+    let mut calls = Vec::new();
+    for (k, v) in &client.params {
+        if server.params.get(k) != Some(v) && valid_setting_name(k) {
+            calls.push(format!(
+                "pg_catalog.set_config({}, {}, false)",
+                quote_literal(k),
+                quote_literal(v)
+            ));
+        }
+    }
+    let mut resets = Vec::new();
+    for (k, v) in &server.params {
+        if !client.params.contains_key(k)
+            && server.defaults.get(k) != Some(v)
+            && valid_setting_name(k)
+        {
+            resets.push(k.clone());
+        }
+    }
+    if calls.is_empty() && resets.is_empty() {
+        return;
+    }
+    let mut sql = String::new();
+    if !calls.is_empty() {
+        sql.push_str("SELECT ");
+        sql.push_str(&calls.join(", "));
+        sql.push(';');
+    }
+    for k in &resets {
+        sql.push_str(&format!("RESET {k};"));
+    }
+    for (k, v) in &client.params {
+        if valid_setting_name(k) {
+            server.params.insert(k.clone(), v.clone());
+        }
+    }
+    for k in resets {
+        match server.defaults.get(&k) {
+            Some(d) => server.params.insert(k, d.clone()),
+            None => server.params.remove(&k),
+        };
+    }
+    let mut b = bytes::BytesMut::new();
+    wire::frontend::encode_query(&sql, &mut b);
+    client.out.extend_from_slice(&b);
+    tracker.expect.push_back(Expect::Injected);
+}
+
 enum Edit {
     Insert(Vec<u8>),
     Remove(usize),
@@ -315,6 +421,8 @@ enum Edit {
 fn walk_server(
     server: &mut ServerConn,
     tracker: &mut Tracker,
+    client_params: &mut BTreeMap<String, String>,
+    startup_params: &BTreeMap<String, String>,
     stats: &PoolStats,
     rewrite: bool,
 ) -> Result<(), WireError> {
@@ -324,13 +432,18 @@ fn walk_server(
         walker,
         prepared,
         status,
+        params,
+        defaults,
         ..
     } = server;
     let mut edits: Vec<(usize, Edit)> = Vec::new();
     let n = walker.walk(
         &buf.bytes()[start..],
-        |tag, _| matches!(tag, b'Z' | b'1' | b'3'),
+        // Small frames are reported whole, so that any of them can be taken
+        // out (replies to what the pooler sent itself); big ones stream.
+        |tag, len| matches!(tag, b'Z' | b'1' | b'3' | b'S') || len <= SMALL_FRAME,
         |seen| {
+            let injected = matches!(tracker.expect.front(), Some(Expect::Injected));
             tracing::trace!(tag = %(seen.tag as char), len = seen.len, "server frame");
             if seen.tag == b'G' {
                 let (dropped, ended) = copy_in_started(&mut tracker.expect);
@@ -345,14 +458,40 @@ fn walk_server(
                 }
             }
             if on_server_frame(&mut tracker.expect, prepared, seen.tag) == Verdict::Swallow {
-                edits.push((seen.offset, Edit::Remove(seen.len)));
+                if seen.body.is_some() {
+                    edits.push((seen.offset, Edit::Remove(seen.len)));
+                } else {
+                    tracing::warn!(tag = %(seen.tag as char), "a large reply to the pooler's own query reached the client");
+                }
             }
             if let Some(body) = seen.body {
-                if seen.tag == b'Z' {
-                    if let Some(&s) = body.first() {
-                        *status = s;
+                match seen.tag {
+                    b'Z' => {
+                        if let Some(&s) = body.first() {
+                            *status = s;
+                        }
+                        if !injected {
+                            tracker.answered(stats);
+                        }
+                        if tracker.reset && !injected {
+                            // The client's DISCARD ALL / RESET ALL has run.
+                            tracker.reset = false;
+                            prepared.clear();
+                            *params = defaults.clone();
+                            // As on PostgreSQL itself: back to what the client
+                            // asked for at startup (applied at its next checkout).
+                            *client_params = startup_params.clone();
+                        }
                     }
-                    tracker.answered(stats);
+                    b'S' => {
+                        if let Ok((k, v)) = wire::backend::decode_parameter_status(body) {
+                            params.insert(k.to_string(), v.to_string());
+                            if !injected && FOLLOWED.contains(&k) {
+                                client_params.insert(k.to_string(), v.to_string());
+                            }
+                        }
+                    }
+                    _ => {}
                 }
             }
             Flow::Continue
@@ -512,9 +651,14 @@ impl Relay<'_> {
                         Poll::Ready(Ok(0)) => return Poll::Ready(Event::ServerGone(None)),
                         Poll::Ready(Ok(n)) => {
                             bump(&self.stats.db_recv, n as u64);
-                            if let Err(e) =
-                                walk_server(s, self.tracker, self.stats, self.shape.rewrite)
-                            {
+                            if let Err(e) = walk_server(
+                                s,
+                                self.tracker,
+                                &mut self.client.params,
+                                &self.client.startup_params,
+                                self.stats,
+                                self.shape.rewrite,
+                            ) {
                                 return Poll::Ready(Event::ServerProtocol(e));
                             }
                             progress = true;

@@ -78,6 +78,10 @@ pub struct ServerConn {
     pub generation: u64,
     /// Named statements prepared on this connection (transaction mode).
     pub prepared: crate::prepared::ServerStmts,
+    /// Session settings as they are now (ParameterStatus, and what the
+    /// pooler set), and as they were after login.
+    pub params: std::collections::BTreeMap<String, String>,
+    pub defaults: std::collections::BTreeMap<String, String>,
 }
 
 impl std::fmt::Debug for ServerConn {
@@ -197,6 +201,8 @@ impl ServerConn {
         let mut inbuf = BytesMut::new();
         let mut scram_client: Option<scram::ScramClient> = None;
         let mut login_params = BytesMut::new();
+        let mut params = std::collections::BTreeMap::new();
+        params.insert("application_name".to_string(), "Supavisor".to_string());
         let mut cancel = None;
         loop {
             let (tag, body) = read_frame(&mut stream, &mut inbuf).await?;
@@ -288,7 +294,9 @@ impl ServerConn {
                 }
                 PARAMETER_STATUS_TAG => {
                     // Keep the frame as it came, for replay to clients.
-                    backend::decode_parameter_status(&body).map_err(EngineError::ServerProtocol)?;
+                    let (k, v) = backend::decode_parameter_status(&body)
+                        .map_err(EngineError::ServerProtocol)?;
+                    params.insert(k.to_string(), v.to_string());
                     login_params.put_u8(tag);
                     login_params.put_i32(body.len() as i32 + 4);
                     login_params.put_slice(&body);
@@ -317,6 +325,8 @@ impl ServerConn {
                         status,
                         generation: 0,
                         prepared: crate::prepared::ServerStmts::default(),
+                        defaults: params.clone(),
+                        params,
                     });
                 }
                 // NoticeResponse, NegotiateProtocolVersion: nothing to do.
@@ -422,6 +432,11 @@ impl ServerConn {
                     inbuf.put_slice(&chunk[..n]);
                 };
                 match tag {
+                    PARAMETER_STATUS_TAG => {
+                        if let Ok((k, v)) = backend::decode_parameter_status(&body) {
+                            self.params.insert(k.to_string(), v.to_string());
+                        }
+                    }
                     READY_FOR_QUERY_TAG => {
                         pending -= 1;
                         self.status = backend::decode_ready_for_query(&body)
@@ -437,6 +452,10 @@ impl ServerConn {
                 return Err(EngineError::ServerProtocol(wire::WireError::Protocol(
                     "unexpected bytes after reset".into(),
                 )));
+            }
+            if sqls.iter().any(|s| s.eq_ignore_ascii_case("DISCARD ALL")) {
+                self.prepared.clear();
+                self.params = self.defaults.clone();
             }
             match error {
                 Some(fields) => Err(EngineError::Database(fields)),

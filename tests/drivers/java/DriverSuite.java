@@ -590,6 +590,17 @@ public class DriverSuite {
             List<String> names = List.of(only.split(","));
             checks.removeIf(ch -> !names.contains((String) ch[0]));
         }
+        // Known gaps of the pooler, named by the Rust test that runs the suite (see drivers.rs).
+        String skip = System.getenv("SUITE_SKIP");
+        if (skip != null && !skip.isEmpty()) {
+            List<String> names = List.of(skip.split(","));
+            for (Object[] ch : checks) {
+                if (names.contains((String) ch[0])) {
+                    System.out.println("skipped " + ch[0] + " (known gap, SUITE_SKIP)");
+                }
+            }
+            checks.removeIf(ch -> names.contains((String) ch[0]));
+        }
 
         System.out.println("pgJDBC " + org.postgresql.Driver.getVersion() + ", " + CLIENTS + " connections, "
             + env("PGHOST", "") + ":" + env("PGPORT", "") + " as " + env("PGUSER", ""));

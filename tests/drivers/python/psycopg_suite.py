@@ -422,6 +422,12 @@ def main():
     only = os.environ.get("SUITE_ONLY")
     if only:
         checks = [(n, f) for n, f in checks if n in only.split(",")]
+    # Known gaps of the pooler, named by the Rust test that runs the suite (see drivers.rs).
+    skip = os.environ.get("SUITE_SKIP", "").split(",")
+    for n, _ in checks:
+        if n in skip:
+            print(f"skipped {n} (known gap, SUITE_SKIP)")
+    checks = [(n, f) for n, f in checks if n not in skip]
     failed = []
     started = time.monotonic()
     print(f"psycopg {psycopg.__version__} (libpq {pq.version()}), {CLIENTS} connections, "
