@@ -40,12 +40,24 @@ pub struct Stmt {
     /// DISCARD ALL / DEALLOCATE ALL / RESET ALL: executing it resets the
     /// server connection's statements or settings.
     pub resets: bool,
-    /// The setting a `SET name ...` statement changes (lower case).
-    pub sets: Option<String>,
+    /// The setting a `SET name ...` statement changes (lower case), and to what.
+    pub sets: Option<(String, SetValue)>,
 }
 
-/// The setting a SQL `SET` changes for the session (not `SET LOCAL`).
-pub fn set_target(sql: &[u8]) -> Option<String> {
+/// What a session `SET` sets a setting to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SetValue {
+    /// The value, as `set_config` takes it.
+    Value(String),
+    /// `SET name TO DEFAULT`.
+    Default,
+    /// Not understood (several statements, expressions): the connection's
+    /// value is unknown.
+    Unknown,
+}
+
+/// The setting a SQL `SET` changes for the session (not `SET LOCAL`), and to what.
+pub fn set_target(sql: &[u8]) -> Option<(String, SetValue)> {
     let (kw, rest) = first_keyword(sql);
     if kw != "SET" {
         return None;
@@ -54,8 +66,37 @@ pub fn set_target(sql: &[u8]) -> Option<String> {
     if name == "SESSION" {
         (name, after) = first_keyword(after);
     }
-    let _ = after;
-    (name != "LOCAL" && !name.is_empty()).then(|| name.to_ascii_lowercase())
+    if name == "LOCAL" || name.is_empty() {
+        return None;
+    }
+    let name = name.to_ascii_lowercase();
+    let after = trim_sql(after);
+    let value = if let Some(v) = after.strip_prefix(b"=") {
+        Some(v)
+    } else {
+        let (to, v) = first_keyword(after);
+        (to == "TO").then_some(v)
+    };
+    let Some(value) = value.map(trim_sql) else {
+        return Some((name, SetValue::Unknown));
+    };
+    let Ok(text) = std::str::from_utf8(value) else {
+        return Some((name, SetValue::Unknown));
+    };
+    if text.eq_ignore_ascii_case("DEFAULT") {
+        return Some((name, SetValue::Default));
+    }
+    // One quoted literal: its content; otherwise plain tokens (numbers,
+    // names, lists) as written. Anything with ';' may be more statements.
+    let parsed = if text.len() >= 2 && text.starts_with('\'') && text.ends_with('\'') {
+        let inner = &text[1..text.len() - 1];
+        (!inner.replace("''", "").contains('\'')).then(|| inner.replace("''", "'"))
+    } else if !text.contains(['\'', ';', '(', '$']) && !text.is_empty() {
+        Some(text.to_string())
+    } else {
+        None
+    };
+    Some((name, parsed.map_or(SetValue::Unknown, SetValue::Value)))
 }
 
 /// Whether a SQL text resets the session (statements or settings).
@@ -365,7 +406,7 @@ pub struct Rewriter<'a> {
     pub reset: &'a mut bool,
     /// Settings the client SET that PostgreSQL may not report back: whoever
     /// gets the connection next has them RESET unless it asked for them.
-    pub dirty: &'a mut Vec<String>,
+    pub dirty: &'a mut Vec<(String, SetValue)>,
     pub client: &'a mut ClientStmts,
     pub registry: &'a RefCell<Registry>,
     pub server: &'a mut ServerStmts,
@@ -522,8 +563,8 @@ impl Rewriter<'_> {
                 let (portal, name) = frontend::bind_names(body)?;
                 match self.lookup(name) {
                     Some(stmt) => {
-                        if let Some(name) = &stmt.sets {
-                            self.dirty.push(name.clone());
+                        if let Some(set) = &stmt.sets {
+                            self.dirty.push(set.clone());
                         }
                         if stmt.resets {
                             // Executing it drops every statement of the connection.
@@ -591,8 +632,8 @@ impl Rewriter<'_> {
             "SET" => {
                 // SET LOCAL ends with the transaction; a session SET leaves
                 // the connection's value unknown to the pooler.
-                if let Some(name) = set_target(sql) {
-                    self.dirty.push(name);
+                if let Some(set) = set_target(sql) {
+                    self.dirty.push(set);
                 }
                 None
             }
@@ -680,7 +721,7 @@ mod tests {
         expect: VecDeque<Expect>,
         stats: PoolStats,
         reset: bool,
-        dirty: Vec<String>,
+        dirty: Vec<(String, SetValue)>,
     }
 
     impl World {
@@ -832,6 +873,37 @@ mod tests {
         }
         assert_eq!(w.server.len(), 2);
         assert_eq!(w.stats.prepared_evictions.get(), 1);
+    }
+
+    #[test]
+    fn session_sets_are_understood() {
+        let v = |s: &str| set_target(s.as_bytes());
+        assert_eq!(
+            v("SET extra_float_digits = 3"),
+            Some(("extra_float_digits".into(), SetValue::Value("3".into())))
+        );
+        assert_eq!(
+            v("set search_path to a, public;"),
+            Some(("search_path".into(), SetValue::Value("a, public".into())))
+        );
+        assert_eq!(
+            v("SET SESSION TimeZone TO 'Europe/Paris'"),
+            Some(("timezone".into(), SetValue::Value("Europe/Paris".into())))
+        );
+        assert_eq!(
+            v("SET application_name = 'it''s'"),
+            Some(("application_name".into(), SetValue::Value("it's".into())))
+        );
+        assert_eq!(
+            v("SET datestyle TO DEFAULT"),
+            Some(("datestyle".into(), SetValue::Default))
+        );
+        assert_eq!(
+            v("SET a = 1; SELECT 2"),
+            Some(("a".into(), SetValue::Unknown))
+        );
+        assert_eq!(v("SET LOCAL a = 1"), None);
+        assert_eq!(v("SELECT 1"), None);
     }
 
     #[test]

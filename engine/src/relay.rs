@@ -23,6 +23,7 @@ use wire::WireError;
 
 use crate::buf::IoBuf;
 use crate::metrics::{bump, PoolStats};
+use crate::prepared::SetValue;
 use crate::prepared::{
     copy_in_started, on_server_frame, take_synthetics, ClientStmts, Expect, Registry, RewriteError,
     Rewriter, Verdict, MAX_INSPECT_QUERY, MAX_REWRITE_FRAME,
@@ -213,7 +214,7 @@ fn process_client(
     let mut terminate_at = None;
     let mut failure = None;
     let mut scratch: Vec<u8> = Vec::new();
-    let mut dirty: Vec<String> = Vec::new();
+    let mut dirty: Vec<(String, SetValue)> = Vec::new();
     let whole = |tag: u8, len: usize| wants_whole(rewrite, tag, len);
     let n = walker.walk(bytes, whole, |seen| {
         let tag = seen.tag;
@@ -294,15 +295,30 @@ fn process_client(
         }
         Flow::Continue
     })?;
-    for name in dirty {
-        // The server's value is unknown from now on (a ParameterStatus, for
-        // the settings PostgreSQL reports, will tell it).
+    for (name, value) in dirty {
+        // The client's own SET: its value follows it to other connections
+        // (for settings PostgreSQL reports, ParameterStatus confirms it).
         let key = FOLLOWED
             .iter()
             .find(|f| f.eq_ignore_ascii_case(&name))
             .map(|f| f.to_string())
             .unwrap_or(name);
-        server.params.insert(key, DIRTY.to_string());
+        match value {
+            SetValue::Value(v) => {
+                client.params.insert(key.clone(), v.clone());
+                server.params.insert(key, v);
+            }
+            SetValue::Default => {
+                client.params.remove(&key);
+                match server.defaults.get(&key) {
+                    Some(d) => server.params.insert(key, d.clone()),
+                    None => server.params.insert(key, DIRTY.to_string()),
+                };
+            }
+            SetValue::Unknown => {
+                server.params.insert(key, DIRTY.to_string());
+            }
+        }
     }
     if let Some(e) = failure {
         return Err(e);

@@ -174,9 +174,6 @@ fn known_gaps(suite: &str, target: Target) -> &'static str {
         // Session port: a client's DISCARD ALL / RESET ALL resets settings to
         // the pooler's connection defaults, not to the client's startup values.
         ("psycopg_suite.py" | "DriverSuite.java", Target::Session) => "discard_all",
-        // Transaction port: pgJDBC's startup extra_float_digits=3 reads back
-        // as 2 in one round; not yet understood.
-        ("DriverSuite.java", Target::Transaction) => "startup_params_kept",
         _ => "",
     }
 }
