@@ -472,28 +472,39 @@ const REFUSE_SQL_PREPARE: &str = "DO $supavisor$ BEGIN RAISE EXCEPTION USING ERR
      END $supavisor$";
 
 impl Rewriter<'_> {
+    /// Makes sure the server connection has `stmt` before a message that
+    /// uses it; the injected Parse's reply is swallowed.
     fn ensure_prepared(&mut self, stmt: &Rc<Stmt>, out: &mut Vec<u8>) {
         if self.server.touch(&stmt.name) {
             bump(&self.stats.prepared_hits, 1);
             return;
         }
+        self.prepare_on_server(stmt, true, out);
+    }
+
+    /// Sends Close + Parse of `stmt` (evicting the least recently used
+    /// statement when the connection's cache is full). Close first: closing
+    /// an absent statement is no error, and it keeps us right even if our
+    /// record of the connection is stale.
+    fn prepare_on_server(&mut self, stmt: &Rc<Stmt>, swallow: bool, out: &mut Vec<u8>) {
         bump(&self.stats.prepared_misses, 1);
-        if let Some(victim) = self.server.insert(&stmt.name) {
+        let victim = self.server.insert(&stmt.name);
+        if victim.is_some() {
             bump(&self.stats.prepared_evictions, 1);
+        }
+        for name in victim
+            .iter()
+            .map(Vec::as_slice)
+            .chain([stmt.name.as_slice()])
+        {
             let mut b = bytes::BytesMut::new();
-            frontend::encode_close(b'S', &victim, &mut b);
+            frontend::encode_close(b'S', name, &mut b);
             out.extend_from_slice(&b);
             self.expect.push_back(Expect::Close { swallow: true });
         }
-        // Close first: closing an absent statement is no error, and it keeps
-        // us right even if our record of the connection is stale.
-        let mut b = bytes::BytesMut::new();
-        frontend::encode_close(b'S', &stmt.name, &mut b);
-        out.extend_from_slice(&b);
-        self.expect.push_back(Expect::Close { swallow: true });
         out.extend_from_slice(&stmt.parse);
         self.expect.push_back(Expect::Parse {
-            swallow: true,
+            swallow,
             stmt: Some(stmt.clone()),
         });
     }
@@ -540,23 +551,7 @@ impl Rewriter<'_> {
                     bump(&self.stats.prepared_hits, 1);
                     self.expect.push_back(Expect::Synthetic(b'1'));
                 } else {
-                    bump(&self.stats.prepared_misses, 1);
-                    if let Some(victim) = self.server.insert(&stmt.name) {
-                        bump(&self.stats.prepared_evictions, 1);
-                        let mut b = bytes::BytesMut::new();
-                        frontend::encode_close(b'S', &victim, &mut b);
-                        out.extend_from_slice(&b);
-                        self.expect.push_back(Expect::Close { swallow: true });
-                    }
-                    let mut b = bytes::BytesMut::new();
-                    frontend::encode_close(b'S', &stmt.name, &mut b);
-                    out.extend_from_slice(&b);
-                    self.expect.push_back(Expect::Close { swallow: true });
-                    out.extend_from_slice(&stmt.parse);
-                    self.expect.push_back(Expect::Parse {
-                        swallow: false,
-                        stmt: Some(stmt),
-                    });
+                    self.prepare_on_server(&stmt, false, out);
                 }
             }
             b'B' => {

@@ -130,15 +130,15 @@ fn resolve(host: &str, port: u16) -> Result<SocketAddr, EngineError> {
         })
 }
 
-/// Reads one whole frame during login.
+/// Reads one whole frame of at most `max` bytes (the pooler's own exchanges:
+/// login, resets, auth_query).
 async fn read_frame(
     stream: &mut TcpStream,
     buf: &mut BytesMut,
+    max: usize,
 ) -> Result<(u8, BytesMut), EngineError> {
     loop {
-        if let Some((h, body)) =
-            split_frame(buf, MAX_AUTH_FRAME_LEN).map_err(EngineError::ServerProtocol)?
-        {
+        if let Some((h, body)) = split_frame(buf, max).map_err(EngineError::ServerProtocol)? {
             return Ok((h.tag, body));
         }
         let mut chunk = [0u8; 4096];
@@ -205,7 +205,7 @@ impl ServerConn {
         params.insert("application_name".to_string(), "Supavisor".to_string());
         let mut cancel = None;
         loop {
-            let (tag, body) = read_frame(&mut stream, &mut inbuf).await?;
+            let (tag, body) = read_frame(&mut stream, &mut inbuf, MAX_AUTH_FRAME_LEN).await?;
             match tag {
                 AUTHENTICATION_TAG => {
                     let auth =
@@ -412,25 +412,8 @@ impl ServerConn {
             self.buf.clear();
             let mut error = None;
             while pending > 0 {
-                let (tag, body) = loop {
-                    if let Some((h, body)) = split_frame(&mut inbuf, wire::frame::MAX_FRAME_LEN)
-                        .map_err(EngineError::ServerProtocol)?
-                    {
-                        break (h.tag, body);
-                    }
-                    let mut chunk = [0u8; 4096];
-                    let n = self
-                        .stream
-                        .read(&mut chunk)
-                        .await
-                        .map_err(EngineError::ServerIo)?;
-                    if n == 0 {
-                        return Err(EngineError::ServerIo(
-                            std::io::ErrorKind::UnexpectedEof.into(),
-                        ));
-                    }
-                    inbuf.put_slice(&chunk[..n]);
-                };
+                let (tag, body) =
+                    read_frame(&mut self.stream, &mut inbuf, wire::frame::MAX_FRAME_LEN).await?;
                 match tag {
                     PARAMETER_STATUS_TAG => {
                         if let Ok((k, v)) = backend::decode_parameter_status(&body) {
@@ -494,25 +477,8 @@ impl ServerConn {
             let mut row = None;
             let mut error = None;
             loop {
-                let (tag, body) = loop {
-                    if let Some((h, body)) = split_frame(&mut inbuf, wire::frame::MAX_FRAME_LEN)
-                        .map_err(EngineError::ServerProtocol)?
-                    {
-                        break (h.tag, body);
-                    }
-                    let mut chunk = [0u8; 4096];
-                    let n = self
-                        .stream
-                        .read(&mut chunk)
-                        .await
-                        .map_err(EngineError::ServerIo)?;
-                    if n == 0 {
-                        return Err(EngineError::ServerIo(
-                            std::io::ErrorKind::UnexpectedEof.into(),
-                        ));
-                    }
-                    inbuf.put_slice(&chunk[..n]);
-                };
+                let (tag, body) =
+                    read_frame(&mut self.stream, &mut inbuf, wire::frame::MAX_FRAME_LEN).await?;
                 match tag {
                     b'D' if row.is_none() => row = Some(decode_data_row(&body)?),
                     ERROR_RESPONSE_TAG => error = ErrorFields::decode(&body).ok(),
