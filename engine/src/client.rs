@@ -226,7 +226,6 @@ async fn serve(shard: &Shard, stream: TcpStream, session: Session, mode: PoolMod
             relay.poll_step(cx, server.as_deref_mut())
         })
         .await;
-        tracing::trace!(?event, "relay event");
         match event {
             Event::NeedServer => match Box::pin(checkout(&pool, checkout_timeout)).await {
                 Ok(mut c) => {

@@ -69,7 +69,7 @@ pub fn set_target(sql: &[u8]) -> Option<(String, SetValue)> {
     if name == "LOCAL" || name.is_empty() {
         return None;
     }
-    let name = name.to_ascii_lowercase();
+    let name = name.to_lowercase();
     let after = trim_sql(after);
     let value = if let Some(v) = after.strip_prefix(b"=") {
         Some(v)
@@ -103,10 +103,12 @@ pub fn set_target(sql: &[u8]) -> Option<(String, SetValue)> {
 pub fn is_reset_sql(sql: &[u8]) -> bool {
     let (kw, rest) = first_keyword(sql);
     let (next, after) = first_keyword(rest);
-    match kw.as_str() {
-        "DISCARD" | "RESET" => next == "ALL",
-        "DEALLOCATE" => next == "ALL" || (next == "PREPARE" && first_keyword(after).0 == "ALL"),
-        _ => false,
+    if kw == "DISCARD" || kw == "RESET" {
+        next == "ALL"
+    } else if kw == "DEALLOCATE" {
+        next == "ALL" || (next == "PREPARE" && first_keyword(after).0 == "ALL")
+    } else {
+        false
     }
 }
 
@@ -414,8 +416,29 @@ pub struct Rewriter<'a> {
     pub stats: &'a PoolStats,
 }
 
-/// The first keyword of a SQL text, upper-cased, skipping blanks and comments.
-fn first_keyword(sql: &[u8]) -> (String, &[u8]) {
+/// A word of SQL text, compared without regard to case (no allocation: this
+/// runs on every simple query in transaction mode).
+#[derive(Debug, Clone, Copy)]
+struct Word<'a>(&'a [u8]);
+
+impl PartialEq<&str> for Word<'_> {
+    fn eq(&self, other: &&str) -> bool {
+        self.0.eq_ignore_ascii_case(other.as_bytes())
+    }
+}
+
+impl Word<'_> {
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn to_lowercase(self) -> String {
+        String::from_utf8_lossy(self.0).to_ascii_lowercase()
+    }
+}
+
+/// The first keyword of a SQL text, skipping blanks and comments, and the rest.
+fn first_keyword(sql: &[u8]) -> (Word<'_>, &[u8]) {
     let mut i = 0;
     loop {
         while i < sql.len() && sql[i].is_ascii_whitespace() {
@@ -440,10 +463,23 @@ fn first_keyword(sql: &[u8]) -> (String, &[u8]) {
     while i < sql.len() && (sql[i].is_ascii_alphanumeric() || sql[i] == b'_') {
         i += 1;
     }
-    (
-        String::from_utf8_lossy(&sql[start..i]).to_ascii_uppercase(),
-        &sql[i..],
-    )
+    (Word(&sql[start..i]), &sql[i..])
+}
+
+/// Whether a SQL text is one the pooler must look at in transaction mode
+/// (statements, session settings); the others go on untouched.
+pub fn needs_inspection(sql: &[u8]) -> bool {
+    let (kw, _) = first_keyword(sql);
+    [
+        "PREPARE",
+        "EXECUTE",
+        "RESET",
+        "SET",
+        "DISCARD",
+        "DEALLOCATE",
+    ]
+    .iter()
+    .any(|k| kw == *k)
 }
 
 fn trim_sql(s: &[u8]) -> &[u8] {
@@ -618,57 +654,59 @@ impl Rewriter<'_> {
     /// texts that must change, the SQL to send instead.
     fn inspect_sql(&mut self, sql: &[u8], out: &mut Vec<u8>) -> Option<String> {
         let (kw, rest) = first_keyword(sql);
-        match kw.as_str() {
-            "PREPARE" | "EXECUTE" => Some(REFUSE_SQL_PREPARE.to_string()),
-            "RESET" if first_keyword(rest).0 == "ALL" => {
-                *self.reset = true;
-                None
-            }
-            "SET" => {
-                // SET LOCAL ends with the transaction; a session SET leaves
-                // the connection's value unknown to the pooler.
-                if let Some(set) = set_target(sql) {
-                    self.dirty.push(set);
-                }
-                None
-            }
-            "DISCARD" | "DEALLOCATE" => {
-                let (next, after) = first_keyword(rest);
-                let target = if kw == "DEALLOCATE" && next == "PREPARE" {
-                    trim_sql(after)
-                } else if kw == "DEALLOCATE" {
-                    trim_sql(rest)
-                } else {
-                    b""
-                };
-                let all = next == "ALL"
-                    || (kw == "DEALLOCATE" && next == "PREPARE" && first_keyword(after).0 == "ALL");
-                if all {
-                    // The client's names go; the server's statements go too
-                    // (forgotten now and again once it has run: re-preparing
-                    // closes first, so forgetting early is always safe).
-                    self.client.map.clear();
-                    self.server.clear();
-                    *self.reset = true;
-                } else if kw == "DEALLOCATE" && !target.is_empty() {
-                    let name = target
-                        .strip_prefix(b"\"")
-                        .and_then(|t| t.strip_suffix(b"\""))
-                        .unwrap_or(target);
-                    if let Some(stmt) = self.client.map.remove(name) {
-                        // Same command tag, from the server.
-                        self.ensure_prepared(&stmt, out);
-                        self.server.remove(&stmt.name);
-                        return Some(format!(
-                            "DEALLOCATE \"{}\"",
-                            String::from_utf8_lossy(&stmt.name)
-                        ));
-                    }
-                }
-                None
-            }
-            _ => None,
+        if kw == "PREPARE" || kw == "EXECUTE" {
+            return Some(REFUSE_SQL_PREPARE.to_string());
         }
+        if kw == "RESET" {
+            if first_keyword(rest).0 == "ALL" {
+                *self.reset = true;
+            }
+            return None;
+        }
+        if kw == "SET" {
+            // SET LOCAL ends with the transaction; a session SET follows the
+            // client (or leaves the connection's value unknown).
+            if let Some(set) = set_target(sql) {
+                self.dirty.push(set);
+            }
+            return None;
+        }
+        if !(kw == "DISCARD" || kw == "DEALLOCATE") {
+            return None;
+        }
+        let (next, after) = first_keyword(rest);
+        let target = if kw == "DEALLOCATE" && next == "PREPARE" {
+            trim_sql(after)
+        } else if kw == "DEALLOCATE" {
+            trim_sql(rest)
+        } else {
+            b""
+        };
+        let all = next == "ALL"
+            || (kw == "DEALLOCATE" && next == "PREPARE" && first_keyword(after).0 == "ALL");
+        if all {
+            // The client's names go; the server's statements go too
+            // (forgotten now and again once it has run: re-preparing
+            // closes first, so forgetting early is always safe).
+            self.client.map.clear();
+            self.server.clear();
+            *self.reset = true;
+        } else if kw == "DEALLOCATE" && !target.is_empty() {
+            let name = target
+                .strip_prefix(b"\"")
+                .and_then(|t| t.strip_suffix(b"\""))
+                .unwrap_or(target);
+            if let Some(stmt) = self.client.map.remove(name) {
+                // Same command tag, from the server.
+                self.ensure_prepared(&stmt, out);
+                self.server.remove(&stmt.name);
+                return Some(format!(
+                    "DEALLOCATE \"{}\"",
+                    String::from_utf8_lossy(&stmt.name)
+                ));
+            }
+        }
+        None
     }
 
     fn query(&mut self, frame: &[u8], body: &[u8], out: &mut Vec<u8>) -> Result<(), RewriteError> {

@@ -25,8 +25,8 @@ use crate::buf::IoBuf;
 use crate::metrics::{bump, PoolStats};
 use crate::prepared::SetValue;
 use crate::prepared::{
-    copy_in_started, on_server_frame, take_synthetics, ClientStmts, Expect, Registry, RewriteError,
-    Rewriter, Verdict, MAX_INSPECT_QUERY, MAX_REWRITE_FRAME,
+    copy_in_started, needs_inspection, on_server_frame, take_synthetics, ClientStmts, Expect,
+    Registry, RewriteError, Rewriter, Verdict, MAX_INSPECT_QUERY, MAX_REWRITE_FRAME,
 };
 use crate::server::ServerConn;
 use crate::shard::{ClientCtl, Signal};
@@ -218,7 +218,6 @@ fn process_client(
     let whole = |tag: u8, len: usize| wants_whole(rewrite, tag, len);
     let n = walker.walk(bytes, whole, |seen| {
         let tag = seen.tag;
-        tracing::trace!(tag = %(tag as char), len = seen.len, "client frame");
         if tag == TERMINATE_TAG {
             out.extend_from_slice(&bytes[copied..seen.offset]);
             copied = seen.offset;
@@ -249,6 +248,11 @@ fn process_client(
             _ => {}
         }
         match seen.body {
+            // A simple query with nothing for the pooler to do goes on as it
+            // came, within the plain copy below.
+            Some(body) if tag == QUERY_TAG && !needs_inspection(body) => {
+                expect.push_back(Expect::Query);
+            }
             Some(_) => {
                 out.extend_from_slice(&bytes[copied..seen.offset]);
                 scratch.clear();
@@ -460,7 +464,6 @@ fn walk_server(
         |tag, len| matches!(tag, b'Z' | b'1' | b'3' | b'S') || len <= SMALL_FRAME,
         |seen| {
             let injected = matches!(tracker.expect.front(), Some(Expect::Injected));
-            tracing::trace!(tag = %(seen.tag as char), len = seen.len, "server frame");
             if seen.tag == b'G' {
                 let (dropped, ended) = copy_in_started(&mut tracker.expect);
                 tracker.pending = tracker.pending.saturating_sub(dropped);
