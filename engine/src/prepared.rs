@@ -37,11 +37,62 @@ pub const MAX_INSPECT_QUERY: usize = 64 << 10;
 pub struct Stmt {
     pub name: Vec<u8>,
     pub parse: Vec<u8>,
-    /// DISCARD ALL / DEALLOCATE ALL / RESET ALL: executing it resets the
-    /// server connection's statements or settings.
-    pub resets: bool,
-    /// The setting a `SET name ...` statement changes (lower case), and to what.
+    /// What executing it does to the session.
+    pub effects: Effects,
+}
+
+/// What executing a SQL text does to the session, beyond its result.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Effects {
+    pub resets: Resets,
+    /// The setting a `SET` / `RESET name` changes (lower case), and to what.
     pub sets: Option<(String, SetValue)>,
+}
+
+impl Effects {
+    pub fn of_sql(sql: &[u8]) -> Effects {
+        Effects {
+            resets: Resets::of_sql(sql),
+            sets: set_target(sql),
+        }
+    }
+
+    pub fn is_none(&self) -> bool {
+        !self.resets.any() && self.sets.is_none()
+    }
+}
+
+/// What a session reset drops: `DISCARD ALL` both, `DEALLOCATE ALL` the
+/// prepared statements, `RESET ALL` the settings.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Resets {
+    pub statements: bool,
+    pub settings: bool,
+}
+
+impl Resets {
+    pub fn of_sql(sql: &[u8]) -> Resets {
+        let (kw, rest) = first_keyword(sql);
+        let (next, after) = first_keyword(rest);
+        let all = next == "ALL";
+        Resets {
+            statements: (kw == "DISCARD" && all)
+                || (kw == "DEALLOCATE"
+                    && (all || (next == "PREPARE" && first_keyword(after).0 == "ALL"))),
+            settings: (kw == "DISCARD" || kw == "RESET") && all,
+        }
+    }
+
+    pub fn any(self) -> bool {
+        self.statements || self.settings
+    }
+}
+
+impl std::ops::BitOrAssign for Resets {
+    fn bitor_assign(&mut self, other: Resets) {
+        self.statements |= other.statements;
+        self.settings |= other.settings;
+    }
 }
 
 /// What a session `SET` sets a setting to.
@@ -56,20 +107,53 @@ pub enum SetValue {
     Unknown,
 }
 
-/// The setting a SQL `SET` changes for the session (not `SET LOCAL`), and to what.
+/// The setting a SQL `SET` or `RESET` changes for the session (not
+/// `SET LOCAL`, not `RESET ALL`), and to what. The SQL-standard spellings
+/// (`SET TIME ZONE`, `SET NAMES`, `SET SCHEMA`, `SET SESSION AUTHORIZATION`)
+/// are named by their settings. `SET SESSION CHARACTERISTICS` is reported as
+/// an unknown `default_transaction_isolation` (the relay then treats the
+/// other transaction defaults as unknown too).
 pub fn set_target(sql: &[u8]) -> Option<(String, SetValue)> {
     let (kw, rest) = first_keyword(sql);
-    if kw != "SET" {
+    let reset = kw == "RESET";
+    if kw != "SET" && !reset {
         return None;
     }
     let (mut name, mut after) = first_keyword(rest);
     if name == "SESSION" {
-        (name, after) = first_keyword(after);
+        let (next, more) = first_keyword(after);
+        if next == "AUTHORIZATION" {
+            return named("session_authorization", reset, more);
+        }
+        if next == "CHARACTERISTICS" {
+            return Some(("default_transaction_isolation".into(), SetValue::Unknown));
+        }
+        (name, after) = (next, more);
     }
-    if name == "LOCAL" || name.is_empty() {
+    if name == "LOCAL" || name == "TRANSACTION" || name == "ALL" || name.is_empty() {
         return None;
     }
-    let name = name.to_lowercase();
+    if name == "TIME" && first_keyword(after).0 == "ZONE" {
+        let value = first_keyword(after).1;
+        if !reset
+            && first_keyword(value).0 == "LOCAL"
+            && trim_sql(first_keyword(value).1).is_empty()
+        {
+            return Some(("timezone".into(), SetValue::Default));
+        }
+        return named("timezone", reset, value);
+    }
+    if !reset && (name == "NAMES" || name == "SCHEMA") {
+        let setting = if name == "NAMES" {
+            "client_encoding"
+        } else {
+            "search_path"
+        };
+        return named(setting, false, after);
+    }
+    if reset {
+        return named(&name.to_lowercase(), true, after);
+    }
     let after = trim_sql(after);
     let value = if let Some(v) = after.strip_prefix(b"=") {
         Some(v)
@@ -77,14 +161,29 @@ pub fn set_target(sql: &[u8]) -> Option<(String, SetValue)> {
         let (to, v) = first_keyword(after);
         (to == "TO").then_some(v)
     };
-    let Some(value) = value.map(trim_sql) else {
-        return Some((name, SetValue::Unknown));
-    };
+    let name = name.to_lowercase();
+    match value {
+        Some(v) => named(&name, false, v),
+        None => Some((name, SetValue::Unknown)),
+    }
+}
+
+/// `setting` set to the value written in `value` (or reset).
+fn named(setting: &str, reset: bool, value: &[u8]) -> Option<(String, SetValue)> {
+    let value = trim_sql(value);
+    if reset {
+        let v = if value.is_empty() {
+            SetValue::Default
+        } else {
+            SetValue::Unknown
+        };
+        return Some((setting.to_string(), v));
+    }
     let Ok(text) = std::str::from_utf8(value) else {
-        return Some((name, SetValue::Unknown));
+        return Some((setting.to_string(), SetValue::Unknown));
     };
     if text.eq_ignore_ascii_case("DEFAULT") {
-        return Some((name, SetValue::Default));
+        return Some((setting.to_string(), SetValue::Default));
     }
     // One quoted literal: its content; otherwise plain tokens (numbers,
     // names, lists) as written. Anything with ';' may be more statements.
@@ -96,20 +195,10 @@ pub fn set_target(sql: &[u8]) -> Option<(String, SetValue)> {
     } else {
         None
     };
-    Some((name, parsed.map_or(SetValue::Unknown, SetValue::Value)))
-}
-
-/// Whether a SQL text resets the session (statements or settings).
-pub fn is_reset_sql(sql: &[u8]) -> bool {
-    let (kw, rest) = first_keyword(sql);
-    let (next, after) = first_keyword(rest);
-    if kw == "DISCARD" || kw == "RESET" {
-        next == "ALL"
-    } else if kw == "DEALLOCATE" {
-        next == "ALL" || (next == "PREPARE" && first_keyword(after).0 == "ALL")
-    } else {
-        false
-    }
+    Some((
+        setting.to_string(),
+        parsed.map_or(SetValue::Unknown, SetValue::Value),
+    ))
 }
 
 /// The pool's statements, by query text and parameter types.
@@ -142,8 +231,7 @@ impl Registry {
         let stmt = Rc::new(Stmt {
             name,
             parse: parse.to_vec(),
-            resets: is_reset_sql(query),
-            sets: set_target(query),
+            effects: Effects::of_sql(query),
         });
         self.by_text.insert(key, stmt.clone());
         stmt
@@ -162,6 +250,8 @@ impl Registry {
 #[derive(Debug, Default)]
 pub struct ClientStmts {
     map: HashMap<Vec<u8>, Rc<Stmt>>,
+    /// What the unnamed statement does when executed, when it does anything.
+    unnamed: Option<Box<Effects>>,
 }
 
 impl ClientStmts {
@@ -403,9 +493,9 @@ pub enum RewriteError {
 /// Rewrites client frames for the server connection at hand.
 pub struct Rewriter<'a> {
     /// Set when the client resets its session (DISCARD ALL, RESET ALL,
-    /// DEALLOCATE ALL): once that has run, the connection's statements and
+    /// DEALLOCATE ALL): once that has run, the connection's statements or
     /// settings are forgotten.
-    pub reset: &'a mut bool,
+    pub reset: &'a mut Resets,
     /// Settings the client SET that PostgreSQL may not report back: whoever
     /// gets the connection next has them RESET unless it asked for them.
     pub dirty: &'a mut Vec<(String, SetValue)>,
@@ -559,9 +649,13 @@ impl Rewriter<'_> {
         match tag {
             b'P' => {
                 let p = frontend::decode_parse(body)?;
-                let replaced = self.inspect_sql(p.query, out);
+                // What the statement does to the session happens when it is
+                // executed (Bind), not when it is parsed.
+                let replaced = self.inspect_sql(p.query, false, out);
                 let query = replaced.as_deref().map(str::as_bytes).unwrap_or(p.query);
                 if p.name.is_empty() {
+                    let effects = Effects::of_sql(query);
+                    self.client.unnamed = (!effects.is_none()).then(|| Box::new(effects));
                     match &replaced {
                         Some(_) => {
                             let mut b = bytes::BytesMut::new();
@@ -592,17 +686,15 @@ impl Rewriter<'_> {
             }
             b'B' => {
                 let (portal, name) = frontend::bind_names(body)?;
+                if name.is_empty() {
+                    if let Some(effects) = self.client.unnamed.take() {
+                        self.apply(&effects);
+                        self.client.unnamed = Some(effects);
+                    }
+                }
                 match self.lookup(name) {
                     Some(stmt) => {
-                        if let Some(set) = &stmt.sets {
-                            self.dirty.push(set.clone());
-                        }
-                        if stmt.resets {
-                            // Executing it drops every statement of the connection.
-                            self.client.map.clear();
-                            self.server.clear();
-                            *self.reset = true;
-                        }
+                        self.apply(&stmt.effects);
                         self.ensure_prepared(&stmt, out);
                         // Same frame with the statement name replaced.
                         let tail = &body[portal.len() + 1 + name.len() + 1..];
@@ -650,48 +742,46 @@ impl Rewriter<'_> {
         Ok(())
     }
 
-    /// What a SQL text does to prepared statements and session state; for
-    /// texts that must change, the SQL to send instead.
-    fn inspect_sql(&mut self, sql: &[u8], out: &mut Vec<u8>) -> Option<String> {
-        let (kw, rest) = first_keyword(sql);
-        if kw == "PREPARE" || kw == "EXECUTE" {
-            return Some(REFUSE_SQL_PREPARE.to_string());
+    /// A statement that is being executed changes the session.
+    fn apply(&mut self, effects: &Effects) {
+        if let Some(set) = &effects.sets {
+            // SET LOCAL ends with the transaction; a session SET (or RESET)
+            // follows the client (or leaves the connection's value unknown).
+            self.dirty.push(set.clone());
         }
-        if kw == "RESET" {
-            if first_keyword(rest).0 == "ALL" {
-                *self.reset = true;
-            }
-            return None;
-        }
-        if kw == "SET" {
-            // SET LOCAL ends with the transaction; a session SET follows the
-            // client (or leaves the connection's value unknown).
-            if let Some(set) = set_target(sql) {
-                self.dirty.push(set);
-            }
-            return None;
-        }
-        if !(kw == "DISCARD" || kw == "DEALLOCATE") {
-            return None;
-        }
-        let (next, after) = first_keyword(rest);
-        let target = if kw == "DEALLOCATE" && next == "PREPARE" {
-            trim_sql(after)
-        } else if kw == "DEALLOCATE" {
-            trim_sql(rest)
-        } else {
-            b""
-        };
-        let all = next == "ALL"
-            || (kw == "DEALLOCATE" && next == "PREPARE" && first_keyword(after).0 == "ALL");
-        if all {
+        if effects.resets.statements {
             // The client's names go; the server's statements go too
             // (forgotten now and again once it has run: re-preparing
             // closes first, so forgetting early is always safe).
             self.client.map.clear();
             self.server.clear();
-            *self.reset = true;
-        } else if kw == "DEALLOCATE" && !target.is_empty() {
+        }
+        *self.reset |= effects.resets;
+    }
+
+    /// What a SQL text does to prepared statements and session state (when
+    /// `executed`: a simple query); for texts that must change, the SQL to
+    /// send instead.
+    fn inspect_sql(&mut self, sql: &[u8], executed: bool, out: &mut Vec<u8>) -> Option<String> {
+        let (kw, rest) = first_keyword(sql);
+        if kw == "PREPARE" || kw == "EXECUTE" {
+            return Some(REFUSE_SQL_PREPARE.to_string());
+        }
+        if executed {
+            self.apply(&Effects::of_sql(sql));
+        }
+        if kw != "DEALLOCATE" {
+            return None;
+        }
+        let (next, after) = first_keyword(rest);
+        let target = if next == "PREPARE" {
+            trim_sql(after)
+        } else {
+            trim_sql(rest)
+        };
+        if next == "ALL" || (next == "PREPARE" && first_keyword(after).0 == "ALL") {
+            // Handled by `apply`.
+        } else if !target.is_empty() {
             let name = target
                 .strip_prefix(b"\"")
                 .and_then(|t| t.strip_suffix(b"\""))
@@ -710,7 +800,7 @@ impl Rewriter<'_> {
     }
 
     fn query(&mut self, frame: &[u8], body: &[u8], out: &mut Vec<u8>) -> Result<(), RewriteError> {
-        match self.inspect_sql(body, out) {
+        match self.inspect_sql(body, true, out) {
             Some(sql) => {
                 let mut b = bytes::BytesMut::new();
                 frontend::encode_query(&sql, &mut b);
@@ -741,6 +831,48 @@ fn write_frame(out: &mut Vec<u8>, tag: u8, f: impl FnOnce(&mut Vec<u8>)) -> Resu
 mod tests {
     use super::*;
 
+    #[test]
+    fn session_resets() {
+        assert_eq!(
+            Resets::of_sql(b"DEALLOCATE PREPARE ALL"),
+            Resets {
+                statements: true,
+                settings: false
+            }
+        );
+        assert_eq!(
+            Resets::of_sql(b"discard all"),
+            Resets {
+                statements: true,
+                settings: true
+            }
+        );
+        assert_eq!(
+            Resets::of_sql(b"RESET ALL"),
+            Resets {
+                statements: false,
+                settings: true
+            }
+        );
+        for sql in [
+            "DISCARD ALL",
+            " discard all;",
+            "/* c */ RESET\nALL",
+            "-- x\nReset All",
+        ] {
+            assert!(Resets::of_sql(sql.as_bytes()).settings, "{sql}");
+        }
+        for sql in [
+            "DISCARD PLANS",
+            "RESET search_path",
+            "SELECT 'DISCARD ALL'",
+            "DISCARD",
+            "",
+        ] {
+            assert!(!Resets::of_sql(sql.as_bytes()).any(), "{sql}");
+        }
+    }
+
     fn msg(f: impl FnOnce(&mut bytes::BytesMut)) -> Vec<u8> {
         let mut b = bytes::BytesMut::new();
         f(&mut b);
@@ -753,7 +885,7 @@ mod tests {
         server: ServerStmts,
         expect: VecDeque<Expect>,
         stats: PoolStats,
-        reset: bool,
+        reset: Resets,
         dirty: Vec<(String, SetValue)>,
     }
 
@@ -765,7 +897,7 @@ mod tests {
                 server: ServerStmts::new(cap),
                 expect: VecDeque::new(),
                 stats: PoolStats::default(),
-                reset: false,
+                reset: Resets::default(),
                 dirty: Vec::new(),
             }
         }
@@ -937,6 +1069,49 @@ mod tests {
         );
         assert_eq!(v("SET LOCAL a = 1"), None);
         assert_eq!(v("SELECT 1"), None);
+        assert_eq!(v("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE"), None);
+        assert_eq!(v("RESET ALL"), None);
+        let val = |s: &str| SetValue::Value(s.into());
+        assert_eq!(
+            v("RESET search_path;"),
+            Some(("search_path".into(), SetValue::Default))
+        );
+        assert_eq!(
+            v("reset TimeZone"),
+            Some(("timezone".into(), SetValue::Default))
+        );
+        assert_eq!(
+            v("SET TIME ZONE 'UTC'"),
+            Some(("timezone".into(), val("UTC")))
+        );
+        assert_eq!(
+            v("SET TIME ZONE LOCAL"),
+            Some(("timezone".into(), SetValue::Default))
+        );
+        assert_eq!(
+            v("RESET TIME ZONE"),
+            Some(("timezone".into(), SetValue::Default))
+        );
+        assert_eq!(
+            v("SET NAMES 'UTF8'"),
+            Some(("client_encoding".into(), val("UTF8")))
+        );
+        assert_eq!(
+            v("SET SCHEMA 'app'"),
+            Some(("search_path".into(), val("app")))
+        );
+        assert_eq!(
+            v("SET SESSION AUTHORIZATION bob"),
+            Some(("session_authorization".into(), val("bob")))
+        );
+        assert_eq!(
+            v("RESET SESSION AUTHORIZATION"),
+            Some(("session_authorization".into(), SetValue::Default))
+        );
+        assert_eq!(
+            v("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY"),
+            Some(("default_transaction_isolation".into(), SetValue::Unknown))
+        );
     }
 
     #[test]
@@ -954,7 +1129,7 @@ mod tests {
         w.send(&msg(|b| frontend::encode_query("/* c */ discard all;", b)));
         assert!(w.client.is_empty());
         assert!(w.server.is_empty());
-        assert!(w.reset);
+        assert!(w.reset.statements && w.reset.settings);
         // Through the extended protocol too.
         let out = w.send(&msg(|b| {
             frontend::encode_parse(b"", b"PREPARE y AS SELECT 1", &[], b)

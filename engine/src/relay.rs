@@ -18,15 +18,16 @@ use std::time::Instant;
 use futures_lite::AsyncRead;
 use glommio::net::TcpStream;
 use wire::frame::{parse_header, Flow, Walker, MAX_FRAME_LEN};
-use wire::frontend::{FUNCTION_CALL_TAG, QUERY_TAG, SYNC_TAG, TERMINATE_TAG};
+use wire::frontend::{self, FUNCTION_CALL_TAG, QUERY_TAG, SYNC_TAG, TERMINATE_TAG};
 use wire::WireError;
 
 use crate::buf::IoBuf;
 use crate::metrics::{bump, PoolStats};
 use crate::prepared::SetValue;
 use crate::prepared::{
-    copy_in_started, needs_inspection, on_server_frame, take_synthetics, ClientStmts, Expect,
-    Registry, RewriteError, Rewriter, Verdict, MAX_INSPECT_QUERY, MAX_REWRITE_FRAME,
+    copy_in_started, needs_inspection, on_server_frame, set_target, take_synthetics, ClientStmts,
+    Expect, Registry, Resets, RewriteError, Rewriter, Verdict, MAX_INSPECT_QUERY,
+    MAX_REWRITE_FRAME,
 };
 use crate::server::ServerConn;
 use crate::shard::{ClientCtl, Signal};
@@ -75,7 +76,18 @@ pub struct Tracker {
     /// The client reset its session (DISCARD ALL, RESET ALL, DEALLOCATE ALL):
     /// at the next ReadyForQuery the connection's statements and settings
     /// are forgotten.
-    pub reset: bool,
+    pub reset: Resets,
+    /// Session mode: a reset has run, the client's startup settings are to
+    /// be put back on the connection it holds.
+    pub resync: bool,
+    /// Session mode: the client sent `RESET ALL` (or `DISCARD ALL`); the
+    /// server's command tag confirms that it ran.
+    pub reset_asked: bool,
+    /// Settings the client reset (`RESET name`, `SET name TO DEFAULT`) that
+    /// it gave at startup: at the next ReadyForQuery after the server said
+    /// `SET` / `RESET`, they are its startup values again, as on PostgreSQL.
+    pub restore: Vec<String>,
+    pub restore_ready: bool,
 }
 
 impl Tracker {
@@ -166,14 +178,33 @@ impl ClientSide {
 }
 
 /// Frames decoded whole before they go on: the ones that carry statement
-/// names, and small simple queries (transaction mode).
+/// names (transaction mode), and small SQL texts (simple queries and Parse,
+/// looked at for session resets and settings).
 fn wants_whole(rewrite: bool, tag: u8, len: usize) -> bool {
-    rewrite
-        && match tag {
-            b'P' | b'B' | b'D' | b'C' => len <= MAX_REWRITE_FRAME,
-            QUERY_TAG => len <= MAX_INSPECT_QUERY,
-            _ => false,
-        }
+    match tag {
+        b'P' => len <= MAX_REWRITE_FRAME,
+        b'B' | b'D' | b'C' => rewrite && len <= MAX_REWRITE_FRAME,
+        QUERY_TAG => len <= MAX_INSPECT_QUERY,
+        _ => false,
+    }
+}
+
+/// The reply a client message is owed, for a message that goes on as it is.
+fn owed_reply(tag: u8) -> Option<Expect> {
+    match tag {
+        b'P' => Some(Expect::Parse {
+            swallow: false,
+            stmt: None,
+        }),
+        b'B' => Some(Expect::Bind),
+        b'D' => Some(Expect::Describe),
+        b'C' => Some(Expect::Close { swallow: false }),
+        b'E' => Some(Expect::Execute),
+        SYNC_TAG => Some(Expect::Sync),
+        QUERY_TAG => Some(Expect::Query),
+        FUNCTION_CALL_TAG => Some(Expect::FunctionCall),
+        _ => None,
+    }
 }
 
 /// What the client side does with its frames.
@@ -207,6 +238,9 @@ fn process_client(
         expect,
         copy_in,
         reset,
+        reset_asked,
+        restore,
+        ..
     } = tracker;
     let rewrite = shape.rewrite;
     let bytes = buf.bytes();
@@ -253,6 +287,25 @@ fn process_client(
             Some(body) if tag == QUERY_TAG && !needs_inspection(body) => {
                 expect.push_back(Expect::Query);
             }
+            // Session mode: the frame goes on as it is. A `RESET ALL` is
+            // noted; once the server's command tag says a reset ran, the
+            // client's startup settings come back (see walk_server).
+            Some(body) if !rewrite => {
+                let sql = match tag {
+                    b'P' => frontend::decode_parse(body).map(|p| p.query).ok(),
+                    _ => Some(body),
+                };
+                if let Some(sql) = sql {
+                    if Resets::of_sql(sql).settings {
+                        *reset_asked = true;
+                    } else if let Some(set) = set_target(sql) {
+                        dirty.push(set);
+                    }
+                }
+                if let Some(e) = owed_reply(tag) {
+                    expect.push_back(e);
+                }
+            }
             Some(_) => {
                 out.extend_from_slice(&bytes[copied..seen.offset]);
                 scratch.clear();
@@ -278,21 +331,7 @@ fn process_client(
             }
             None => {
                 // Streamed as it is; its reply is still owed in order.
-                let owed = match tag {
-                    b'P' => Some(Expect::Parse {
-                        swallow: false,
-                        stmt: None,
-                    }),
-                    b'B' => Some(Expect::Bind),
-                    b'D' => Some(Expect::Describe),
-                    b'C' => Some(Expect::Close { swallow: false }),
-                    b'E' => Some(Expect::Execute),
-                    SYNC_TAG => Some(Expect::Sync),
-                    QUERY_TAG => Some(Expect::Query),
-                    FUNCTION_CALL_TAG => Some(Expect::FunctionCall),
-                    _ => None,
-                };
-                if let Some(e) = owed {
+                if let Some(e) = owed_reply(tag) {
                     expect.push_back(e);
                 }
             }
@@ -313,13 +352,33 @@ fn process_client(
                 server.params.insert(key, v);
             }
             SetValue::Default => {
-                client.params.remove(&key);
+                // Back to the startup value when the client gave one (put
+                // back on the connection at the next ReadyForQuery), else to
+                // the connection's default.
+                match client.startup_params.get(&key) {
+                    Some(v) => {
+                        client.params.insert(key.clone(), v.clone());
+                        restore.push(key.clone());
+                    }
+                    None => {
+                        client.params.remove(&key);
+                    }
+                }
                 match server.defaults.get(&key) {
                     Some(d) => server.params.insert(key, d.clone()),
                     None => server.params.insert(key, DIRTY.to_string()),
                 };
             }
             SetValue::Unknown => {
+                if key == "default_transaction_isolation" {
+                    // SET SESSION CHARACTERISTICS AS TRANSACTION ...
+                    for k in [
+                        "default_transaction_read_only",
+                        "default_transaction_deferrable",
+                    ] {
+                        server.params.insert(k.to_string(), DIRTY.to_string());
+                    }
+                }
                 server.params.insert(key, DIRTY.to_string());
             }
         }
@@ -492,14 +551,48 @@ fn walk_server(
                         if !injected {
                             tracker.answered(stats);
                         }
-                        if tracker.reset && !injected {
-                            // The client's DISCARD ALL / RESET ALL has run.
-                            tracker.reset = false;
+                        let reset = if injected {
+                            Resets::default()
+                        } else {
+                            std::mem::take(&mut tracker.reset)
+                        };
+                        if reset.statements {
+                            // The client's DISCARD ALL / DEALLOCATE ALL has run.
                             prepared.clear();
+                        }
+                        if reset.settings {
+                            // The client's DISCARD ALL / RESET ALL has run.
                             *params = defaults.clone();
                             // As on PostgreSQL itself: back to what the client
-                            // asked for at startup (applied at its next checkout).
+                            // asked for at startup (applied at its next checkout,
+                            // or at once in session mode).
                             *client_params = startup_params.clone();
+                            tracker.resync = !rewrite;
+                        }
+                        if tracker.restore_ready && !injected {
+                            tracker.restore_ready = false;
+                            for k in tracker.restore.drain(..) {
+                                if let Some(v) = startup_params.get(&k) {
+                                    client_params.insert(k, v.clone());
+                                }
+                            }
+                            tracker.resync = !rewrite;
+                        }
+                    }
+                    // A SET / RESET ran: reset settings come back. Session
+                    // mode: a reset ran (by its command tag, so also when a
+                    // prepared `DISCARD ALL` is executed again).
+                    b'C' if !injected => {
+                        if body == b"SET\0" || body == b"RESET\0" {
+                            tracker.restore_ready = !tracker.restore.is_empty();
+                        }
+                        if !rewrite {
+                            if body == b"DISCARD ALL\0" {
+                                tracker.reset |= Resets { statements: true, settings: true };
+                            } else if body == b"RESET\0" && tracker.reset_asked {
+                                tracker.reset.settings = true;
+                                tracker.reset_asked = false;
+                            }
                         }
                     }
                     b'S' => {
@@ -679,6 +772,10 @@ impl Relay<'_> {
                                 self.shape.rewrite,
                             ) {
                                 return Poll::Ready(Event::ServerProtocol(e));
+                            }
+                            if self.tracker.resync {
+                                self.tracker.resync = false;
+                                sync_params(self.client, s, self.tracker);
                             }
                             progress = true;
                         }

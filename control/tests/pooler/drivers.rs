@@ -82,7 +82,6 @@ fn run_suite(name: &str, mut cmd: Command, target: Target) {
         .env("PGSSLMODE", "disable")
         .env("PGCONNECT_TIMEOUT", "10")
         .env("SUITE_CLIENTS", SUITE_CLIENTS.to_string())
-        .env("SUITE_SKIP", known_gaps(name, target))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -164,18 +163,6 @@ fn psycopg_direct() {
         python("psycopg_suite.py"),
         Target::Direct,
     );
-}
-
-/// Checks that fail today, by suite and port, with the reason; each is a
-/// documented gap (README, "Prepared statements and session settings"), not a
-/// flaky test. Everything else in the suites must pass.
-fn known_gaps(suite: &str, target: Target) -> &'static str {
-    match (suite, target) {
-        // Session port: a client's DISCARD ALL / RESET ALL resets settings to
-        // the pooler's connection defaults, not to the client's startup values.
-        ("psycopg_suite.py" | "DriverSuite.java", Target::Session) => "discard_all",
-        _ => "",
-    }
 }
 
 #[test]

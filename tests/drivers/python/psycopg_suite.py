@@ -264,7 +264,9 @@ def check_discard_all():
                 assert not conn._prepared._names, f"psycopg did not notice DISCARD ALL: {conn._prepared._names}"
                 assert one(conn, q, (r,)) == r * 7 + i
                 # DISCARD ALL resets the session: application_name is the startup one again.
-                assert one(conn, "SELECT current_setting('application_name')") == app
+                got = one(conn, "SELECT current_setting('application_name')")
+                assert got == app, f"client {i} round {r}: application_name {got!r} after DISCARD ALL, want {app!r}"
+
         else:
             for r in range(40):
                 assert one(conn, q, (r,)) == r * 7 + i, f"client {i} round {r}"
@@ -330,6 +332,34 @@ def check_session_params_no_leak(schema):
                 assert got == base, f"client {i} sees another client's settings: {got} (own {base})"
 
     run_clients(CLIENTS, lambda i: _with(i, client, application_name=f"nl{i}"))
+
+
+def check_resets_restore_startup():
+    """DISCARD ALL, RESET ALL, RESET name and SET name TO DEFAULT bring back the values the client
+    gave at startup (as PostgreSQL does), prepared and unprepared, while other clients run."""
+    want = lambda i: (f"reset{i}", "public,pg_catalog")
+
+    def client(i):
+        opts = "-c search_path=public,pg_catalog"
+        for thr in (0, None):
+            with connect(application_name=f"reset{i}", options=opts, prepare_threshold=thr) as conn:
+                get = lambda: one(conn, "SELECT current_setting('application_name'), current_setting('search_path')")
+                for r in range(4):
+                    steps = [
+                        ["SELECT set_config('application_name', 'x', false)", "DISCARD ALL"],
+                        ["SET application_name = 'y'", "SET search_path = pg_catalog", "RESET ALL"],
+                        ["SET application_name = 'y'", "SET search_path = pg_catalog",
+                         "RESET application_name", "RESET search_path"],
+                        ["SET search_path = pg_catalog", "SET application_name TO DEFAULT",
+                         "SET search_path TO DEFAULT"],
+                    ]
+                    for step in steps:
+                        for sql in step:
+                            conn.execute(sql)
+                        got = get()
+                        assert got == want(i), f"client {i} round {r} after {step[-1]}: {got!r}"
+
+    run_clients(8, client)
 
 
 def check_startup_params_kept(schemas):
@@ -417,6 +447,7 @@ def main():
         ("many_statements_cycle", check_many_statements_cycle),
         ("session_params_no_leak", lambda: check_session_params_no_leak(schema)),
         ("startup_params_kept", lambda: check_startup_params_kept(schemas)),
+        ("resets_restore_startup", check_resets_restore_startup),
         ("sql_prepare_execute", check_sql_prepare_execute),
     ]
     only = os.environ.get("SUITE_ONLY")
