@@ -165,6 +165,11 @@ pub struct ClientStmts {
 }
 
 impl ClientStmts {
+    /// The pool statement a client's statement name stands for.
+    pub fn get(&self, name: &[u8]) -> Option<&Rc<Stmt>> {
+        self.map.get(name)
+    }
+
     pub fn len(&self) -> usize {
         self.map.len()
     }
