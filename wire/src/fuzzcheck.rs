@@ -238,7 +238,9 @@ pub fn frames(data: &[u8]) {
         };
         assert_eq!(got, one.frames, "split_frame and the walker disagree");
         assert_eq!(failed, one.failed);
-        assert_eq!(offset, one.walked);
+        if !failed {
+            assert_eq!(offset, one.walked);
+        }
     }
 }
 
@@ -316,6 +318,9 @@ fn walk_chunks(
                 out.walked = base;
             }
             Err(_) => {
+                // How far an erroring walk got is not reported: compare
+                // the frames seen and the failure only.
+                out.walked = 0;
                 out.failed = true;
                 return out;
             }
