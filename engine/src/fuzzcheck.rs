@@ -235,12 +235,15 @@ pub fn rewriter(data: &[u8]) {
 }
 
 /// What a frame sent to the server does to its statements (once executed,
-/// all assumed successful).
+/// all assumed successful). A malformed frame (a client's, passed on) is
+/// refused by the server and changes nothing.
 fn apply(model: &mut Model, tag: u8, frame: &[u8]) {
     let body = &frame[wire::frame::HEADER_LEN..];
     match tag {
         b'P' => {
-            let p = frontend::decode_parse(body).expect("Parse out decodes");
+            let Ok(p) = frontend::decode_parse(body) else {
+                return;
+            };
             if p.name.is_empty() {
                 model.unnamed = p.query.to_vec();
             } else {
@@ -248,13 +251,17 @@ fn apply(model: &mut Model, tag: u8, frame: &[u8]) {
             }
         }
         b'C' => {
-            let (kind, name) = frontend::close_target(body).expect("Close out decodes");
+            let Ok((kind, name)) = frontend::close_target(body) else {
+                return;
+            };
             if kind == b'S' {
                 model.stmts.remove(name);
             }
         }
         b'B' => {
-            let (_, name) = frontend::bind_names(body).expect("Bind out decodes");
+            let Ok((_, name)) = frontend::bind_names(body) else {
+                return;
+            };
             let query = if name.is_empty() {
                 Some(model.unnamed.clone())
             } else {
@@ -265,8 +272,9 @@ fn apply(model: &mut Model, tag: u8, frame: &[u8]) {
             }
         }
         b'Q' => {
-            let sql = frontend::decode_query(body).expect("Query out decodes");
-            run_sql(model, sql);
+            if let Ok(sql) = frontend::decode_query(body) {
+                run_sql(model, sql);
+            }
         }
         _ => {}
     }

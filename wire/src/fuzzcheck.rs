@@ -560,11 +560,7 @@ pub fn rewrite_names(data: &[u8]) {
             }
         }
         n => {
-            let (decode, encode, tag): (
-                fn(&[u8]) -> crate::Result<(u8, &[u8])>,
-                fn(u8, &[u8], &mut BytesMut),
-                u8,
-            ) = if n == 2 {
+            let (decode, encode, tag): (TargetDecoder, TargetEncoder, u8) = if n == 2 {
                 (
                     frontend::describe_target,
                     frontend::encode_describe,
@@ -589,6 +585,9 @@ pub fn rewrite_names(data: &[u8]) {
         }
     }
 }
+
+type TargetDecoder = fn(&[u8]) -> crate::Result<(u8, &[u8])>;
+type TargetEncoder = fn(u8, &[u8], &mut BytesMut);
 
 /// (tag, body) of one encoded frame, checking its length field.
 fn frame_body(frame: &[u8]) -> (u8, &[u8]) {
