@@ -9,6 +9,8 @@ pub mod buf;
 pub mod client;
 pub mod config;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzcheck;
 pub mod metrics;
 pub mod oneshot;
 pub mod pool;

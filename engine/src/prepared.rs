@@ -255,6 +255,11 @@ pub struct ClientStmts {
 }
 
 impl ClientStmts {
+    /// The pool statement a client's statement name stands for.
+    pub fn get(&self, name: &[u8]) -> Option<&Rc<Stmt>> {
+        self.map.get(name)
+    }
+
     pub fn len(&self) -> usize {
         self.map.len()
     }
@@ -725,8 +730,14 @@ impl Rewriter<'_> {
             }
             b'C' => {
                 let (kind, name) = frontend::close_target(body)?;
-                if kind == b'S' && self.client.map.remove(name).is_some() {
-                    // Only the client's name goes; the statement stays for others.
+                if kind == b'S' && !name.is_empty() {
+                    // Only the client's name goes; the statement stays for
+                    // others. A name the client does not have is no statement
+                    // of its on any server connection (every named Parse is
+                    // renamed), so PostgreSQL would answer CloseComplete too;
+                    // passed on, it could close a pool statement (`sv_N`)
+                    // that the connection is still believed to hold.
+                    self.client.map.remove(name);
                     self.expect.push_back(Expect::Synthetic(b'3'));
                 } else {
                     out.extend_from_slice(frame);
@@ -1026,6 +1037,24 @@ mod tests {
         assert!(matches!(w.expect.front(), Some(Expect::Synthetic(b'3'))));
         assert!(w.client.is_empty());
         assert_eq!(w.server.len(), 1);
+    }
+
+    #[test]
+    fn close_of_a_foreign_name_stays_in_the_pooler() {
+        let mut w = World::new(200);
+        w.send(&msg(|b| frontend::encode_parse(b"a", b"select 1", &[], b)));
+        w.expect.clear();
+        // Another client's (or a guessed) pool name: not sent to the server.
+        let out = w.send(&msg(|b| frontend::encode_close(b'S', b"sv_0", b)));
+        assert!(out.is_empty());
+        assert!(matches!(w.expect.front(), Some(Expect::Synthetic(b'3'))));
+        assert_eq!(w.server.len(), 1);
+        // The unnamed statement and portals still go to the server.
+        w.expect.clear();
+        let out = w.send(&msg(|b| frontend::encode_close(b'S', b"", b)));
+        assert_eq!(tags(&out), b"C");
+        let out = w.send(&msg(|b| frontend::encode_close(b'P', b"p1", b)));
+        assert_eq!(tags(&out), b"C");
     }
 
     #[test]

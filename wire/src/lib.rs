@@ -8,6 +8,8 @@ pub mod backend;
 pub mod error;
 pub mod frame;
 pub mod frontend;
+#[doc(hidden)]
+pub mod fuzzcheck;
 pub mod md5;
 pub mod scram;
 pub mod startup;

@@ -31,7 +31,7 @@ const NONCE_LEN: usize = 18;
 
 type HmacSha256 = Hmac<Sha256>;
 
-fn hmac(key: &[u8], msg: &[u8]) -> [u8; 32] {
+pub(crate) fn hmac(key: &[u8], msg: &[u8]) -> [u8; 32] {
     // HMAC accepts keys of any length: this cannot fail.
     let mut mac = <HmacSha256 as Mac>::new_from_slice(key).expect("HMAC takes any key length");
     mac.update(msg);
@@ -66,7 +66,7 @@ fn random_nonce() -> String {
 }
 
 /// Printable ASCII except `,` (RFC 5802 `printable`).
-fn valid_nonce(n: &str) -> bool {
+pub(crate) fn valid_nonce(n: &str) -> bool {
     !n.is_empty() && n.bytes().all(|b| (0x21..=0x7e).contains(&b) && b != b',')
 }
 
@@ -82,7 +82,7 @@ pub fn salted_password(password: &str, salt: &[u8], iterations: u32) -> [u8; 32]
     out
 }
 
-fn client_key_of(salted: &[u8; 32]) -> [u8; 32] {
+pub(crate) fn client_key_of(salted: &[u8; 32]) -> [u8; 32] {
     hmac(salted, b"Client Key")
 }
 
