@@ -167,7 +167,7 @@ pub fn rewriter(data: &[u8]) {
         .map(|s| s.name.clone());
 
         let queued = expect.len();
-        let mut reset = false;
+        let mut reset = crate::prepared::Resets::default();
         let mut out = Vec::new();
         let mut rw = Rewriter {
             reset: &mut reset,

@@ -793,11 +793,16 @@ impl Rewriter<'_> {
         if next == "ALL" || (next == "PREPARE" && first_keyword(after).0 == "ALL") {
             // Handled by `apply`.
         } else if !target.is_empty() {
-            let name = target
+            // A quoted name as it is, an unquoted one folded to lower case
+            // (as PostgreSQL reads SQL identifiers).
+            let name = match target
                 .strip_prefix(b"\"")
                 .and_then(|t| t.strip_suffix(b"\""))
-                .unwrap_or(target);
-            if let Some(stmt) = self.client.map.remove(name) {
+            {
+                Some(quoted) => quoted.to_vec(),
+                None => target.to_ascii_lowercase(),
+            };
+            if let Some(stmt) = self.client.map.remove(&name) {
                 // Same command tag, from the server.
                 self.ensure_prepared(&stmt, out);
                 self.server.remove(&stmt.name);
@@ -806,6 +811,17 @@ impl Rewriter<'_> {
                     String::from_utf8_lossy(&stmt.name)
                 ));
             }
+            // Not one of the client's: whatever the server holds under that
+            // name belongs to the pool, so PostgreSQL's answer is given here.
+            let shown: String = String::from_utf8_lossy(&name)
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .take(63)
+                .collect();
+            return Some(format!(
+                "DO $supavisor$ BEGIN RAISE EXCEPTION USING ERRCODE = '26000', \
+                 MESSAGE = 'prepared statement \"{shown}\" does not exist'; END $supavisor$"
+            ));
         }
         None
     }
@@ -1151,8 +1167,15 @@ mod tests {
         }));
         assert!(String::from_utf8_lossy(&out).contains("session port"));
         w.send(&msg(|b| frontend::encode_parse(b"s1", b"select 1", &[], b)));
-        let out = w.send(&msg(|b| frontend::encode_query("DEALLOCATE s1", b)));
+        let out = w.send(&msg(|b| frontend::encode_query("DEALLOCATE S1", b)));
         assert!(String::from_utf8_lossy(&out).contains("DEALLOCATE \"sv_0\""));
+        // A name the client does not hold (here the pool's own) never reaches the server.
+        let out = w.send(&msg(|b| frontend::encode_query("DEALLOCATE sv_0", b)));
+        let out = String::from_utf8_lossy(&out);
+        assert!(
+            out.contains("26000") && !out.contains("DEALLOCATE"),
+            "{out}"
+        );
         assert!(w.client.is_empty());
         w.send(&msg(|b| frontend::encode_parse(b"s2", b"select 2", &[], b)));
         w.send(&msg(|b| frontend::encode_query("/* c */ discard all;", b)));
