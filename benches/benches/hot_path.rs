@@ -350,20 +350,26 @@ fn bench_tenant(db: SocketAddr, pool_size: usize) -> Arc<TenantConfig> {
         default_pool_size: pool_size,
         default_max_clients: 1000,
         default_checkout_timeout: Duration::from_secs(10),
+        enforce_ssl: false,
+        sni_hostname: None,
+        upstream_tls: None,
+        allow_list: Vec::new(),
+        timeouts: Default::default(),
     })
 }
 
 fn engine_config(db: SocketAddr, shards: usize) -> Arc<Config> {
-    Arc::new(Config {
-        proxy: ProxyConfig {
+    Arc::new(Config::new(
+        ProxyConfig {
             session_addr: free_addr(),
             transaction_addr: free_addr(),
             shards,
             shutdown_timeout: Duration::from_secs(1),
             client_startup_timeout: Duration::from_secs(10),
+            tls: None,
         },
-        tenants: HashMap::from([("bench".to_string(), bench_tenant(db, 4))]),
-    })
+        HashMap::from([("bench".to_string(), bench_tenant(db, 4))]),
+    ))
 }
 
 /// Logs into the pooler as `postgres.bench` with SCRAM; returns at ReadyForQuery.

@@ -58,7 +58,7 @@ impl Default for ProxyFile {
 
 /// `[[tenants]]`: a tenant seeded into the store at start. Same fields as
 /// the API's tenant JSON, plus its id.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TenantFile {
     pub external_id: String,
@@ -80,6 +80,24 @@ pub struct TenantFile {
     #[serde(default = "model::default_auth_type")]
     pub auth_type: String,
     #[serde(default)]
+    pub enforce_ssl: bool,
+    #[serde(default)]
+    pub sni_hostname: Option<String>,
+    #[serde(default)]
+    pub upstream_ssl: bool,
+    #[serde(default)]
+    pub upstream_verify: Option<String>,
+    #[serde(default)]
+    pub upstream_tls_ca: Option<String>,
+    #[serde(default)]
+    pub allow_list: Vec<String>,
+    #[serde(default)]
+    pub client_idle_timeout: u32,
+    #[serde(default)]
+    pub idle_transaction_timeout: u32,
+    #[serde(default)]
+    pub query_timeout: u32,
+    #[serde(default)]
     pub users: Vec<UserSpec>,
 }
 
@@ -97,6 +115,15 @@ impl TenantFile {
                 default_max_clients: self.default_max_clients,
                 default_pool_checkout_timeout: self.default_pool_checkout_timeout,
                 auth_type: self.auth_type.clone(),
+                enforce_ssl: self.enforce_ssl,
+                sni_hostname: self.sni_hostname.clone(),
+                upstream_ssl: self.upstream_ssl,
+                upstream_verify: self.upstream_verify.clone(),
+                upstream_tls_ca: self.upstream_tls_ca.clone(),
+                allow_list: self.allow_list.clone(),
+                client_idle_timeout: self.client_idle_timeout,
+                idle_transaction_timeout: self.idle_transaction_timeout,
+                query_timeout: self.query_timeout,
                 users: self.users.clone(),
             },
         )
@@ -156,11 +183,23 @@ impl Default for StoreFile {
     }
 }
 
+/// `[tls]`: client TLS. With both set, SSLRequest gets a handshake.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFile {
+    /// PEM certificate chain.
+    pub cert: std::path::PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: std::path::PathBuf,
+}
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigFile {
     #[serde(default)]
     pub proxy: ProxyFile,
+    #[serde(default)]
+    pub tls: Option<TlsFile>,
     #[serde(default)]
     pub api: ApiFile,
     #[serde(default)]
@@ -216,7 +255,14 @@ impl SecretCache {
 }
 
 impl ProxyFile {
-    pub fn build(&self) -> Result<ProxyConfig, ConfigError> {
+    pub fn build(&self, tls: Option<&TlsFile>) -> Result<ProxyConfig, ConfigError> {
+        let tls = match tls {
+            Some(t) => Some(
+                crate::tls::server_config(&t.cert, &t.key)
+                    .map_err(|e| ConfigError::Invalid(format!("[tls]: {e}")))?,
+            ),
+            None => None,
+        };
         let shards = if self.shards == 0 {
             std::thread::available_parallelism()
                 .map(|n| n.get())
@@ -235,6 +281,7 @@ impl ProxyFile {
             shards,
             shutdown_timeout: Duration::from_millis(self.shutdown_timeout),
             client_startup_timeout: Duration::from_millis(self.client_startup_timeout.max(1)),
+            tls,
         })
     }
 }
@@ -302,6 +349,24 @@ pub fn build_tenant(
         default_pool_size: t.default_pool_size,
         default_max_clients: t.default_max_clients,
         default_checkout_timeout: Duration::from_millis(t.default_pool_checkout_timeout),
+        enforce_ssl: t.enforce_ssl,
+        sni_hostname: t.sni_hostname.as_ref().map(|h| h.to_ascii_lowercase()),
+        upstream_tls: match t.upstream_ssl {
+            false => None,
+            true => Some(
+                crate::tls::upstream_config(
+                    t.upstream_verify.as_deref().unwrap_or("peer"),
+                    t.upstream_tls_ca.as_deref(),
+                )
+                .map_err(|e| ConfigError::Invalid(format!("tenant {id:?}: {e}")))?,
+            ),
+        },
+        allow_list: t.allow_list.iter().filter_map(|c| c.parse().ok()).collect(),
+        timeouts: engine::config::ClientTimeouts {
+            client_idle_ms: t.client_idle_timeout,
+            idle_transaction_ms: t.idle_transaction_timeout,
+            query_ms: t.query_timeout,
+        },
     })
 }
 
@@ -320,10 +385,7 @@ pub fn build_config(
         }
         map.insert(id.clone(), Arc::new(build_tenant(id, spec, secrets)?));
     }
-    Ok(Config {
-        proxy: proxy.clone(),
-        tenants: map,
-    })
+    Ok(Config::new(proxy.clone(), map))
 }
 
 impl ConfigFile {
@@ -346,7 +408,11 @@ impl ConfigFile {
 
     /// Checks the file and builds the engine's snapshot from it alone.
     pub fn build(&self) -> Result<Config, ConfigError> {
-        build_config(&self.proxy.build()?, &self.seeds(), &SecretCache::default())
+        build_config(
+            &self.proxy.build(self.tls.as_ref())?,
+            &self.seeds(),
+            &SecretCache::default(),
+        )
     }
 }
 

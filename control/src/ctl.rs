@@ -167,6 +167,74 @@ pub struct TenantAddArgs {
     /// This user runs auth_query.
     #[arg(long)]
     pub manager: bool,
+    #[command(flatten)]
+    pub security: SecurityArgs,
+}
+
+/// TLS and access settings of a tenant (`tenant add` and `tenant update`).
+#[derive(Args, Debug, Clone, Default)]
+pub struct SecurityArgs {
+    /// Refuse clients that did not negotiate TLS.
+    #[arg(long)]
+    pub enforce_ssl: Option<bool>,
+    /// TLS clients whose SNI host name is this reach the tenant.
+    #[arg(long)]
+    pub sni_hostname: Option<String>,
+    /// TLS to the database.
+    #[arg(long)]
+    pub upstream_ssl: Option<bool>,
+    /// "peer" (verify the database's certificate) or "none".
+    #[arg(long)]
+    pub upstream_verify: Option<String>,
+    /// PEM file of the CA that signed the database's certificate.
+    #[arg(long, value_name = "FILE", value_parser = read_pem_file)]
+    pub upstream_tls_ca: Option<String>,
+    /// Client addresses allowed in (CIDRs, comma-separated); "" allows any.
+    #[arg(long)]
+    pub allow_list: Option<String>,
+}
+
+impl SecurityArgs {
+    fn is_empty(&self) -> bool {
+        self.enforce_ssl.is_none()
+            && self.sni_hostname.is_none()
+            && self.upstream_ssl.is_none()
+            && self.upstream_verify.is_none()
+            && self.upstream_tls_ca.is_none()
+            && self.allow_list.is_none()
+    }
+
+    /// Sets the given fields on a tenant's JSON.
+    fn apply(&self, t: &mut Map<String, Value>) {
+        if let Some(v) = self.enforce_ssl {
+            t.insert("enforce_ssl".into(), json!(v));
+        }
+        if let Some(v) = &self.sni_hostname {
+            t.insert("sni_hostname".into(), json!(v));
+        }
+        if let Some(v) = self.upstream_ssl {
+            t.insert("upstream_ssl".into(), json!(v));
+        }
+        if let Some(v) = &self.upstream_verify {
+            t.insert("upstream_verify".into(), json!(v));
+        }
+        if let Some(pem) = &self.upstream_tls_ca {
+            t.insert("upstream_tls_ca".into(), json!(pem));
+        }
+        if let Some(list) = &self.allow_list {
+            let cidrs: Vec<&str> = list
+                .split(',')
+                .map(str::trim)
+                .filter(|c| !c.is_empty())
+                .collect();
+            t.insert("allow_list".into(), json!(cidrs));
+        }
+    }
+}
+
+/// The text of a PEM file named on the command line.
+fn read_pem_file(path: &str) -> Result<String, String> {
+    std::fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}"))
 }
 
 #[derive(Args, Debug, Clone, Default)]
@@ -193,6 +261,8 @@ pub struct TenantUpdateArgs {
     pub require_user: Option<bool>,
     #[arg(long)]
     pub auth_query: Option<String>,
+    #[command(flatten)]
+    pub security: SecurityArgs,
 }
 
 impl TenantUpdateArgs {
@@ -206,6 +276,7 @@ impl TenantUpdateArgs {
             && self.auth_type.is_none()
             && self.require_user.is_none()
             && self.auth_query.is_none()
+            && self.security.is_empty()
     }
 }
 
@@ -337,6 +408,7 @@ pub fn tenant_add_request(a: &TenantAddArgs) -> ApiRequest {
     }
     tenant.insert("default_pool_size".into(), json!(a.pool_size));
     tenant.insert("auth_type".into(), json!(a.auth_type.as_str()));
+    a.security.apply(&mut tenant);
     tenant.insert("users".into(), Value::Array(vec![Value::Object(user)]));
     ApiRequest {
         method: "PUT",
@@ -358,6 +430,15 @@ const TENANT_FIELDS: &[&str] = &[
     "default_max_clients",
     "default_pool_checkout_timeout",
     "auth_type",
+    "enforce_ssl",
+    "sni_hostname",
+    "upstream_ssl",
+    "upstream_verify",
+    "upstream_tls_ca",
+    "allow_list",
+    "client_idle_timeout",
+    "idle_transaction_timeout",
+    "query_timeout",
 ];
 const USER_FIELDS: &[&str] = &[
     "db_user",
@@ -418,6 +499,7 @@ pub fn tenant_update_body(current: &Value, a: &TenantUpdateArgs) -> Result<Value
     if let Some(q) = &a.auth_query {
         set("auth_query", json!(q));
     }
+    a.security.apply(&mut t);
     // A user whose own value equals the tenant's old default follows the new default.
     for (tenant_key, user_key, new) in [
         ("default_pool_size", "pool_size", a.pool_size),
@@ -757,6 +839,11 @@ pub fn render_tenant(t: &Value) -> String {
             "checkout timeout ms",
             text_of(t.get("default_pool_checkout_timeout")),
         ),
+        ("enforce ssl", text_of(t.get("enforce_ssl"))),
+        ("sni hostname", text_of(t.get("sni_hostname"))),
+        ("upstream ssl", text_of(t.get("upstream_ssl"))),
+        ("upstream verify", text_of(t.get("upstream_verify"))),
+        ("allow list", text_of(t.get("allow_list"))),
     ];
     for (k, v) in fields {
         let _ = writeln!(out, "{k:<20} {v}");
@@ -1101,6 +1188,8 @@ mod tests {
             "require_user": true, "auth_query": null, "default_pool_size": 2,
             "default_max_clients": 1000, "default_pool_checkout_timeout": 60000,
             "auth_type": "scram-sha-256", "inserted_at": "2024-01-01",
+            "enforce_ssl": true, "sni_hostname": "db.acme.test", "upstream_ssl": false,
+            "upstream_verify": null, "upstream_tls_ca": null, "allow_list": ["10.0.0.0/8"],
             "users": [
                 {"db_user": "a", "pool_size": 2, "mode_type": "transaction", "max_clients": null,
                  "pool_checkout_timeout": null, "is_manager": false, "extra": 1},
@@ -1113,10 +1202,21 @@ mod tests {
             pool_size: Some(3),
             max_clients: Some(10),
             db_port: Some(6000),
+            security: SecurityArgs {
+                upstream_ssl: Some(true),
+                upstream_verify: Some("none".into()),
+                ..Default::default()
+            },
             ..Default::default()
         };
         let body = tenant_update_body(&shown, &args).unwrap();
         let t = &body["tenant"];
+        // TLS and access settings not named are kept; the named ones change.
+        assert_eq!(t["enforce_ssl"], json!(true));
+        assert_eq!(t["sni_hostname"], json!("db.acme.test"));
+        assert_eq!(t["allow_list"], json!(["10.0.0.0/8"]));
+        assert_eq!(t["upstream_ssl"], json!(true));
+        assert_eq!(t["upstream_verify"], json!("none"));
         assert!(t.get("external_id").is_none() && t.get("inserted_at").is_none());
         assert_eq!(t["default_pool_size"], json!(3));
         assert_eq!(t["default_max_clients"], json!(10));

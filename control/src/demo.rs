@@ -43,6 +43,7 @@ pub fn run() -> Result<(), String> {
                 pool_checkout_timeout: Some(60_000),
                 is_manager: true,
             }],
+            ..TenantFile::default()
         }],
         ..ConfigFile::default()
     };

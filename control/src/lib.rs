@@ -11,3 +11,4 @@ pub mod pgtemp;
 pub mod plane;
 pub mod run;
 pub mod store;
+pub mod tls;

@@ -69,6 +69,7 @@ struct PoolTotals {
     prepared_hits: u64,
     prepared_misses: u64,
     prepared_evictions: u64,
+    reconnect_waits: u64,
     query_duration: HistogramSnapshot,
     checkout_duration: HistogramSnapshot,
     client_connection_duration: HistogramSnapshot,
@@ -93,6 +94,7 @@ impl PoolTotals {
             prepared_hits: p.prepared_hits,
             prepared_misses: p.prepared_misses,
             prepared_evictions: p.prepared_evictions,
+            reconnect_waits: p.reconnect_waits,
             query_duration: p.query_duration.clone(),
             checkout_duration: p.checkout_duration.clone(),
             client_connection_duration: p.client_connection_duration.clone(),
@@ -116,6 +118,7 @@ impl PoolTotals {
         self.prepared_hits = self.prepared_hits.wrapping_add(p.prepared_hits);
         self.prepared_misses = self.prepared_misses.wrapping_add(p.prepared_misses);
         self.prepared_evictions = self.prepared_evictions.wrapping_add(p.prepared_evictions);
+        self.reconnect_waits = self.reconnect_waits.wrapping_add(p.reconnect_waits);
         merge(&mut self.query_duration, &p.query_duration);
         merge(&mut self.checkout_duration, &p.checkout_duration);
         merge(
@@ -306,6 +309,11 @@ const POOL_COUNTERS: &[PoolSeries] = &[
         "supavisor_prepared_statements_evictions",
         "Statements closed to keep a server connection's cache bounded (transaction mode).",
         |t| t.prepared_evictions,
+    ),
+    (
+        "supavisor_db_reconnect_waits",
+        "New server connections retried because the database was unreachable (clients waited).",
+        |t| t.reconnect_waits,
     ),
 ];
 
@@ -687,6 +695,7 @@ mod tests {
             prepared_hits: base * 3,
             prepared_misses: base,
             prepared_evictions: 0,
+            reconnect_waits: 0,
             query_duration: hist(DURATION_BUCKETS, &[0.0001, 0.003, 0.003, 100.0]),
             checkout_duration: hist(DURATION_BUCKETS, &[0.0002]),
             client_connection_duration: hist(LIFETIME_BUCKETS, &[5.0]),

@@ -71,7 +71,7 @@ pub const DEFAULT_AUTH_QUERY: &str =
     "SELECT rolname, rolpassword FROM pg_authid WHERE rolname = $1";
 
 /// A tenant: where its database is and who may use it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TenantSpec {
     pub db_host: String,
@@ -94,6 +94,39 @@ pub struct TenantSpec {
     /// How clients authenticate to the pooler: "scram-sha-256" or "md5".
     #[serde(default = "default_auth_type")]
     pub auth_type: String,
+    /// Refuse clients that did not negotiate TLS (`28000`).
+    #[serde(default)]
+    pub enforce_ssl: bool,
+    /// TLS clients whose SNI host name is this reach the tenant without
+    /// naming it in the user name.
+    #[serde(default)]
+    pub sni_hostname: Option<String>,
+    /// TLS to the database.
+    #[serde(default)]
+    pub upstream_ssl: bool,
+    /// "peer" (verify the database's certificate and host name against
+    /// `upstream_tls_ca`, else the system's CA bundle) or "none".
+    #[serde(default)]
+    pub upstream_verify: Option<String>,
+    /// PEM of the CA that signed the database's certificate.
+    #[serde(default)]
+    pub upstream_tls_ca: Option<String>,
+    /// Client addresses allowed in, as CIDRs (`10.0.0.0/8`, `::1/128`);
+    /// empty: any address.
+    #[serde(default)]
+    pub allow_list: Vec<String>,
+    /// Milliseconds a client may stay connected with no transaction open
+    /// (57P05); 0 = no limit.
+    #[serde(default)]
+    pub client_idle_timeout: u32,
+    /// Milliseconds a client may stay idle inside a transaction (25P03,
+    /// rolled back); 0 = no limit.
+    #[serde(default)]
+    pub idle_transaction_timeout: u32,
+    /// Milliseconds a query may run before the pooler cancels it (57014);
+    /// 0 = no limit.
+    #[serde(default)]
+    pub query_timeout: u32,
     #[serde(default)]
     pub users: Vec<UserSpec>,
 }
@@ -214,6 +247,34 @@ impl TenantSpec {
         }
         if self.auth_type != "scram-sha-256" && self.auth_type != "md5" {
             err("auth_type", "must be \"scram-sha-256\" or \"md5\"");
+        }
+        if let Some(v) = &self.upstream_verify {
+            if v != "none" && v != "peer" {
+                err("upstream_verify", "must be \"none\" or \"peer\"");
+            }
+        }
+        if let Some(ca) = &self.upstream_tls_ca {
+            if crate::tls::parse_certs(ca).map_or(true, |c| c.is_empty()) {
+                err(
+                    "upstream_tls_ca",
+                    "must be PEM with at least one certificate",
+                );
+            }
+        }
+        if let Some(host) = &self.sni_hostname {
+            if host.is_empty() || host.len() > 253 || host.contains(char::is_whitespace) {
+                err("sni_hostname", "must be a host name");
+            }
+        }
+        if self
+            .allow_list
+            .iter()
+            .any(|c| c.parse::<engine::config::Cidr>().is_err())
+        {
+            err(
+                "allow_list",
+                "each entry must be an address or CIDR such as 10.0.0.0/8 or ::1/128",
+            );
         }
         if !self.require_user && !self.users.iter().any(|u| u.is_manager) {
             err(

@@ -68,10 +68,7 @@ impl Node {
                 Err(e) => warn!(tenant = %id, error = %e, "tenant left out of the configuration"),
             }
         }
-        Ok(engine::Config {
-            proxy: proxy.clone(),
-            tenants,
-        })
+        Ok(engine::Config::new(proxy.clone(), tenants))
     }
 
     fn broadcast(&self, make: impl Fn() -> ShardMsg) -> Result<(), PlaneError> {

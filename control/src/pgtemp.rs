@@ -28,6 +28,8 @@ pub struct PgOptions {
     pub extra_conf: Vec<String>,
     /// Password of the `postgres` superuser.
     pub password: String,
+    /// `ssl = on` with this PEM certificate (chain) and key.
+    pub ssl: Option<(String, String)>,
 }
 
 impl Default for PgOptions {
@@ -36,6 +38,7 @@ impl Default for PgOptions {
             max_connections: 100,
             extra_conf: Vec::new(),
             password: "postgres".to_string(),
+            ssl: None,
         }
     }
 }
@@ -134,6 +137,21 @@ impl TempPostgres {
             root_path.display(),
             opts.max_connections
         );
+        if let Some((cert, key)) = &opts.ssl {
+            // The key must belong to the server's user, mode 0600.
+            for (name, pem) in [("server.crt", cert), ("server.key", key)] {
+                let path = root_path.join(name);
+                fs::write(&path, pem)?;
+                fs::set_permissions(&path, fs::Permissions::from_mode(0o600))?;
+                if let Some((uid, gid)) = owner {
+                    std::os::unix::fs::chown(&path, Some(uid), Some(gid))?;
+                }
+            }
+            conf.push_str(&format!(
+                "ssl = on\nssl_cert_file = '{0}/server.crt'\nssl_key_file = '{0}/server.key'\n",
+                root_path.display()
+            ));
+        }
         for line in &opts.extra_conf {
             conf.push_str(line);
             conf.push('\n');

@@ -43,7 +43,10 @@ fn secret(env: &str, file: &Option<String>) -> Option<String> {
 /// Runs the node until SIGTERM or SIGINT, then drains. `on_ready` is called
 /// once every shard and the API listen.
 pub fn run(file: ConfigFile, on_ready: impl FnOnce(&Ready)) -> Result<(), String> {
-    let proxy = file.proxy.build().map_err(|e| e.to_string())?;
+    let proxy = file
+        .proxy
+        .build(file.tls.as_ref())
+        .map_err(|e| e.to_string())?;
     let store = Store::open(&file.store.path, &vault_key()).map_err(|e| e.to_string())?;
     for (id, spec) in file.seeds() {
         store

@@ -438,6 +438,7 @@ mod tests {
             default_pool_checkout_timeout: 1000,
             auth_type: "scram-sha-256".into(),
             users,
+            ..TenantSpec::default()
         }
     }
 

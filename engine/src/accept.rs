@@ -4,16 +4,19 @@
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::rc::Rc;
+use std::sync::Arc;
 
 use bytes::{BufMut, BytesMut};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 use tracing::debug;
 use wire::startup::{decode_startup, StartupMessage, StartupPacket};
+use wire::WireError;
 
 use crate::config::PoolMode;
 use crate::error::{EngineError, Refusal};
 use crate::shard::{Handoff, Shard, ShardMsg};
+use crate::stream::{Stream, TlsStream};
 
 /// Who the client says it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,16 +53,42 @@ enum First {
     Closed,
 }
 
-async fn read_first(shard: &Shard, stream: &mut TcpStream) -> Result<First, EngineError> {
+/// Reads up to the StartupMessage: answers SSLRequest (with a TLS handshake
+/// when TLS is configured, after which `stream` is the TLS stream) and
+/// GSSENCRequest, routes a CancelRequest.
+async fn read_first(
+    shard: &Shard,
+    stream: &mut Option<Stream>,
+    tls: Option<&Arc<rustls::ServerConfig>>,
+) -> Result<First, EngineError> {
     let mut buf = BytesMut::with_capacity(256);
     loop {
+        let Some(s) = stream.as_mut() else {
+            return Ok(First::Closed);
+        };
         match decode_startup(&mut buf).map_err(EngineError::ClientProtocol)? {
+            Some(StartupPacket::SslRequest) if tls.is_some() && !s.is_tls() => {
+                if !buf.is_empty() {
+                    // Bytes sent behind SSLRequest before the handshake
+                    // would be taken as if they came encrypted (CVE-2021-23222).
+                    return Err(EngineError::ClientProtocol(WireError::Protocol(
+                        "data after SSLRequest before the TLS handshake".into(),
+                    )));
+                }
+                let Some(Stream::Plain(mut tcp)) = stream.take() else {
+                    return Ok(First::Closed);
+                };
+                tcp.write_all(b"S").await.map_err(EngineError::ClientIo)?;
+                let cfg = tls.cloned().ok_or(EngineError::Refused(Refusal::Busy))?;
+                let conn = rustls::ServerConnection::new(cfg)
+                    .map_err(|e| EngineError::ClientIo(std::io::Error::other(e)))?;
+                let mut t = TlsStream::new(tcp, conn);
+                t.handshake().await.map_err(EngineError::ClientIo)?;
+                *stream = Some(Stream::Tls(Box::new(t)));
+            }
             Some(StartupPacket::SslRequest) | Some(StartupPacket::GssEncRequest) => {
-                // No TLS yet: the client may go on in plaintext.
-                stream
-                    .write_all(b"N")
-                    .await
-                    .map_err(EngineError::ClientIo)?;
+                // No (more) encryption: the client may go on as it is.
+                s.write_all(b"N").await.map_err(EngineError::ClientIo)?;
             }
             Some(StartupPacket::Cancel(req)) => {
                 shard.route_cancel(req.process_id, req.secret.to_vec());
@@ -68,10 +97,7 @@ async fn read_first(shard: &Shard, stream: &mut TcpStream) -> Result<First, Engi
             Some(StartupPacket::Startup(msg)) => return Ok(First::Startup(msg, buf.to_vec())),
             None => {
                 let mut chunk = [0u8; 1024];
-                let n = stream
-                    .read(&mut chunk)
-                    .await
-                    .map_err(EngineError::ClientIo)?;
+                let n = s.read(&mut chunk).await.map_err(EngineError::ClientIo)?;
                 if n == 0 {
                     return Ok(First::Closed);
                 }
@@ -86,7 +112,7 @@ async fn read_first(shard: &Shard, stream: &mut TcpStream) -> Result<First, Engi
 /// and dropped, so that closing with unread input does not reset the
 /// connection and destroy the error before the client reads it.
 pub fn refuse<'a>(
-    stream: &'a mut TcpStream,
+    stream: &'a mut Stream,
     err: &'a EngineError,
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + 'a>> {
     // Boxed: a cold path that must not grow every client task's state.
@@ -96,7 +122,7 @@ pub fn refuse<'a>(
         if stream.write_all(&out).await.is_err() {
             return;
         }
-        let _ = stream.shutdown(std::net::Shutdown::Write).await;
+        let _ = stream.shutdown_write().await;
         let _ = glommio::timer::timeout(LINGER, async {
             let mut sink = [0u8; 512];
             while let Ok(n) = stream.read(&mut sink).await {
@@ -121,14 +147,18 @@ pub fn for_log(s: &str) -> &str {
     }
 }
 
-pub async fn handle(shard: Rc<Shard>, mut stream: TcpStream, mode: PoolMode) {
-    let peer = stream.peer_addr().ok();
+pub async fn handle(shard: Rc<Shard>, tcp: TcpStream, mode: PoolMode) {
+    let peer = tcp.peer_addr().ok();
     let config = shard.config();
     let timeout = config.proxy.client_startup_timeout;
+    let mut stream = Some(Stream::Plain(tcp));
     let first = glommio::timer::timeout(timeout, async {
-        Ok(Box::pin(read_first(&shard, &mut stream)).await)
+        Ok(Box::pin(read_first(&shard, &mut stream, config.proxy.tls.as_ref())).await)
     })
     .await;
+    let Some(mut stream) = stream else {
+        return;
+    };
     let (msg, leftover) = match first {
         Ok(Ok(First::Startup(msg, leftover))) => (msg, leftover),
         Ok(Ok(First::Cancel | First::Closed)) => return,
@@ -151,7 +181,18 @@ pub async fn handle(shard: Rc<Shard>, mut stream: TcpStream, mode: PoolMode) {
             return;
         }
     }
+    // `user.tenant` or `options=reference=` first; over TLS, else the SNI host.
     let ident = match identify(&msg) {
+        Ok(i) => Ok(i),
+        Err(r) => match stream.sni().and_then(|host| config.tenant_by_sni(host)) {
+            Some(tenant) => Ok(Identity {
+                db_user: msg.user().unwrap_or_default().to_string(),
+                tenant: tenant.to_string(),
+            }),
+            None => Err(r),
+        },
+    };
+    let ident = match ident {
         Ok(i) => i,
         Err(r) => {
             crate::metrics::bump(&shard.refused, 1);
@@ -159,7 +200,7 @@ pub async fn handle(shard: Rc<Shard>, mut stream: TcpStream, mode: PoolMode) {
             return;
         }
     };
-    if config.tenant(&ident.tenant).is_none() {
+    let Some(tenant) = config.tenant(&ident.tenant) else {
         crate::metrics::bump(&shard.refused, 1);
         refuse(
             &mut stream,
@@ -167,33 +208,68 @@ pub async fn handle(shard: Rc<Shard>, mut stream: TcpStream, mode: PoolMode) {
         )
         .await;
         return;
+    };
+    if !tenant.allows(peer.map(|p| p.ip())) {
+        crate::metrics::bump(&shard.refused, 1);
+        let addr = peer.map(|p| p.ip().to_string()).unwrap_or_default();
+        refuse(
+            &mut stream,
+            &EngineError::Refused(Refusal::AddressNotAllowed(addr)),
+        )
+        .await;
+        return;
+    }
+    if tenant.enforce_ssl && !stream.is_tls() {
+        crate::metrics::bump(&shard.refused, 1);
+        refuse(&mut stream, &EngineError::Refused(Refusal::SslRequired)).await;
+        return;
     }
     let owner = shard.owner_of(&ident.tenant);
     if owner == shard.id {
-        Box::pin(crate::client::run(shard, stream, msg, leftover, mode, peer)).await;
+        Box::pin(crate::client::run(
+            shard, stream, msg, ident, leftover, mode, peer,
+        ))
+        .await;
         return;
     }
-    // Hand the socket to its owner: a duplicate of the fd travels, this
-    // shard's stream is dropped.
+    // Hand the socket to its owner: a duplicate of the fd travels (with the
+    // TLS session, which goes on from the same state), this shard's stream
+    // is dropped.
+    let (tcp, tls) = match stream {
+        Stream::Plain(tcp) => (tcp, None),
+        Stream::Tls(mut t) => {
+            if t.flush().await.is_err() {
+                return;
+            }
+            let (tcp, conn) = t.into_parts();
+            (tcp, Some(Box::new(conn)))
+        }
+    };
     // SAFETY: dup of a valid open socket; the new fd is owned by OwnedFd.
-    let dup = unsafe { libc::dup(stream.as_raw_fd()) };
+    let dup = unsafe { libc::dup(tcp.as_raw_fd()) };
     if dup < 0 {
+        let mut stream = Stream::Plain(tcp);
         refuse(&mut stream, &EngineError::Refused(Refusal::Busy)).await;
         return;
     }
     let fd = unsafe { OwnedFd::from_raw_fd(dup) };
     let handoff = Handoff {
         fd,
+        tls,
         startup: msg,
+        ident,
         leftover,
         mode,
         peer,
     };
-    match shard.peers[owner].send(ShardMsg::Handoff(handoff)) {
+    match shard.peers[owner].send(ShardMsg::Handoff(Box::new(handoff))) {
         Ok(()) => {
             crate::metrics::bump(&shard.handoffs_out, 1);
-            drop(stream)
+            drop(tcp)
         }
-        Err(_) => refuse(&mut stream, &EngineError::Refused(Refusal::Busy)).await,
+        Err(_) => {
+            // The session went with the message; this socket can only be closed.
+            drop(tcp)
+        }
     }
 }

@@ -1,9 +1,9 @@
 //! Authenticating a client to the pooler: SCRAM-SHA-256 (default) or md5,
 //! against the secrets computed once from the user's configured password.
 
+use crate::stream::Stream;
 use bytes::{BufMut, BytesMut};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
-use glommio::net::TcpStream;
 use wire::backend::Authentication;
 use wire::frame::{split_frame, MAX_AUTH_FRAME_LEN};
 use wire::frontend::{self, PASSWORD_TAG};
@@ -15,7 +15,7 @@ use crate::error::{EngineError, Refusal};
 
 /// Reads one whole frame from a client during authentication.
 pub async fn read_client_frame(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     buf: &mut BytesMut,
 ) -> Result<(u8, BytesMut), EngineError> {
     loop {
@@ -39,7 +39,7 @@ pub async fn read_client_frame(
 }
 
 async fn read_password_frame(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     buf: &mut BytesMut,
 ) -> Result<BytesMut, EngineError> {
     let (tag, body) = read_client_frame(stream, buf).await?;
@@ -52,7 +52,7 @@ async fn read_password_frame(
     Ok(body)
 }
 
-async fn send(stream: &mut TcpStream, out: &BytesMut) -> Result<(), EngineError> {
+async fn send(stream: &mut Stream, out: &BytesMut) -> Result<(), EngineError> {
     stream.write_all(out).await.map_err(EngineError::ClientIo)
 }
 
@@ -61,7 +61,7 @@ async fn send(stream: &mut TcpStream, out: &BytesMut) -> Result<(), EngineError>
 /// `inbuf` holds client bytes already read; what is left after it belongs to
 /// the session.
 pub async fn authenticate(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     inbuf: &mut BytesMut,
     tenant: &TenantConfig,
     user: &UserConfig,

@@ -5,15 +5,15 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 
+use crate::stream::Stream;
 use bytes::{BufMut, BytesMut};
 use futures_lite::future::poll_fn;
 use futures_lite::AsyncWriteExt;
-use glommio::net::TcpStream;
 use tracing::{debug, info, warn};
 use wire::backend::{encode_negotiate_protocol_version, encode_ready_for_query, BackendKeyData};
 use wire::startup::StartupMessage;
 
-use crate::accept::{for_log, identify, refuse};
+use crate::accept::{for_log, refuse, Identity};
 use crate::authquery;
 use crate::config::{PoolMode, TenantConfig, UserAuth, UserConfig};
 use crate::error::{EngineError, Refusal};
@@ -34,8 +34,9 @@ struct Session {
 
 pub async fn run(
     shard: Rc<Shard>,
-    mut stream: TcpStream,
+    mut stream: Stream,
     msg: StartupMessage,
+    ident: Identity,
     leftover: Vec<u8>,
     mode: PoolMode,
     peer: Option<SocketAddr>,
@@ -43,7 +44,16 @@ pub async fn run(
     let _ = stream.set_nodelay(true);
     let timeout = shard.config().proxy.client_startup_timeout;
     let login = glommio::timer::timeout(timeout, async {
-        Ok(Box::pin(login(&shard, &mut stream, &msg, leftover, mode)).await)
+        Ok(Box::pin(login(
+            &shard,
+            &mut stream,
+            &msg,
+            ident,
+            leftover,
+            mode,
+            peer,
+        ))
+        .await)
     })
     .await;
     let session = match login {
@@ -84,12 +94,13 @@ pub async fn run(
 
 async fn login(
     shard: &Shard,
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     msg: &StartupMessage,
+    ident: Identity,
     leftover: Vec<u8>,
     mode: PoolMode,
+    peer: Option<SocketAddr>,
 ) -> Result<Session, EngineError> {
-    let ident = identify(msg).map_err(EngineError::Refused)?;
     let tenant: Arc<TenantConfig> = shard
         .config()
         .tenant(&ident.tenant)
@@ -101,6 +112,14 @@ async fn login(
             tenant: ident.tenant.clone(),
         })
     };
+    // Repeated wrong passwords from one address for one user: wait first.
+    let ip = peer.map(|p| p.ip());
+    if let Some(wait) = ip.and_then(|ip| shard.login_backoff(ip, &ident.tenant, &ident.db_user)) {
+        return Err(EngineError::Refused(Refusal::LoginBackoff {
+            user: ident.db_user.clone(),
+            secs: wait.as_secs().max(1),
+        }));
+    }
     let user: Arc<UserConfig> = match tenant.users.get(&ident.db_user) {
         Some(u) => u.clone(),
         None if !tenant.require_user => authquery::lookup(shard, &tenant, &ident.db_user)
@@ -132,10 +151,18 @@ async fn login(
     };
     let client_key =
         match crate::auth::authenticate(stream, &mut inbuf, &tenant, &user, startup_user).await {
-            Ok(k) => k,
+            Ok(k) => {
+                if let Some(ip) = ip {
+                    shard.login_ok(ip, &ident.tenant, &ident.db_user);
+                }
+                k
+            }
             Err(e) => {
                 if !matches!(e, EngineError::ClientIo(_)) {
                     shard.join_failed(key);
+                }
+                if let (Some(ip), EngineError::Refused(Refusal::WrongPassword(_))) = (ip, &e) {
+                    shard.login_failed(ip, &ident.tenant, &ident.db_user);
                 }
                 if matches!(user.auth, UserAuth::Fetched(_)) {
                     authquery::invalidate(shard, &tenant.external_id, &user.db_user);
@@ -163,7 +190,7 @@ async fn login(
             return Err(e);
         }
     };
-    let (pid, ctl) = shard.register_client(&key);
+    let (pid, ctl) = shard.register_client(&key, tenant.timeouts);
     let mut out = BytesMut::with_capacity(params.len() + 32);
     out.put_slice(&params);
     BackendKeyData {
@@ -187,7 +214,7 @@ async fn login(
     })
 }
 
-async fn serve(shard: &Shard, stream: TcpStream, session: Session, mode: PoolMode) {
+async fn serve(shard: &Shard, stream: Stream, session: Session, mode: PoolMode) {
     let pool = session.pool.clone();
     let ctl = session.ctl.clone();
     let checkout_timeout = pool.user().checkout_timeout;
@@ -227,7 +254,8 @@ async fn serve(shard: &Shard, stream: TcpStream, session: Session, mode: PoolMod
         })
         .await;
         match event {
-            Event::NeedServer => match Box::pin(checkout(&pool, checkout_timeout)).await {
+            Event::NeedServer => match Box::pin(checkout_busy(&pool, &ctl, checkout_timeout)).await
+            {
                 Ok(mut c) => {
                     *ctl.cancel.borrow_mut() = c.cancel.clone();
                     sync_params(&mut client, &mut c, &mut tracker);
@@ -298,6 +326,16 @@ async fn serve(shard: &Shard, stream: TcpStream, session: Session, mode: PoolMod
                 refuse(&mut client.stream, &EngineError::ServerProtocol(e)).await;
                 return;
             }
+            Event::TimedOut(why) => {
+                ctl.cancel.borrow_mut().take();
+                debug!(tenant = %pool.key.tenant, reason = %why, "client timed out");
+                // An open transaction is rolled back, the connection reused.
+                if let Some(c) = server.take() {
+                    Box::pin(give_back(&pool, c, &tracker, mode)).await;
+                }
+                refuse(&mut client.stream, &EngineError::Refused(why)).await;
+                return;
+            }
             Event::Killed => {
                 ctl.cancel.borrow_mut().take();
                 // Mid-transaction or not, the connection goes with the pool.
@@ -361,6 +399,16 @@ fn startup_settings(msg: &StartupMessage) -> std::collections::BTreeMap<String, 
 }
 
 /// Takes a server connection, timing the wait.
+/// A checkout for a client with a request waiting: waiting is not idleness.
+async fn checkout_busy(
+    pool: &Rc<Pool>,
+    ctl: &crate::shard::ClientCtl,
+    wait: std::time::Duration,
+) -> Result<PooledConn, EngineError> {
+    ctl.set_phase(crate::shard::Phase::Busy);
+    checkout(pool, wait).await
+}
+
 async fn checkout(pool: &Rc<Pool>, wait: std::time::Duration) -> Result<PooledConn, EngineError> {
     let start = std::time::Instant::now();
     let r = pool.checkout(wait).await;

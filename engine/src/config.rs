@@ -43,6 +43,8 @@ pub struct ProxyConfig {
     pub shutdown_timeout: Duration,
     /// A client that has not finished startup and authentication by then is closed.
     pub client_startup_timeout: Duration,
+    /// Client TLS: SSLRequest is answered with a handshake when set.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// A secret fetched through a tenant's `auth_query` (`pg_authid.rolpassword`).
@@ -109,6 +111,103 @@ pub struct TenantConfig {
     pub default_pool_size: usize,
     pub default_max_clients: usize,
     pub default_checkout_timeout: Duration,
+    /// Refuse clients that did not negotiate TLS.
+    pub enforce_ssl: bool,
+    /// Clients whose TLS SNI host is this (lower case) reach this tenant.
+    pub sni_hostname: Option<String>,
+    /// TLS to the database, when set.
+    pub upstream_tls: Option<Arc<rustls::ClientConfig>>,
+    /// Client addresses allowed in; empty: any.
+    pub allow_list: Vec<Cidr>,
+    pub timeouts: ClientTimeouts,
+}
+
+/// Limits on what a client may hold, in milliseconds; 0 = none. Checked
+/// about once a second.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClientTimeouts {
+    /// A client with no transaction open is closed after this long (57P05).
+    pub client_idle_ms: u32,
+    /// A client idle inside a transaction is closed after this long and its
+    /// transaction rolled back (25P03).
+    pub idle_transaction_ms: u32,
+    /// A query running longer is cancelled (57014).
+    pub query_ms: u32,
+}
+
+impl ClientTimeouts {
+    pub fn is_off(&self) -> bool {
+        self.client_idle_ms == 0 && self.idle_transaction_ms == 0 && self.query_ms == 0
+    }
+}
+
+impl TenantConfig {
+    /// May a client from `addr` use this tenant?
+    pub fn allows(&self, addr: Option<std::net::IpAddr>) -> bool {
+        if self.allow_list.is_empty() {
+            return true;
+        }
+        match addr {
+            Some(ip) => self.allow_list.iter().any(|c| c.contains(ip)),
+            None => false,
+        }
+    }
+}
+
+/// An address block: `10.0.0.0/8`, `::1/128`, or one address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    addr: std::net::IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr;
+        // An IPv4 client on a dual-stack socket shows as ::ffff:a.b.c.d.
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Cidr, String> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: std::net::IpAddr = addr.trim().parse().map_err(|e| format!("{s}: {e}"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("{s}: bad prefix length"))?,
+            None => max,
+        };
+        Ok(Cidr { addr, prefix })
+    }
 }
 
 impl TenantConfig {
@@ -130,10 +229,62 @@ impl TenantConfig {
 pub struct Config {
     pub proxy: ProxyConfig,
     pub tenants: HashMap<String, Arc<TenantConfig>>,
+    /// SNI host name (lower case) -> tenant id.
+    sni: HashMap<String, String>,
 }
 
 impl Config {
+    pub fn new(proxy: ProxyConfig, tenants: HashMap<String, Arc<TenantConfig>>) -> Config {
+        let sni = tenants
+            .values()
+            .filter_map(|t| {
+                let host = t.sni_hostname.as_ref()?;
+                Some((host.to_ascii_lowercase(), t.external_id.clone()))
+            })
+            .collect();
+        Config {
+            proxy,
+            tenants,
+            sni,
+        }
+    }
+
     pub fn tenant(&self, id: &str) -> Option<&Arc<TenantConfig>> {
         self.tenants.get(id)
+    }
+
+    /// The tenant a TLS client reaches by its SNI host name: the tenant
+    /// whose `sni_hostname` it is, else the tenant named by its first label
+    /// (`t1.db.example.com` -> `t1`).
+    pub fn tenant_by_sni(&self, host: &str) -> Option<&str> {
+        let host = host.to_ascii_lowercase();
+        if let Some(id) = self.sni.get(&host) {
+            return Some(id);
+        }
+        let label = host.split('.').next()?;
+        self.tenants.get_key_value(label).map(|(id, _)| id.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cidr;
+
+    #[test]
+    fn cidrs() {
+        let c: Cidr = "10.1.0.0/16".parse().unwrap();
+        assert!(c.contains("10.1.200.3".parse().unwrap()));
+        assert!(!c.contains("10.2.0.1".parse().unwrap()));
+        assert!(c.contains("::ffff:10.1.0.9".parse().unwrap()));
+        let one: Cidr = "127.0.0.1".parse().unwrap();
+        assert!(one.contains("127.0.0.1".parse().unwrap()));
+        assert!(!one.contains("127.0.0.2".parse().unwrap()));
+        let all: Cidr = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains("8.8.8.8".parse().unwrap()));
+        let v6: Cidr = "fd00::/8".parse().unwrap();
+        assert!(v6.contains("fd12::1".parse().unwrap()));
+        assert!(!v6.contains("fe80::1".parse().unwrap()));
+        assert!("10.0.0.0/33".parse::<Cidr>().is_err());
+        assert!("nope".parse::<Cidr>().is_err());
     }
 }

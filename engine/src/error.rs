@@ -70,6 +70,17 @@ pub enum Refusal {
         why: String,
     },
     Busy,
+    /// The tenant takes TLS clients only.
+    SslRequired,
+    /// The client's address is outside the tenant's allow list.
+    AddressNotAllowed(String),
+    /// Too many failed logins from this address for this user: wait.
+    LoginBackoff {
+        user: String,
+        secs: u64,
+    },
+    IdleTimeout,
+    IdleInTransactionTimeout,
 }
 
 impl std::fmt::Display for Refusal {
@@ -102,6 +113,20 @@ impl std::fmt::Display for Refusal {
                 write!(f, "terminating connection due to administrator command")
             }
             Refusal::Busy => write!(f, "the pooler is overloaded, try again"),
+            Refusal::SslRequired => write!(f, "SSL connection is required"),
+            Refusal::AddressNotAllowed(addr) => {
+                write!(f, "address not allowed: {addr} is not in the tenant's allow_list")
+            }
+            Refusal::IdleTimeout => {
+                write!(f, "terminating connection due to idle-session timeout")
+            }
+            Refusal::IdleInTransactionTimeout => {
+                write!(f, "terminating connection due to idle-in-transaction timeout")
+            }
+            Refusal::LoginBackoff { user, secs } => write!(
+                f,
+                "too many failed logins for user \"{user}\" from this address: try again in {secs} s"
+            ),
         }
     }
 }
@@ -119,6 +144,22 @@ impl EngineError {
             | EngineError::Connect { .. } => Side::Server,
             EngineError::CheckoutTimeout(_) | EngineError::Timeout(_) => Side::Internal,
             EngineError::TooManyStatements(_) => Side::Client,
+        }
+    }
+
+    /// The database is down, restarting or not accepting connections yet:
+    /// a new connection may succeed in a moment.
+    pub fn database_unavailable(&self) -> bool {
+        match self {
+            EngineError::Connect { .. } | EngineError::ServerIo(_) | EngineError::Timeout(_) => {
+                true
+            }
+            // cannot_connect_now (starting up / shutting down / recovery),
+            // admin_shutdown, crash_shutdown, too_many_connections.
+            EngineError::Database(f) => {
+                matches!(f.code(), Some("57P03" | "57P01" | "57P02" | "53300"))
+            }
+            _ => false,
         }
     }
 
@@ -154,6 +195,10 @@ impl EngineError {
                 Refusal::Replication => "08P01",
                 Refusal::ShuttingDown | Refusal::Terminated => "57P01",
                 Refusal::Busy => "53300",
+                Refusal::SslRequired | Refusal::AddressNotAllowed(_) => "28000",
+                Refusal::LoginBackoff { .. } => "28P01",
+                Refusal::IdleTimeout => "57P05",
+                Refusal::IdleInTransactionTimeout => "25P03",
             },
         }
     }

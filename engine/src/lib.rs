@@ -18,6 +18,7 @@ pub mod prepared;
 pub mod relay;
 pub mod server;
 pub mod shard;
+pub mod stream;
 
 pub use config::{ClientAuth, Config, PoolMode, ProxyConfig, TenantConfig, UserConfig};
 pub use error::EngineError;

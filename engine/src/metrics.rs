@@ -93,6 +93,8 @@ pub struct PoolStats {
     pub prepared_misses: Cell<u64>,
     /// Statements closed to keep a server connection's cache bounded.
     pub prepared_evictions: Cell<u64>,
+    /// New connections retried because the database was unreachable.
+    pub reconnect_waits: Cell<u64>,
     pub query_duration: Histogram,
     pub checkout_duration: Histogram,
     pub client_connection_duration: Histogram,
@@ -111,6 +113,7 @@ impl Default for PoolStats {
             prepared_hits: Cell::new(0),
             prepared_misses: Cell::new(0),
             prepared_evictions: Cell::new(0),
+            reconnect_waits: Cell::new(0),
             query_duration: Histogram::new(DURATION_BUCKETS),
             checkout_duration: Histogram::new(DURATION_BUCKETS),
             client_connection_duration: Histogram::new(LIFETIME_BUCKETS),
@@ -142,6 +145,7 @@ pub struct PoolSnapshot {
     pub prepared_hits: u64,
     pub prepared_misses: u64,
     pub prepared_evictions: u64,
+    pub reconnect_waits: u64,
     pub query_duration: HistogramSnapshot,
     pub checkout_duration: HistogramSnapshot,
     pub client_connection_duration: HistogramSnapshot,
@@ -172,6 +176,7 @@ impl PoolSnapshot {
             prepared_hits: 0,
             prepared_misses: 0,
             prepared_evictions: 0,
+            reconnect_waits: 0,
             query_duration: stats.query_duration.snapshot(),
             checkout_duration: stats.checkout_duration.snapshot(),
             client_connection_duration: stats.client_connection_duration.snapshot(),

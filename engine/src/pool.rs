@@ -14,12 +14,16 @@ use glommio::timer::Timer;
 
 use crate::config::{FetchedSecret, PoolMode, TenantConfig, UserAuth, UserConfig};
 use crate::error::{EngineError, Refusal};
+use crate::metrics::bump;
 use crate::metrics::{PoolSnapshot, PoolStats};
 use crate::oneshot;
 use crate::prepared::Registry;
 use crate::server::{ServerConn, ServerLogin};
 
 /// How long a login may take for a new server connection.
+/// Pauses between attempts to reach a database that is down.
+const RECONNECT_PAUSE_MIN: Duration = Duration::from_millis(50);
+const RECONNECT_PAUSE_MAX: Duration = Duration::from_secs(1);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a reset (ROLLBACK / DISCARD ALL) may take before the connection is closed.
 pub const RESET_TIMEOUT: Duration = Duration::from_secs(5);
@@ -243,8 +247,13 @@ impl Pool {
 
     /// Takes a connection: an idle one, a new one while below `pool_size`, or
     /// the next one given back, waiting at most `wait`.
+    /// A connection for a client, within `wait`. While the database is
+    /// unreachable (restarting, failing over) new connections are retried
+    /// with a growing pause, up to the same deadline, so that clients wait
+    /// for the database instead of failing.
     pub async fn checkout(self: &Rc<Self>, wait: Duration) -> Result<PooledConn, EngineError> {
         let deadline = Instant::now() + wait;
+        let mut pause = RECONNECT_PAUSE_MIN;
         loop {
             if let Some(conn) = self.take_idle() {
                 return Ok(PooledConn {
@@ -297,7 +306,18 @@ impl Pool {
                     }
                     Err(e) => {
                         self.release_slot();
-                        return Err(e);
+                        let now = Instant::now();
+                        if !e.database_unavailable()
+                            || now + pause >= deadline
+                            || self.retired.get()
+                        {
+                            return Err(e);
+                        }
+                        bump(&self.stats.reconnect_waits, 1);
+                        tracing::debug!(tenant = %self.key.tenant, error = %e, ?pause, "database unavailable, retrying");
+                        Timer::new(pause).await;
+                        pause = (pause * 2).min(RECONNECT_PAUSE_MAX);
+                        continue;
                     }
                 }
             }
@@ -402,6 +422,7 @@ impl Pool {
             prepared_hits: st.prepared_hits.get(),
             prepared_misses: st.prepared_misses.get(),
             prepared_evictions: st.prepared_evictions.get(),
+            reconnect_waits: st.reconnect_waits.get(),
             query_duration: st.query_duration.snapshot(),
             checkout_duration: st.checkout_duration.snapshot(),
             client_connection_duration: st.client_connection_duration.snapshot(),

@@ -15,13 +15,14 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
+use crate::stream::Stream;
 use futures_lite::AsyncRead;
-use glommio::net::TcpStream;
 use wire::frame::{parse_header, Flow, Walker, MAX_FRAME_LEN};
 use wire::frontend::{self, FUNCTION_CALL_TAG, QUERY_TAG, SYNC_TAG, TERMINATE_TAG};
 use wire::WireError;
 
 use crate::buf::IoBuf;
+use crate::error::Refusal;
 use crate::metrics::{bump, PoolStats};
 use crate::prepared::SetValue;
 use crate::prepared::{
@@ -30,7 +31,7 @@ use crate::prepared::{
     MAX_REWRITE_FRAME,
 };
 use crate::server::ServerConn;
-use crate::shard::{ClientCtl, Signal};
+use crate::shard::{ClientCtl, Phase, Signal};
 
 /// Server frames up to this size are reported whole by the walker.
 const SMALL_FRAME: usize = 8 * 1024;
@@ -57,6 +58,8 @@ pub enum Event {
     Shutdown,
     /// The client's tenant was removed or terminated: leave now.
     Killed,
+    /// A client timeout passed (idle, or idle in a transaction).
+    TimedOut(Refusal),
 }
 
 /// What the client asked of the server connection it holds.
@@ -107,7 +110,7 @@ impl Tracker {
 }
 
 pub struct ClientSide {
-    pub stream: TcpStream,
+    pub stream: Stream,
     /// Bytes read from the client, not yet looked at.
     pub buf: IoBuf,
     /// Bytes for the server, rewritten where needed.
@@ -124,7 +127,7 @@ pub struct ClientSide {
 }
 
 impl ClientSide {
-    pub fn new(stream: TcpStream, leftover: &[u8], params: BTreeMap<String, String>) -> Self {
+    pub fn new(stream: Stream, leftover: &[u8], params: BTreeMap<String, String>) -> Self {
         let mut buf = IoBuf::new();
         if !leftover.is_empty() {
             buf.extend_from_slice(leftover);
@@ -653,6 +656,15 @@ impl Relay<'_> {
             && server.walker.at_boundary()
     }
 
+    /// What the client is doing now, for its timeouts.
+    fn phase(&self, server: Option<&ServerConn>) -> Phase {
+        match server {
+            _ if self.tracker.pending > 0 => Phase::Busy,
+            Some(s) if s.status != b'I' || self.tracker.ext_open => Phase::InTransaction,
+            _ => Phase::Idle,
+        }
+    }
+
     /// Moves bytes until something needs the caller's attention.
     pub fn poll_step(
         &mut self,
@@ -663,6 +675,10 @@ impl Relay<'_> {
             let mut progress = false;
             let draining = match self.ctl.signal(cx.waker()) {
                 Signal::Kill => return Poll::Ready(Event::Killed),
+                Signal::IdleTimeout => return Poll::Ready(Event::TimedOut(Refusal::IdleTimeout)),
+                Signal::IdleInTransactionTimeout => {
+                    return Poll::Ready(Event::TimedOut(Refusal::IdleInTransactionTimeout))
+                }
                 Signal::Drain => true,
                 Signal::None => false,
             };
@@ -786,6 +802,7 @@ impl Relay<'_> {
             }
 
             if !progress {
+                self.ctl.set_phase(self.phase(server.as_deref()));
                 return Poll::Pending;
             }
         }

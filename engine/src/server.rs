@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 use bytes::{BufMut, BytesMut};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
+
+use crate::stream::{Stream, TlsStream};
 use wire::backend::{
     self, Authentication, BackendKeyData, ErrorFields, AUTHENTICATION_TAG, BACKEND_KEY_DATA_TAG,
     ERROR_RESPONSE_TAG, PARAMETER_STATUS_TAG, READY_FOR_QUERY_TAG,
@@ -60,8 +62,42 @@ impl CancelTarget {
     }
 }
 
+/// SSLRequest, then the TLS handshake with the database (`upstream_ssl`).
+async fn upstream_tls(
+    mut tcp: TcpStream,
+    cfg: std::sync::Arc<rustls::ClientConfig>,
+    host: &str,
+    addr: SocketAddr,
+) -> Result<Stream, EngineError> {
+    let failed = |why: String| EngineError::Connect {
+        addr: addr.to_string(),
+        source: std::io::Error::other(why),
+    };
+    let mut out = BytesMut::new();
+    startup::encode_ssl_request(&mut out);
+    tcp.write_all(&out).await.map_err(EngineError::ServerIo)?;
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer)
+        .await
+        .map_err(EngineError::ServerIo)?;
+    if answer[0] != b'S' {
+        return Err(failed(
+            "the database does not accept TLS (upstream_ssl is set)".into(),
+        ));
+    }
+    let name = rustls::pki_types::ServerName::try_from(host.to_string())
+        .map_err(|e| failed(format!("db_host {host:?} is not a TLS server name: {e}")))?;
+    let conn =
+        rustls::ClientConnection::new(cfg, name).map_err(|e| failed(format!("TLS setup: {e}")))?;
+    let mut t = TlsStream::new(tcp, conn);
+    t.handshake()
+        .await
+        .map_err(|e| failed(format!("TLS handshake with the database: {e}")))?;
+    Ok(Stream::Tls(Box::new(t)))
+}
+
 pub struct ServerConn {
-    pub stream: TcpStream,
+    pub stream: Stream,
     /// Bytes read from the server and not yet forwarded; `walked` of them are
     /// whole frames or frame parts whose header was seen.
     pub buf: IoBuf,
@@ -133,7 +169,7 @@ fn resolve(host: &str, port: u16) -> Result<SocketAddr, EngineError> {
 /// Reads one whole frame of at most `max` bytes (the pooler's own exchanges:
 /// login, resets, auth_query).
 async fn read_frame(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     buf: &mut BytesMut,
     max: usize,
 ) -> Result<(u8, BytesMut), EngineError> {
@@ -177,13 +213,17 @@ impl ServerConn {
         db_user: &str,
         login: ServerLogin<'_>,
     ) -> Result<ServerConn, EngineError> {
-        let mut stream = TcpStream::connect(addr)
+        let tcp = TcpStream::connect(addr)
             .await
             .map_err(|e| EngineError::Connect {
                 addr: addr.to_string(),
                 source: std::io::Error::other(e.to_string()),
             })?;
-        let _ = stream.set_nodelay(true);
+        let _ = tcp.set_nodelay(true);
+        let mut stream = match &tenant.upstream_tls {
+            None => Stream::Plain(tcp),
+            Some(cfg) => upstream_tls(tcp, cfg.clone(), &tenant.db_host, addr).await?,
+        };
         let mut out = BytesMut::new();
         startup::encode_startup(
             &[
@@ -344,26 +384,14 @@ impl ServerConn {
     /// idle in the pool (notices, notifications, or a FATAL error before it
     /// closed). False if the connection is dead or unusable.
     pub fn check_idle(&mut self) -> bool {
-        let fd = self.stream.as_raw_fd();
         let mut scratch = [0u8; 2048];
         loop {
-            // SAFETY: recv into a stack buffer of the given length.
-            let n = unsafe {
-                libc::recv(
-                    fd,
-                    scratch.as_mut_ptr().cast(),
-                    scratch.len(),
-                    libc::MSG_DONTWAIT,
-                )
+            let n = match self.stream.try_read_now(&mut scratch) {
+                Ok(None) => return true,
+                Ok(Some(0)) | Err(_) => return false,
+                Ok(Some(n)) => n,
             };
-            if n == 0 {
-                return false;
-            }
-            if n < 0 {
-                let err = std::io::Error::last_os_error();
-                return err.kind() == std::io::ErrorKind::WouldBlock;
-            }
-            self.buf.extend_from_slice(&scratch[..n as usize]);
+            self.buf.extend_from_slice(&scratch[..n]);
             // Only asynchronous messages may arrive while idle: notices,
             // notifications, parameter changes. Anything else, or an error,
             // means the connection is not fit for a new client.

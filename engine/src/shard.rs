@@ -6,7 +6,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::io::{self, Write};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::rc::Rc;
@@ -16,11 +16,13 @@ use std::time::{Duration, Instant};
 
 use futures_lite::AsyncReadExt;
 use glommio::net::{TcpListener, TcpStream, UnixStream};
+
+use crate::stream::{Stream, TlsStream};
 use glommio::{LocalExecutorBuilder, Placement};
 use tracing::{debug, info, warn};
 use wire::startup::StartupMessage;
 
-use crate::config::{Config, PoolMode, TenantConfig, UserAuth, UserConfig};
+use crate::config::{ClientTimeouts, Config, PoolMode, TenantConfig, UserAuth, UserConfig};
 use crate::metrics::{PoolSnapshot, ShardCounters, ShardSnapshot};
 use crate::pool::{Pool, PoolKey};
 use crate::server::CancelTarget;
@@ -36,14 +38,18 @@ const PID_SHARD_SHIFT: u32 = 22;
 /// A connection accepted on one shard for a tenant owned by another.
 pub struct Handoff {
     pub fd: OwnedFd,
+    /// The client's TLS session, when the handshake ran on the accepting shard.
+    pub tls: Option<Box<rustls::Connection>>,
     pub startup: StartupMessage,
+    /// Who the client is (from its user name, options or TLS SNI).
+    pub ident: crate::accept::Identity,
     pub leftover: Vec<u8>,
     pub mode: PoolMode,
     pub peer: Option<SocketAddr>,
 }
 
 pub enum ShardMsg {
-    Handoff(Handoff),
+    Handoff(Box<Handoff>),
     Cancel {
         process_id: i32,
         secret: Vec<u8>,
@@ -87,6 +93,21 @@ pub enum Signal {
     Drain,
     /// Leave now (57P01), even mid-transaction: the tenant was removed or terminated.
     Kill,
+    /// `client_idle_timeout` passed with no transaction open (57P05).
+    IdleTimeout,
+    /// `idle_transaction_timeout` passed inside a transaction (25P03).
+    IdleInTransactionTimeout,
+}
+
+/// What a client is doing, for its timeouts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// No transaction open.
+    Idle,
+    /// Inside a transaction, the server waiting for the client.
+    InTransaction,
+    /// A request sent (or waiting for a server connection).
+    Busy,
 }
 
 /// Per-client control block: cancel key, the server it holds, signals.
@@ -96,6 +117,12 @@ pub struct ClientCtl {
     pub cancel: RefCell<Option<CancelTarget>>,
     signal: Cell<Signal>,
     waker: RefCell<Option<Waker>>,
+    timeouts: ClientTimeouts,
+    phase: Cell<Phase>,
+    /// When `phase` began.
+    since: Cell<Instant>,
+    /// The query timeout already sent a cancel in this phase.
+    cancel_sent: Cell<bool>,
 }
 
 impl ClientCtl {
@@ -113,8 +140,42 @@ impl ClientCtl {
         Signal::None
     }
 
+    /// The client is now doing this (cheap when nothing changed).
+    pub fn set_phase(&self, phase: Phase) {
+        if self.phase.get() != phase {
+            self.phase.set(phase);
+            self.cancel_sent.set(false);
+            if !self.timeouts.is_off() {
+                self.since.set(Instant::now());
+            }
+        }
+    }
+
+    /// Applies the client's timeouts at `now`.
+    fn check_timeouts(&self, now: Instant) {
+        let t = self.timeouts;
+        if t.is_off() || self.signal.get() != Signal::None {
+            return;
+        }
+        let age = now.saturating_duration_since(self.since.get());
+        let over = |ms: u32| ms > 0 && age >= Duration::from_millis(u64::from(ms));
+        match self.phase.get() {
+            Phase::Idle if over(t.client_idle_ms) => self.raise(Signal::IdleTimeout),
+            Phase::InTransaction if over(t.idle_transaction_ms) => {
+                self.raise(Signal::IdleInTransactionTimeout)
+            }
+            Phase::Busy if over(t.query_ms) && !self.cancel_sent.get() => {
+                self.cancel_sent.set(true);
+                if let Some(target) = self.cancel.borrow().clone() {
+                    glommio::spawn_local(target.send()).detach();
+                }
+            }
+            _ => {}
+        }
+    }
+
     fn raise(&self, signal: Signal) {
-        if signal == Signal::Drain && self.signal.get() == Signal::Kill {
+        if signal == Signal::Drain && self.signal.get() != Signal::None {
             return;
         }
         self.signal.set(signal);
@@ -143,7 +204,31 @@ pub struct Shard {
     /// Idle clients read through this buffer instead of holding their own.
     pub scratch: RefCell<Vec<u8>>,
     draining: Cell<bool>,
+    /// Clients registered with a timeout: the sweep skips work when none.
+    timed_clients: Cell<usize>,
+    /// Failed logins per (client address, tenant, user), for the back-off.
+    login_failures: RefCell<HashMap<(IpAddr, String, String), LoginFailures>>,
 }
+
+/// Failed logins of one (address, tenant, user).
+#[derive(Debug, Clone, Copy)]
+struct LoginFailures {
+    count: u32,
+    last: Instant,
+    /// No login is tried before then.
+    blocked_until: Instant,
+}
+
+/// Failed logins allowed before the back-off starts.
+const FREE_LOGIN_FAILURES: u32 = 5;
+/// The back-off doubles from 1 s per further failure, up to this.
+const MAX_LOGIN_BACKOFF: Duration = Duration::from_secs(60);
+/// Failures older than this are forgotten.
+const LOGIN_FAILURE_WINDOW: Duration = Duration::from_secs(600);
+/// Entries kept per shard; past it, only blocked ones survive a cleanup.
+const MAX_LOGIN_FAILURE_ENTRIES: usize = 100_000;
+/// How often client timeouts are checked.
+const TIMEOUT_SWEEP: Duration = Duration::from_millis(500);
 
 /// Stable FNV-1a hash of a tenant id: the same shard on every node and run.
 pub fn tenant_hash(tenant: &str) -> u64 {
@@ -200,7 +285,63 @@ impl Shard {
     }
 
     /// Issues a cancel key and registers the client.
-    pub fn register_client(&self, key: &PoolKey) -> (i32, Rc<ClientCtl>) {
+    /// How long a login from `ip` as this tenant's user must wait, if it must.
+    pub fn login_backoff(&self, ip: IpAddr, tenant: &str, user: &str) -> Option<Duration> {
+        let map = self.login_failures.borrow();
+        let f = map.get(&(ip, tenant.to_string(), user.to_string()))?;
+        let now = Instant::now();
+        (f.blocked_until > now).then(|| f.blocked_until - now)
+    }
+
+    /// A wrong password from `ip`: after a few, logins wait longer and longer.
+    pub fn login_failed(&self, ip: IpAddr, tenant: &str, user: &str) {
+        let now = Instant::now();
+        let mut map = self.login_failures.borrow_mut();
+        if map.len() >= MAX_LOGIN_FAILURE_ENTRIES {
+            map.retain(|_, f| f.blocked_until > now);
+            if map.len() >= MAX_LOGIN_FAILURE_ENTRIES {
+                map.clear();
+            }
+        }
+        let f = map
+            .entry((ip, tenant.to_string(), user.to_string()))
+            .or_insert(LoginFailures {
+                count: 0,
+                last: now,
+                blocked_until: now,
+            });
+        if now.duration_since(f.last) > LOGIN_FAILURE_WINDOW {
+            f.count = 0;
+        }
+        f.count += 1;
+        f.last = now;
+        if f.count >= FREE_LOGIN_FAILURES {
+            let doublings = (f.count - FREE_LOGIN_FAILURES).min(16);
+            let wait = Duration::from_secs(1u64 << doublings).min(MAX_LOGIN_BACKOFF);
+            f.blocked_until = now + wait;
+        }
+    }
+
+    /// A successful login clears the address's record for that user.
+    pub fn login_ok(&self, ip: IpAddr, tenant: &str, user: &str) {
+        let mut map = self.login_failures.borrow_mut();
+        if !map.is_empty() {
+            map.remove(&(ip, tenant.to_string(), user.to_string()));
+        }
+    }
+
+    /// Applies every client's timeouts.
+    fn sweep_timeouts(&self) {
+        if self.timed_clients.get() == 0 {
+            return;
+        }
+        let now = Instant::now();
+        for ctl in self.clients.borrow().values() {
+            ctl.check_timeouts(now);
+        }
+    }
+
+    pub fn register_client(&self, key: &PoolKey, timeouts: ClientTimeouts) -> (i32, Rc<ClientCtl>) {
         let mut clients = self.clients.borrow_mut();
         let pid = loop {
             let n = self.next_pid.get() % (1 << PID_SHARD_SHIFT);
@@ -220,13 +361,25 @@ impl Shard {
                 Signal::None
             }),
             waker: RefCell::new(None),
+            timeouts,
+            phase: Cell::new(Phase::Idle),
+            since: Cell::new(Instant::now()),
+            cancel_sent: Cell::new(false),
         });
+        if !timeouts.is_off() {
+            self.timed_clients.set(self.timed_clients.get() + 1);
+        }
         clients.insert(pid, ctl.clone());
         (pid, ctl)
     }
 
     pub fn unregister_client(&self, pid: i32) {
-        self.clients.borrow_mut().remove(&pid);
+        if let Some(ctl) = self.clients.borrow_mut().remove(&pid) {
+            if !ctl.timeouts.is_off() {
+                self.timed_clients
+                    .set(self.timed_clients.get().saturating_sub(1));
+            }
+        }
     }
 
     pub fn client_count(&self) -> usize {
@@ -528,6 +681,8 @@ async fn shard_main(
         next_pid: Cell::new(1),
         scratch: RefCell::new(vec![0; SCRATCH_LEN]),
         draining: Cell::new(false),
+        timed_clients: Cell::new(0),
+        login_failures: RefCell::new(HashMap::new()),
     });
     let accept_session =
         glommio::spawn_local(accept_loop(shard.clone(), session, PoolMode::Session));
@@ -537,6 +692,15 @@ async fn shard_main(
         PoolMode::Transaction,
     ));
     let probe = glommio::spawn_local(lag_probe(shard.clone()));
+    let sweep = glommio::spawn_local({
+        let shard = shard.clone();
+        async move {
+            loop {
+                glommio::timer::sleep(TIMEOUT_SWEEP).await;
+                shard.sweep_timeouts();
+            }
+        }
+    });
     let _ = ready.send(Ok(()));
     drop(ready);
     info!(shard = id, "shard ready");
@@ -553,12 +717,17 @@ async fn shard_main(
             match msg {
                 ShardMsg::Handoff(h) => {
                     // SAFETY: the fd is a connected TCP socket handed over by its owner.
-                    let stream = unsafe { TcpStream::from_raw_fd(h.fd.into_raw_fd()) };
+                    let tcp = unsafe { TcpStream::from_raw_fd(h.fd.into_raw_fd()) };
+                    let stream = match h.tls {
+                        Some(conn) => Stream::Tls(Box::new(TlsStream::new(tcp, *conn))),
+                        None => Stream::Plain(tcp),
+                    };
                     crate::metrics::bump(&shard.handoffs_in, 1);
                     shard.spawn(crate::client::run(
                         shard.clone(),
                         stream,
                         h.startup,
+                        h.ident,
                         h.leftover,
                         h.mode,
                         h.peer,
@@ -582,6 +751,7 @@ async fn shard_main(
     accept_session.cancel().await;
     accept_txn.cancel().await;
     probe.cancel().await;
+    sweep.cancel().await;
     shard.begin_shutdown();
     let deadline = Instant::now() + shard.config().proxy.shutdown_timeout;
     while shard.client_count() > 0 && Instant::now() < deadline {

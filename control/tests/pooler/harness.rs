@@ -38,6 +38,7 @@ pub fn pg() -> &'static TempPostgres {
             max_connections: 300,
             extra_conf: vec![],
             password: PG_PASSWORD.to_string(),
+            ssl: None,
         })
         .expect("start the test PostgreSQL");
         // SAFETY: registering a plain extern "C" fn with no captured state.
@@ -192,6 +193,10 @@ pub struct TenantCfg {
     pub default_pool_size: u32,
     pub default_max_clients: u32,
     pub users: Vec<UserCfg>,
+    /// Extra tenant TOML lines (before its users).
+    pub extra_toml: String,
+    /// Another database than the shared one: (host, port).
+    pub db: Option<(String, u16)>,
 }
 
 impl TenantCfg {
@@ -202,6 +207,8 @@ impl TenantCfg {
             default_pool_size: 15,
             default_max_clients: 1000,
             users,
+            extra_toml: String::new(),
+            db: None,
         }
     }
 }
@@ -263,17 +270,19 @@ impl PoolerConfig {
         s.push_str(&self.extra_toml);
         s.push('\n');
         for t in &self.tenants {
+            let (host, port) = t.db.clone().unwrap_or((pg.host.clone(), pg.port));
             writeln!(
                 s,
                 "[[tenants]]\nexternal_id = {:?}\ndb_host = {:?}\ndb_port = {}\n\
                  db_database = \"postgres\"\ndefault_pool_size = {}\ndefault_max_clients = {}\n\
-                 auth_type = {:?}\n",
+                 auth_type = {:?}\n{}\n",
                 t.external_id,
-                pg.host,
-                pg.port,
+                host,
+                port,
                 t.default_pool_size,
                 t.default_max_clients,
-                t.auth_type
+                t.auth_type,
+                t.extra_toml
             )
             .unwrap();
             for u in &t.users {

@@ -1,0 +1,332 @@
+//! A socket of the pooler, plain or TLS (rustls), for clients and servers
+//! alike.
+//!
+//! TLS is done by hand over glommio's socket: encrypted bytes are read with
+//! one `recv` into a stack buffer and fed to rustls, plaintext comes out of
+//! rustls' buffer; writes are encrypted into one pending buffer that is
+//! flushed with `send`. A plain socket goes straight through, so the
+//! non-TLS hot path costs one `match` per read or write.
+
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use futures_lite::{ready, AsyncRead, AsyncWrite, AsyncWriteExt};
+use glommio::net::TcpStream;
+
+/// Encrypted bytes read from the socket per `recv`.
+const TLS_READ_CHUNK: usize = 16 * 1024 + 512;
+
+pub enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream>),
+}
+
+pub struct TlsStream {
+    tcp: TcpStream,
+    conn: rustls::Connection,
+    /// Encrypted bytes not yet sent, from `sent` on.
+    pending: Vec<u8>,
+    sent: usize,
+    /// Plaintext taken by the last `poll_write` that returned Pending while
+    /// its records were still being sent: the retried write reports it.
+    owed: usize,
+    /// The peer sent close_notify or closed the socket.
+    eof: bool,
+}
+
+impl TlsStream {
+    pub fn new(tcp: TcpStream, conn: impl Into<rustls::Connection>) -> Self {
+        TlsStream {
+            tcp,
+            conn: conn.into(),
+            pending: Vec::new(),
+            sent: 0,
+            owed: 0,
+            eof: false,
+        }
+    }
+
+    pub fn connection(&self) -> &rustls::Connection {
+        &self.conn
+    }
+
+    /// The socket and the TLS session, to move to another shard. Call it
+    /// with nothing pending (after a flush); the session goes on from the
+    /// same state on the other side.
+    pub fn into_parts(self) -> (TcpStream, rustls::Connection) {
+        (self.tcp, self.conn)
+    }
+
+    /// Sends whatever rustls holds.
+    pub async fn flush(&mut self) -> io::Result<()> {
+        futures_lite::future::poll_fn(|cx| self.poll_flush_tls(cx)).await
+    }
+
+    /// Sends what rustls has encrypted; Ready once nothing is pending.
+    fn poll_flush_tls(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            if self.sent == self.pending.len() {
+                self.pending.clear();
+                self.sent = 0;
+                if !self.conn.wants_write() {
+                    return Poll::Ready(Ok(()));
+                }
+                self.conn.write_tls(&mut self.pending)?;
+                continue;
+            }
+            let n = ready!(Pin::new(&mut self.tcp).poll_write(cx, &self.pending[self.sent..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.sent += n;
+        }
+    }
+
+    /// Feeds encrypted bytes to rustls; an error is a TLS alert (sent best
+    /// effort) and `InvalidData`.
+    fn feed(&mut self, mut data: &[u8]) -> io::Result<()> {
+        while !data.is_empty() {
+            self.conn.read_tls(&mut data)?;
+            if let Err(e) = self.conn.process_new_packets() {
+                // The alert rustls queued goes out if the socket takes it now.
+                let mut alert = Vec::new();
+                let _ = self.conn.write_tls(&mut alert);
+                // SAFETY: send from a live buffer on our own socket, non-blocking.
+                unsafe {
+                    libc::send(
+                        self.tcp.as_raw_fd(),
+                        alert.as_ptr().cast(),
+                        alert.len(),
+                        libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                    )
+                };
+                return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads encrypted bytes from the socket into rustls. Ready(Ok(false))
+    /// at end of stream.
+    fn poll_read_tls(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
+        let mut chunk = [0u8; TLS_READ_CHUNK];
+        let n = ready!(Pin::new(&mut self.tcp).poll_read(cx, &mut chunk))?;
+        if n == 0 {
+            return Poll::Ready(Ok(false));
+        }
+        self.feed(&chunk[..n])?;
+        Poll::Ready(Ok(true))
+    }
+
+    /// Runs the handshake to its end.
+    pub async fn handshake(&mut self) -> io::Result<()> {
+        while self.conn.is_handshaking() {
+            futures_lite::future::poll_fn(|cx| self.poll_flush_tls(cx)).await?;
+            if self.conn.is_handshaking() && self.conn.wants_read() {
+                let more = futures_lite::future::poll_fn(|cx| self.poll_read_tls(cx)).await?;
+                if !more {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "peer closed during the TLS handshake",
+                    ));
+                }
+            }
+        }
+        futures_lite::future::poll_fn(|cx| self.poll_flush_tls(cx)).await
+    }
+
+    fn poll_read_plain(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        loop {
+            match self.conn.reader().read(buf) {
+                Ok(n) => return Poll::Ready(Ok(n)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                // Closed without close_notify: an end of stream all the same.
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Poll::Ready(Ok(0)),
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+            if self.eof {
+                return Poll::Ready(Ok(0));
+            }
+            // Whatever rustls wants to say (tickets, key updates) goes out
+            // when the socket takes it; reading does not wait for it.
+            if self.conn.wants_write() {
+                if let Poll::Ready(Err(e)) = self.poll_flush_tls(cx) {
+                    return Poll::Ready(Err(e));
+                }
+            }
+            if !ready!(self.poll_read_tls(cx))? {
+                self.eof = true;
+            }
+        }
+    }
+
+    /// A write is Ready only once its records are sent, so that a caller
+    /// with nothing more to write never leaves bytes inside rustls. While
+    /// they are being sent it is Pending, and the caller's retry (with the
+    /// same bytes, as AsyncWrite callers do) reports what was taken.
+    fn poll_write_plain(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        ready!(self.poll_flush_tls(cx))?;
+        if self.owed > 0 {
+            return Poll::Ready(Ok(std::mem::take(&mut self.owed)));
+        }
+        let n = self.conn.writer().write(buf)?;
+        match self.poll_flush_tls(cx) {
+            Poll::Ready(Ok(())) => Poll::Ready(Ok(n)),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => {
+                self.owed = n;
+                Poll::Pending
+            }
+        }
+    }
+
+    /// Reads what has arrived, without waiting: `Ok(None)` when nothing has.
+    fn try_read_now(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        loop {
+            match self.conn.reader().read(buf) {
+                Ok(n) => return Ok(Some(n)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(Some(0)),
+                Err(e) => return Err(e),
+            }
+            let mut chunk = [0u8; TLS_READ_CHUNK];
+            match recv_now(self.tcp.as_raw_fd(), &mut chunk)? {
+                None => return Ok(None),
+                Some(0) => return Ok(Some(0)),
+                Some(n) => self.feed(&chunk[..n])?,
+            }
+        }
+    }
+}
+
+/// One non-blocking `recv`: `Ok(None)` when nothing is there.
+fn recv_now(fd: RawFd, buf: &mut [u8]) -> io::Result<Option<usize>> {
+    // SAFETY: recv into a live buffer of the given length.
+    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+    if n < 0 {
+        let err = io::Error::last_os_error();
+        return match err.kind() {
+            io::ErrorKind::WouldBlock => Ok(None),
+            _ => Err(err),
+        };
+    }
+    Ok(Some(n as usize))
+}
+
+impl Stream {
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::Tls(t) => &t.tcp,
+        }
+    }
+
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Stream::Tls(_))
+    }
+
+    /// The SNI host name the client sent, on a TLS server connection.
+    pub fn sni(&self) -> Option<&str> {
+        match self {
+            Stream::Tls(t) => match &t.conn {
+                rustls::Connection::Server(s) => s.server_name(),
+                rustls::Connection::Client(_) => None,
+            },
+            Stream::Plain(_) => None,
+        }
+    }
+
+    pub fn set_nodelay(&self, on: bool) -> io::Result<()> {
+        self.tcp().set_nodelay(on).map_err(io::Error::from)
+    }
+
+    pub fn peer_addr(&self) -> io::Result<std::net::SocketAddr> {
+        self.tcp().peer_addr().map_err(io::Error::from)
+    }
+
+    /// Reads what has arrived without waiting (`Ok(None)`: nothing yet;
+    /// `Ok(Some(0))`: closed).
+    pub fn try_read_now(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        match self {
+            Stream::Plain(s) => recv_now(s.as_raw_fd(), buf),
+            Stream::Tls(t) => t.try_read_now(buf),
+        }
+    }
+
+    /// Ends our side of the conversation (close_notify first on TLS).
+    pub async fn shutdown_write(&mut self) -> io::Result<()> {
+        if let Stream::Tls(t) = self {
+            t.conn.send_close_notify();
+            futures_lite::future::poll_fn(|cx| t.poll_flush_tls(cx)).await?;
+        }
+        self.tcp()
+            .shutdown(std::net::Shutdown::Write)
+            .await
+            .map_err(io::Error::from)
+    }
+
+    pub async fn close(self) -> io::Result<()> {
+        match self {
+            Stream::Plain(mut s) => s.close().await,
+            Stream::Tls(mut t) => {
+                t.conn.send_close_notify();
+                let _ = futures_lite::future::poll_fn(|cx| t.poll_flush_tls(cx)).await;
+                t.tcp.close().await
+            }
+        }
+    }
+}
+
+impl AsRawFd for Stream {
+    fn as_raw_fd(&self) -> RawFd {
+        self.tcp().as_raw_fd()
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(t) => t.poll_read_plain(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(t) => t.poll_write_plain(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(t) => {
+                ready!(t.poll_flush_tls(cx))?;
+                Pin::new(&mut t.tcp).poll_flush(cx)
+            }
+        }
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_close(cx),
+            Stream::Tls(t) => {
+                ready!(t.poll_flush_tls(cx))?;
+                Pin::new(&mut t.tcp).poll_close(cx)
+            }
+        }
+    }
+}
