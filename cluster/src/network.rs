@@ -61,6 +61,8 @@ pub enum Reply {
     LastSeen(BTreeMap<NodeId, u64>),
     /// This node is not the leader; the leader it knows of, if any.
     NotLeader(Option<(NodeId, String)>),
+    /// A transient refusal (e.g. a membership change still in progress): try again shortly.
+    Busy(String),
     /// The call was handled and failed.
     Error(String),
 }

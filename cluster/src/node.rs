@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use openraft::error::{ClientWriteError, RaftError};
+use openraft::error::{ChangeMembershipError, ClientWriteError, RaftError};
 use openraft::{ChangeMembers, ServerState};
 use serde::Serialize;
 use tokio::net::TcpListener;
@@ -346,8 +346,16 @@ impl ClusterNode {
         let i = &self.inner;
         let deadline = Instant::now() + Duration::from_millis(i.cfg.write_timeout_ms);
         let mut last_err = ClusterError::NoLeader;
+        // A node that is joining knows no leader yet: it keeps asking the address it was given.
+        let fallback = target.clone();
         loop {
-            let result = match target.take() {
+            let addr = target.take().or_else(|| {
+                self.leader_hint()
+                    .is_none()
+                    .then(|| fallback.clone())
+                    .flatten()
+            });
+            let result = match addr {
                 Some(addr) => call(&i.client, &addr, rpc, self.rpc_timeout()).await,
                 None => self.leader_call_once(rpc).await,
             };
@@ -355,6 +363,7 @@ impl ClusterNode {
                 Ok(Reply::NotLeader(hint)) => {
                     target = hint.filter(|(id, _)| *id != i.id).map(|(_, a)| a);
                 }
+                Ok(Reply::Busy(e)) => last_err = ClusterError::Remote(e),
                 Ok(Reply::Error(e)) => return Err(ClusterError::Remote(e)),
                 Ok(r) => return Ok(r),
                 Err(e) if e.is_retryable() => last_err = e,
@@ -519,6 +528,9 @@ fn write_error(e: RaftError<NodeId, ClientWriteError<NodeId, Node>>) -> Reply {
         RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
             Reply::NotLeader(f.leader_id.zip(f.leader_node.map(|n| n.addr)))
         }
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(
+            e @ ChangeMembershipError::InProgress(_),
+        )) => Reply::Busy(e.to_string()),
         e => Reply::Error(e.to_string()),
     }
 }

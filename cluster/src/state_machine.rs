@@ -369,3 +369,142 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use openraft::{CommittedLeaderId, RaftSnapshotBuilder};
+
+    use super::*;
+    use crate::types::MemKv;
+
+    fn entry(index: u64, req: Request) -> Entry<TypeConfig> {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(req),
+        }
+    }
+
+    fn open() -> (sled::Db, Arc<MemKv>, StateMachine) {
+        let db = sled::Config::new()
+            .temporary(true)
+            .open()
+            .expect("temp sled");
+        let app = Arc::new(MemKv::default());
+        let (tx, _rx) = watch::channel(0);
+        let sm = StateMachine::open(&db, app.clone(), tx).expect("open sm");
+        (db, app, sm)
+    }
+
+    fn claim(key: &str, node: NodeId) -> Request {
+        Request::Claim {
+            key: key.into(),
+            node,
+        }
+    }
+
+    #[tokio::test]
+    async fn claims_release_and_release_node() {
+        let (_db, _app, mut sm) = open();
+        let out = sm
+            .apply([
+                entry(1, claim("t/u/transaction", 1)),
+                entry(2, claim("t/u/transaction", 2)),
+                entry(3, claim("t/u/session", 2)),
+                entry(
+                    4,
+                    Request::Release {
+                        key: "t/u/transaction".into(),
+                        node: 2,
+                    },
+                ),
+                entry(5, claim("x", 2)),
+            ])
+            .await
+            .expect("apply");
+        assert_eq!(
+            out,
+            vec![
+                Response::Owner(1),
+                Response::Owner(1),
+                Response::Owner(2),
+                Response::Released(0),
+                Response::Owner(2)
+            ]
+        );
+        let view = sm.view();
+        assert_eq!(view.owner("t/u/transaction"), Some(1));
+        let out = sm
+            .apply([
+                entry(6, Request::ReleaseNode { node: 2 }),
+                entry(
+                    7,
+                    Request::Release {
+                        key: "t/u/transaction".into(),
+                        node: 1,
+                    },
+                ),
+            ])
+            .await
+            .expect("apply");
+        assert_eq!(out, vec![Response::Released(2), Response::Released(1)]);
+        assert!(view.claims().is_empty());
+        assert_eq!(view.applied().map(|l| l.index), Some(7));
+    }
+
+    #[tokio::test]
+    async fn replay_is_idempotent_and_refusals_advance_the_index() {
+        let (_db, app, mut sm) = open();
+        let batch = || {
+            [
+                entry(1, Request::App(b"put a 1".to_vec())),
+                entry(2, Request::App(b"del nope".to_vec())),
+                entry(3, claim("k", 3)),
+                entry(4, Request::App(b"put a 2".to_vec())),
+            ]
+        };
+        let out = sm.apply(batch()).await.expect("apply");
+        assert!(matches!(out[1], Response::App(Err(_))));
+        assert_eq!(sm.view().applied().map(|l| l.index), Some(4));
+        // A crash before the applied index was recorded re-applies the same entries.
+        sm.apply(batch()).await.expect("replay");
+        assert_eq!(app.get("a").as_deref(), Some("2"));
+        assert_eq!(app.applied(), 4);
+        assert_eq!(sm.view().claims(), BTreeMap::from([("k".to_string(), 3)]));
+    }
+
+    #[tokio::test]
+    async fn snapshot_round_trip() {
+        let (_db, _app, mut sm) = open();
+        sm.apply([
+            entry(1, Request::App(b"put a 1".to_vec())),
+            entry(2, claim("k", 2)),
+        ])
+        .await
+        .expect("apply");
+        let mut builder = sm.get_snapshot_builder().await;
+        let snap = builder.build_snapshot().await.expect("build");
+        let current = sm
+            .get_current_snapshot()
+            .await
+            .expect("read")
+            .expect("persisted");
+        assert_eq!(current.meta, snap.meta);
+
+        let (_db2, app2, mut sm2) = open();
+        sm2.apply([entry(1, claim("stale", 9))])
+            .await
+            .expect("apply");
+        sm2.install_snapshot(&snap.meta, snap.snapshot)
+            .await
+            .expect("install");
+        assert_eq!(app2.get("a").as_deref(), Some("1"));
+        assert_eq!(sm2.view().claims(), BTreeMap::from([("k".to_string(), 2)]));
+        assert_eq!(sm2.view().applied().map(|l| l.index), Some(2));
+        let again = sm2
+            .get_current_snapshot()
+            .await
+            .expect("read")
+            .expect("saved");
+        assert_eq!(again.meta, snap.meta);
+    }
+}
