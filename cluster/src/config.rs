@@ -12,7 +12,8 @@ pub struct ClusterConfig {
     pub node_id: NodeId,
     /// host:port the node-to-node listener binds (port 0 picks one).
     pub listen: String,
-    /// host:port other nodes use to reach this one; defaults to the bound address.
+    /// host:port other nodes use to reach this one; defaults to the bound address. The membership
+    /// records it, so it must stay the same across restarts.
     pub advertise: Option<String>,
     /// Static initial voters (including or not this node). The lowest id initializes the group
     /// once; the others wait to be contacted.

@@ -4,7 +4,7 @@ use openraft::error::{ClientWriteError, Fatal, InitializeError, RaftError};
 
 use crate::types::{Node, NodeId};
 
-/// Errors of the cluster crate.
+/// Errors of the cluster crate (openraft's large errors are boxed).
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
     /// Binding, connecting, reading or writing a node-to-node socket.
@@ -24,13 +24,13 @@ pub enum ClusterError {
     FrameTooLarge(usize),
     /// The raft core stopped.
     #[error("raft stopped: {0}")]
-    Fatal(#[from] Fatal<NodeId>),
+    Fatal(Box<Fatal<NodeId>>),
     /// A write or membership change was refused by raft.
     #[error("raft write: {0}")]
-    Write(#[from] RaftError<NodeId, ClientWriteError<NodeId, Node>>),
+    Write(Box<RaftError<NodeId, ClientWriteError<NodeId, Node>>>),
     /// Initializing the group failed.
     #[error("raft initialize: {0}")]
-    Initialize(#[from] RaftError<NodeId, InitializeError<NodeId, Node>>),
+    Initialize(Box<RaftError<NodeId, InitializeError<NodeId, Node>>>),
     /// The remote node handled the call and reported this error.
     #[error("remote: {0}")]
     Remote(String),
@@ -55,5 +55,23 @@ impl ClusterError {
             self,
             ClusterError::Io(_) | ClusterError::NoLeader | ClusterError::Timeout
         )
+    }
+}
+
+impl From<Fatal<NodeId>> for ClusterError {
+    fn from(e: Fatal<NodeId>) -> Self {
+        ClusterError::Fatal(Box::new(e))
+    }
+}
+
+impl From<RaftError<NodeId, ClientWriteError<NodeId, Node>>> for ClusterError {
+    fn from(e: RaftError<NodeId, ClientWriteError<NodeId, Node>>) -> Self {
+        ClusterError::Write(Box::new(e))
+    }
+}
+
+impl From<RaftError<NodeId, InitializeError<NodeId, Node>>> for ClusterError {
+    fn from(e: RaftError<NodeId, InitializeError<NodeId, Node>>) -> Self {
+        ClusterError::Initialize(Box::new(e))
     }
 }

@@ -2,6 +2,9 @@
 //! `raft_log_meta` (vote, committed, last purged log id). Every write is flushed before openraft
 //! is told it is durable.
 
+// openraft's storage traits return its own (large) StorageError; helpers return the same.
+#![allow(clippy::result_large_err)]
+
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 

@@ -7,6 +7,9 @@
 //! [`AppMachine`], which skips indexes it has already applied. Tree `raft_snapshot` keeps the last
 //! snapshot (application snapshot + claims, with its raft metadata) so a restarted node can serve it.
 
+// openraft's storage traits return its own (large) StorageError; helpers return the same.
+#![allow(clippy::result_large_err)]
+
 use std::collections::BTreeMap;
 use std::io::Cursor;
 use std::sync::atomic::{AtomicU64, Ordering};

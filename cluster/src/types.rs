@@ -58,7 +58,9 @@ pub enum Response {
 /// `apply` is called with the raft log index of each committed [`Request::App`] entry, in order.
 /// After a crash the same entry may be applied again: the implementation must skip indexes it
 /// has already applied (keep its own applied index, persisted atomically with the state).
-/// It must be deterministic: no clocks or randomness.
+/// It must be deterministic: no clocks or randomness. Its state must be durable when `apply`
+/// returns, or live in the same sled `Db` as the cluster (flushed after every applied batch):
+/// entries at or below the cluster's recorded applied index are not applied again.
 pub trait AppMachine: Send + Sync + 'static {
     /// Apply the command at log `index`. `Err` is a refusal that is still part of the log.
     fn apply(&self, index: u64, cmd: &[u8]) -> Result<Vec<u8>, String>;

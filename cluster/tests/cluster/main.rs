@@ -406,3 +406,62 @@ async fn group_of_one_survives_restart() {
     .await;
     m.node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn static_peers_form_a_group_and_a_node_can_leave() {
+    // Reserve three ports, then start every node with the full peer list.
+    let addrs: Vec<String> = (0..3)
+        .map(|_| {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            l.local_addr().expect("addr").to_string()
+        })
+        .collect();
+    let peers: Vec<(NodeId, String)> = (1..=3).zip(addrs.iter().cloned()).collect();
+    let mut members = Vec::new();
+    for (id, addr) in &peers {
+        let mut c = cfg(*id);
+        c.listen = addr.clone();
+        c.peers = peers.clone();
+        members.push(start(c, tempfile::tempdir().expect("tempdir"), Arc::default()).await);
+    }
+    for m in &members {
+        m.node
+            .raft()
+            .wait(Some(Duration::from_secs(10)))
+            .metrics(
+                |x| {
+                    x.current_leader.is_some()
+                        && x.membership_config.membership().voter_ids().count() == 3
+                },
+                "group of three",
+            )
+            .await
+            .expect("group");
+    }
+    assert_eq!(
+        members[2].node.claim("t/u/session").await.expect("claim"),
+        3
+    );
+    members[0].node.leave(3).await.expect("leave");
+    for m in &members[..2] {
+        m.node
+            .raft()
+            .wait(Some(Duration::from_secs(10)))
+            .metrics(
+                |x| x.membership_config.membership().nodes().count() == 2,
+                "node 3 gone",
+            )
+            .await
+            .expect("left");
+        let index = *members[0].node.subscribe().borrow();
+        m.node
+            .subscribe()
+            .wait_for(|i| *i >= index)
+            .await
+            .expect("applied");
+        assert_eq!(m.node.owner("t/u/session"), None);
+    }
+    assert_eq!(members[1].node.status().await.voters, vec![1, 2]);
+    assert_eq!(members[1].node.node_addr(3), None);
+    shutdown_all(members).await;
+}
