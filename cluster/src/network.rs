@@ -49,8 +49,11 @@ pub enum Reply {
     Append(Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>),
     Vote(Result<VoteResponse<NodeId>, RaftError<NodeId>>),
     Snapshot(Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>),
-    /// The applied response of a write.
-    Written(Response),
+    /// The applied response of a write and its log index.
+    Written {
+        index: u64,
+        response: Response,
+    },
     /// Heartbeat acknowledged by a leader that confirmed its quorum `quorum_age_ms` ago.
     Alive {
         quorum_age_ms: u64,

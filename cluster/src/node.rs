@@ -171,8 +171,14 @@ impl ClusterNode {
     /// applied response. Retries across leader changes for `write_timeout_ms`; every request
     /// kind is safe to repeat (applications must make `App` commands idempotent as commands).
     pub async fn write(&self, req: Request) -> Result<Response, ClusterError> {
+        self.write_indexed(req).await.map(|(_, r)| r)
+    }
+
+    /// [`ClusterNode::write`], also returning the entry's log index: once [`ClusterNode::subscribe`]
+    /// reaches it, this node's local state includes the write.
+    pub async fn write_indexed(&self, req: Request) -> Result<(u64, Response), ClusterError> {
         match self.leader_call(&Rpc::Write(req), None).await? {
-            Reply::Written(r) => Ok(r),
+            Reply::Written { index, response } => Ok((index, response)),
             other => Err(unexpected(other)),
         }
     }
@@ -394,7 +400,10 @@ impl ClusterNode {
         let i = &self.inner;
         match rpc {
             Rpc::Write(req) => match i.raft.client_write(req.clone()).await {
-                Ok(r) => Reply::Written(r.data),
+                Ok(r) => Reply::Written {
+                    index: r.log_id.index,
+                    response: r.data,
+                },
                 Err(e) => write_error(e),
             },
             Rpc::Heartbeat { node } => match i.liveness.heard_from(*node) {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use cluster::network::{call, Reply, Rpc};
 use cluster::rpc::Client;
-use cluster::{ClusterConfig, ClusterNode, MemKv, NodeId, Request};
+use cluster::{ClusterConfig, ClusterNode, MemKv, NodeId, Request, Response};
 
 const SECRET: &str = "test-cluster-secret";
 
@@ -101,6 +101,16 @@ async fn leader_of(members: &[Member]) -> NodeId {
     leader.expect("leader")
 }
 
+/// The highest applied index among `members`: the leader's, when it is among them, covers every
+/// write acknowledged so far.
+fn max_applied(members: &[Member]) -> u64 {
+    members
+        .iter()
+        .map(|m| *m.node.subscribe().borrow())
+        .max()
+        .unwrap_or(0)
+}
+
 async fn shutdown_all(members: Vec<Member>) {
     for m in &members {
         m.node.shutdown().await;
@@ -117,17 +127,24 @@ async fn write_on_follower_reaches_all_and_racing_claims_agree() {
         .expect("follower");
     let r = follower
         .node
-        .write_app(b"put a 1".to_vec())
+        .write_indexed(Request::App(b"put a 1".to_vec()))
         .await
         .expect("write");
-    assert_eq!(r, Ok(Vec::new()));
+    assert_eq!(r.1, Response::App(Ok(Vec::new())));
+    follower
+        .node
+        .subscribe()
+        .wait_for(|i| *i >= r.0)
+        .await
+        .expect("applied locally");
+    assert_eq!(follower.app.get("a").as_deref(), Some("1"));
     let refused = follower
         .node
         .write_app(b"del missing".to_vec())
         .await
         .expect("write");
     assert!(refused.is_err());
-    let index = *follower.node.subscribe().borrow();
+    let index = max_applied(&members);
     for m in &members {
         let mut rx = m.node.subscribe();
         rx.wait_for(|i| *i >= index).await.expect("applied");
@@ -144,11 +161,7 @@ async fn write_on_follower_reaches_all_and_racing_claims_agree() {
         owners.push(c.await.expect("join").expect("claim"));
     }
     assert!(owners.iter().all(|o| *o == owners[0]), "{owners:?}");
-    let index = members
-        .iter()
-        .map(|m| *m.node.subscribe().borrow())
-        .max()
-        .unwrap_or(0);
+    let index = max_applied(&members);
     for m in &members {
         m.node
             .subscribe()
@@ -245,7 +258,7 @@ async fn writes_continue_after_the_leader_stops() {
         .await
         .expect("write");
     assert_eq!(r, Ok(Vec::new()));
-    let index = *members[1].node.subscribe().borrow();
+    let index = max_applied(&members);
     for m in &members {
         m.node
             .subscribe()
@@ -353,7 +366,7 @@ async fn wrong_secret_is_refused_and_nothing_applied() {
         Duration::from_secs(2),
     )
     .await;
-    assert!(matches!(r, Ok(Reply::Written(_))), "{r:?}");
+    assert!(matches!(r, Ok(Reply::Written { .. })), "{r:?}");
     assert_eq!(m.node.owner("t/u/session"), None);
     assert_eq!(*m.node.subscribe().borrow(), before + 1);
 
@@ -453,7 +466,7 @@ async fn static_peers_form_a_group_and_a_node_can_leave() {
             )
             .await
             .expect("left");
-        let index = *members[0].node.subscribe().borrow();
+        let index = max_applied(&members);
         m.node
             .subscribe()
             .wait_for(|i| *i >= index)
