@@ -8,7 +8,7 @@
 //!
 //! Modules: [`types`] (raft types, commands, the app trait), [`log_store`] and
 //! [`state_machine`] (sled storage), [`rpc`] (authenticated framing), [`network`] (messages and
-//! openraft's client), [`liveness`], [`node`] (the public handle), [`config`], [`error`].
+//! openraft's client), [`liveness`], `server` (the listener), [`node`] (the public handle), [`config`], [`error`].
 
 pub mod config;
 pub mod error;
@@ -17,6 +17,7 @@ pub mod log_store;
 pub mod network;
 pub mod node;
 pub mod rpc;
+mod server;
 pub mod state_machine;
 pub mod types;
 

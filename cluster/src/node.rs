@@ -10,14 +10,14 @@ use openraft::{ChangeMembers, ServerState};
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinHandle;
 
 use crate::config::ClusterConfig;
 use crate::error::ClusterError;
 use crate::liveness::Liveness;
 use crate::log_store::LogStore;
 use crate::network::{call, NetworkFactory, Reply, Rpc};
-use crate::rpc::{Client, Session};
+use crate::rpc::Client;
 use crate::state_machine::{SmView, StateMachine};
 use crate::types::{AppMachine, Node, NodeId, Raft, Request, Response};
 
@@ -109,7 +109,7 @@ impl ClusterNode {
                 tasks: Mutex::new(Vec::new()),
             }),
         };
-        let serve = tokio::spawn(serve(node.clone(), listener));
+        let serve = tokio::spawn(crate::server::serve(node.clone(), listener));
         let beat = tokio::spawn(heartbeat_loop(node.clone()));
         node.lock_tasks().extend([serve, beat]);
         node.bootstrap().await?;
@@ -160,6 +160,10 @@ impl ClusterNode {
     /// The address other nodes reach this one at.
     pub fn addr(&self) -> &str {
         &self.inner.addr
+    }
+
+    pub(crate) fn secret(&self) -> &[u8] {
+        self.inner.cfg.secret.as_bytes()
     }
 
     /// The raft handle (metrics, `wait()`), for tests and diagnostics.
@@ -396,7 +400,7 @@ impl ClusterNode {
     }
 
     /// Serve a leader-only call on this node.
-    async fn handle_leader(&self, rpc: &Rpc) -> Reply {
+    pub(crate) async fn handle_leader(&self, rpc: &Rpc) -> Reply {
         let i = &self.inner;
         match rpc {
             Rpc::Write(req) => match i.raft.client_write(req.clone()).await {
@@ -462,17 +466,6 @@ impl ClusterNode {
             Rpc::Append(_) | Rpc::Vote(_) | Rpc::Snapshot(_) => {
                 Reply::Error("raft message sent as a leader call".into())
             }
-        }
-    }
-
-    /// Serve any request arriving on the listener.
-    async fn dispatch(&self, rpc: Rpc) -> Reply {
-        let raft = &self.inner.raft;
-        match rpc {
-            Rpc::Append(r) => Reply::Append(raft.append_entries(r).await),
-            Rpc::Vote(r) => Reply::Vote(raft.vote(r).await),
-            Rpc::Snapshot(r) => Reply::Snapshot(raft.install_snapshot(r).await),
-            other => self.handle_leader(&other).await,
         }
     }
 
@@ -554,61 +547,5 @@ async fn heartbeat_loop(node: ClusterNode) {
     loop {
         every.tick().await;
         node.tick().await;
-    }
-}
-
-async fn serve(node: ClusterNode, listener: TcpListener) {
-    // Dropping the set (when this task is aborted) aborts every connection task.
-    let mut conns = JoinSet::new();
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    conns.spawn(serve_conn(node.clone(), stream, peer));
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-        }
-    }
-}
-
-async fn serve_conn(node: ClusterNode, stream: tokio::net::TcpStream, peer: std::net::SocketAddr) {
-    let secret = node.inner.cfg.secret.clone();
-    let secret = secret.as_bytes();
-    let mut session = match Session::accept(stream).await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::debug!(%peer, error = %e, "handshake failed");
-            return;
-        }
-    };
-    loop {
-        let body = match session.read_request(secret).await {
-            Ok(Some(b)) => b,
-            Ok(None) => return,
-            Err(e) => {
-                tracing::warn!(%peer, error = %e, "refusing peer");
-                return;
-            }
-        };
-        let reply = match serde_json::from_slice::<Rpc>(&body) {
-            Ok(rpc) => node.dispatch(rpc).await,
-            Err(e) => Reply::Error(format!("undecodable request: {e}")),
-        };
-        let out = match serde_json::to_vec(&reply) {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::warn!(error = %e, "encoding reply");
-                return;
-            }
-        };
-        if let Err(e) = session.write_reply(secret, &out).await {
-            tracing::debug!(%peer, error = %e, "writing reply");
-            return;
-        }
     }
 }
