@@ -265,6 +265,44 @@ impl TempPostgres {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// `pg_ctl restart -m fast`: every connection is closed, the server is
+    /// back (same port) when this returns.
+    pub fn restart(&self) -> io::Result<()> {
+        let log = self.log_file();
+        let out = self.server_command("pg_ctl", |c| {
+            c.arg("restart")
+                .arg("-D")
+                .arg(&self.data_dir)
+                .args(["-m", "fast", "-w", "-t", "60", "-l"])
+                .arg(&log);
+        })?;
+        check_output("pg_ctl restart", &out)
+    }
+
+    /// `pg_ctl stop -m fast`, keeping the data directory for `start_again`.
+    pub fn stop_for_now(&self) -> io::Result<()> {
+        let out = self.server_command("pg_ctl", |c| {
+            c.arg("stop")
+                .arg("-D")
+                .arg(&self.data_dir)
+                .args(["-m", "fast", "-w", "-t", "60"]);
+        })?;
+        check_output("pg_ctl stop", &out)
+    }
+
+    /// Starts a server stopped by `stop_for_now` again, on the same port.
+    pub fn start_again(&self) -> io::Result<()> {
+        let log = self.log_file();
+        let out = self.server_command("pg_ctl", |c| {
+            c.arg("start")
+                .arg("-D")
+                .arg(&self.data_dir)
+                .args(["-w", "-t", "60", "-l"])
+                .arg(&log);
+        })?;
+        check_output("pg_ctl start", &out)
+    }
+
     /// `pg_ctl stop -m fast`. Idempotent; also runs on drop.
     pub fn stop(&mut self) {
         self.stop_mode("fast");

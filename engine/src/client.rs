@@ -223,7 +223,7 @@ async fn serve(shard: &Shard, stream: Stream, session: Session, mode: PoolMode) 
     let mut server: Option<PooledConn> = None;
 
     if mode == PoolMode::Session {
-        match Box::pin(checkout(&pool, checkout_timeout)).await {
+        match Box::pin(checkout_busy(&pool, &ctl, checkout_timeout)).await {
             Ok(mut c) => {
                 *ctl.cancel.borrow_mut() = c.cancel.clone();
                 sync_params(&mut client, &mut c, &mut tracker);

@@ -36,6 +36,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    raise_open_file_limit();
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Demo) => control::demo::run(),
@@ -62,4 +63,20 @@ fn run_config(path: Option<PathBuf>) -> Result<(), String> {
         );
         let _ = std::io::stdout().flush();
     })
+}
+
+/// Every client is a socket: the soft open-file limit goes up to the hard
+/// one (systemd's `LimitNOFILE` sets both).
+fn raise_open_file_limit() {
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) == 0 && rl.rlim_cur < rl.rlim_max {
+            rl.rlim_cur = rl.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &rl);
+        }
+    }
 }

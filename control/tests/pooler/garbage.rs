@@ -38,8 +38,14 @@ fn payload(rng: &mut Rng) -> Vec<u8> {
         }
         // Absurd lengths.
         4 => {
-            let len: u32 =
-                [0x7fff_ffff, 0xffff_ffff, 0x8000_0000, 1 << 20, 10_001][rng.below(5) as usize];
+            let len: u32 = [
+                0x7fff_ffff,
+                0xffff_ffff,
+                0x8000_0000,
+                1 << 30,
+                1 << 20,
+                10_001,
+            ][rng.below(6) as usize];
             let mut p = len.to_be_bytes().to_vec();
             p.extend_from_slice(&196608u32.to_be_bytes());
             let n = rng.below(64) as usize;

@@ -228,6 +228,8 @@ pub struct PoolerConfig {
     pub store_dir: Option<PathBuf>,
     /// Extra TOML appended verbatim.
     pub extra_toml: String,
+    /// `proxy.client_startup_timeout`, when not the default.
+    pub client_startup_timeout: Option<u64>,
 }
 
 impl PoolerConfig {
@@ -246,6 +248,7 @@ impl PoolerConfig {
             tenants,
             store_dir: None,
             extra_toml: String::new(),
+            client_startup_timeout: None,
         }
     }
 
@@ -267,6 +270,14 @@ impl PoolerConfig {
             store.display().to_string()
         )
         .unwrap();
+        if let Some(ms) = self.client_startup_timeout {
+            // Still inside [proxy]: nothing was written after its keys.
+            s = s.replacen(
+                "\n\n[api]",
+                &format!("\nclient_startup_timeout = {ms}\n\n[api]"),
+                1,
+            );
+        }
         s.push_str(&self.extra_toml);
         s.push('\n');
         for t in &self.tenants {
@@ -426,6 +437,19 @@ impl Pooler {
     /// Both client-facing addresses, labelled.
     pub fn ports(&self) -> [(&'static str, SocketAddr); 2] {
         [("session", self.session), ("transaction", self.transaction)]
+    }
+
+    /// Resident memory of the pooler process, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|v| v.parse().ok())
+            })
+            .unwrap_or(0)
     }
 
     pub fn is_alive(&mut self) -> bool {

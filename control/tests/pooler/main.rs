@@ -11,6 +11,7 @@ mod drivers;
 mod faults;
 mod garbage;
 mod harness;
+mod hostile_tests;
 mod load;
 mod metrics_tests;
 mod tls_tests;
