@@ -361,6 +361,7 @@ fn engine_config(db: SocketAddr, shards: usize) -> Arc<Config> {
             shards,
             shutdown_timeout: Duration::from_secs(1),
             client_startup_timeout: Duration::from_secs(10),
+            listen_backlog: 1024,
         },
         tenants: HashMap::from([("bench".to_string(), bench_tenant(db, 4))]),
     })

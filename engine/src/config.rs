@@ -43,6 +43,9 @@ pub struct ProxyConfig {
     pub shutdown_timeout: Duration,
     /// A client that has not finished startup and authentication by then is closed.
     pub client_startup_timeout: Duration,
+    /// `listen()` backlog of each shard's listeners (the kernel caps it at
+    /// `net.core.somaxconn`).
+    pub listen_backlog: u32,
 }
 
 /// A secret fetched through a tenant's `auth_query` (`pg_authid.rolpassword`).
