@@ -13,6 +13,7 @@ mod garbage;
 mod harness;
 mod load;
 mod metrics_tests;
+mod ops;
 
 use harness::*;
 
