@@ -367,6 +367,7 @@ fn engine_config(db: SocketAddr, shards: usize) -> Arc<Config> {
             shutdown_timeout: Duration::from_secs(1),
             client_startup_timeout: Duration::from_secs(10),
             tls: None,
+            listen_backlog: 1024,
         },
         HashMap::from([("bench".to_string(), bench_tenant(db, 4))]),
     ))

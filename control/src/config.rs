@@ -42,6 +42,9 @@ pub struct ProxyFile {
     pub shutdown_timeout: u64,
     /// Milliseconds a client may take to finish startup and authentication.
     pub client_startup_timeout: u64,
+    /// `listen()` backlog per shard and port; the kernel caps it at
+    /// `net.core.somaxconn`.
+    pub listen_backlog: u32,
 }
 
 impl Default for ProxyFile {
@@ -52,6 +55,7 @@ impl Default for ProxyFile {
             shards: 0,
             shutdown_timeout: 10_000,
             client_startup_timeout: 10_000,
+            listen_backlog: 4096,
         }
     }
 }
@@ -270,6 +274,11 @@ impl ProxyFile {
         } else {
             self.shards
         };
+        if self.listen_backlog == 0 || self.listen_backlog > i32::MAX as u32 {
+            return Err(ConfigError::Invalid(
+                "proxy.listen_backlog must be between 1 and 2147483647".into(),
+            ));
+        }
         if shards > 256 {
             return Err(ConfigError::Invalid(
                 "proxy.shards must be at most 256".into(),
@@ -282,6 +291,7 @@ impl ProxyFile {
             shutdown_timeout: Duration::from_millis(self.shutdown_timeout),
             client_startup_timeout: Duration::from_millis(self.client_startup_timeout.max(1)),
             tls,
+            listen_backlog: self.listen_backlog,
         })
     }
 }

@@ -19,7 +19,8 @@ const GATHER_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub struct Node {
     store: Store,
-    proxy: ProxyConfig,
+    /// Live settings change on reload (SIGHUP); listener settings stay.
+    proxy: Mutex<ProxyConfig>,
     secrets: SecretCache,
     shards: Arc<Vec<ShardHandle>>,
     /// Writes are applied and published one at a time, so shards see
@@ -44,7 +45,7 @@ impl Node {
     ) -> Node {
         Node {
             store,
-            proxy,
+            proxy: Mutex::new(proxy),
             secrets,
             shards,
             writes: Mutex::new(()),
@@ -85,11 +86,8 @@ impl Node {
     /// Sends the store's state to every shard and waits until each has it,
     /// so that an API answer means the change is live.
     fn publish(&self) -> Result<(), PlaneError> {
-        let config = Arc::new(Self::engine_config(
-            &self.proxy,
-            &self.store,
-            &self.secrets,
-        )?);
+        let proxy = self.proxy().clone();
+        let config = Arc::new(Self::engine_config(&proxy, &self.store, &self.secrets)?);
         self.broadcast(|| ShardMsg::Config(config.clone()))?;
         self.barrier()
     }
@@ -117,6 +115,64 @@ impl Node {
         let (_, tenant) = self.store.apply(cmd)?;
         self.publish()?;
         Ok(tenant)
+    }
+
+    /// The proxy settings in force.
+    pub fn proxy(&self) -> std::sync::MutexGuard<'_, ProxyConfig> {
+        self.proxy.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Applies a reloaded config file: its tenants are upserted into the
+    /// store (seeds, as at start) and `proxy` replaces the live settings, then
+    /// one snapshot goes to the shards. Everything is validated first: an
+    /// invalid file changes nothing.
+    pub fn reload(&self, proxy: ProxyConfig, seeds: &[(String, TenantSpec)]) -> Result<(), String> {
+        crate::config::build_config(&proxy, seeds, &self.secrets).map_err(|e| e.to_string())?;
+        let _guard = self.writes.lock().unwrap_or_else(|e| e.into_inner());
+        for (id, spec) in seeds {
+            self.store
+                .apply(&Command::PutTenant {
+                    id: id.clone(),
+                    spec: spec.clone(),
+                })
+                .map_err(|e| format!("tenant {id:?}: {e}"))?;
+        }
+        *self.proxy() = proxy;
+        self.publish().map_err(|e| e.to_string())
+    }
+
+    /// Graceful restart: every shard closes its listeners and keeps serving
+    /// the clients it has.
+    pub fn handover(&self) -> Result<(), PlaneError> {
+        self.broadcast(|| ShardMsg::Handover)?;
+        self.barrier()
+    }
+
+    /// Connections the shards still serve (logged in or still in startup).
+    pub fn connections(&self) -> Result<usize, PlaneError> {
+        let (tx, rx) = crossbeam_channel::bounded(self.shards.len());
+        self.broadcast(|| ShardMsg::Connections(tx.clone()))?;
+        drop(tx);
+        let deadline = Instant::now() + GATHER_TIMEOUT;
+        let mut total = 0;
+        for answered in 0..self.shards.len() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(n) => total += n,
+                Err(_) => {
+                    return Err(PlaneError::Unavailable(format!(
+                        "{answered} of {} shards answered",
+                        self.shards.len()
+                    )))
+                }
+            }
+        }
+        Ok(total)
+    }
+
+    /// Asks every shard to stop (drain and exit).
+    pub fn shutdown(&self) {
+        let _ = self.broadcast(|| ShardMsg::Shutdown);
     }
 
     /// Every shard's counters and pools.

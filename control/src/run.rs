@@ -1,10 +1,15 @@
 //! Running a node: open the store, seed it from the config file, start the
-//! shards and the control thread (HTTP API, metrics), drain on a signal.
+//! shards and the control thread (HTTP API, metrics), then act on signals:
+//! SIGTERM / SIGINT drain and stop, SIGHUP reloads the config file, SIGUSR2
+//! hands over to a new process on the same ports (graceful restart).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR2};
 use signal_hook::iterator::Signals;
 use tracing::{info, warn};
 
@@ -19,6 +24,137 @@ pub struct Ready {
     pub session: SocketAddr,
     pub transaction: SocketAddr,
     pub api: SocketAddr,
+}
+
+/// Exit status of a process that handed over (SIGUSR2) and then saw its
+/// last client leave. The systemd units list it in `RestartPreventExitStatus`
+/// and `SuccessExitStatus`, so that `Restart=always` does not start it again.
+pub const HANDED_OVER_EXIT: u8 = 75;
+
+/// How a node stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// SIGTERM / SIGINT: drained and stopped.
+    Shutdown,
+    /// SIGUSR2: listeners closed, every client served until it left.
+    HandedOver,
+}
+
+/// How the node was started, beyond the config file's contents.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// The file SIGHUP re-reads; `None`: SIGHUP only logs.
+    pub config_path: Option<PathBuf>,
+    /// Replaces `[store] path` (`supavisor --store`): the two processes of a
+    /// graceful restart each need their own sled directory.
+    pub store_override: Option<PathBuf>,
+}
+
+/// How often a node that handed over counts the connections it still serves.
+const HANDOVER_POLL: Duration = Duration::from_millis(100);
+
+/// The API listener: SO_REUSEPORT (like the shards' listeners) so that the
+/// new process of a graceful restart can bind it while the old one still
+/// has it; the old one closes its own at SIGUSR2.
+fn bind_api(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    sock.set_reuse_address(true)?;
+    sock.set_reuse_port(true)?;
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(1024)?;
+    Ok(sock.into())
+}
+
+/// SIGHUP: re-reads the config file. Tenants are upserted (as at start) and
+/// the live settings (`proxy.shutdown_timeout`, `proxy.client_startup_timeout`,
+/// `[tls]` certificate and key) replace the running ones; settings that need a restart are logged and
+/// keep their running values; a file that does not parse or validate changes
+/// nothing.
+fn reload(node: &Node, started: &ConfigFile, opts: &Options) {
+    let Some(path) = &opts.config_path else {
+        warn!("SIGHUP: started without --config, nothing to reload");
+        return;
+    };
+    let failed = |e: &dyn std::fmt::Display| {
+        warn!(file = %path.display(), error = %e, "reload failed: the running configuration stays");
+    };
+    let mut file = match ConfigFile::load(path) {
+        Ok(f) => f,
+        Err(e) => return failed(&e),
+    };
+    if let Some(p) = &opts.store_override {
+        file.store.path = p.clone();
+    }
+    let new = match file.proxy.build(file.tls.as_ref()) {
+        Ok(p) => p,
+        Err(e) => return failed(&e),
+    };
+    let mut live = node.proxy().clone();
+    let mut restart = Vec::new();
+    if new.session_addr != live.session_addr {
+        restart.push("proxy.session_addr");
+    }
+    if new.transaction_addr != live.transaction_addr {
+        restart.push("proxy.transaction_addr");
+    }
+    if new.shards != live.shards {
+        restart.push("proxy.shards");
+    }
+    if new.listen_backlog != live.listen_backlog {
+        restart.push("proxy.listen_backlog");
+    }
+    if file.api.addr != started.api.addr {
+        restart.push("api.addr");
+    }
+    if file.api.jwt_secret != started.api.jwt_secret {
+        restart.push("api.jwt_secret");
+    }
+    if file.api.metrics_jwt_secret != started.api.metrics_jwt_secret {
+        restart.push("api.metrics_jwt_secret");
+    }
+    if file.store.path != started.store.path {
+        restart.push("store.path");
+    }
+    live.shutdown_timeout = new.shutdown_timeout;
+    live.client_startup_timeout = new.client_startup_timeout;
+    // A renewed certificate (or TLS turned on or off) applies to new connections.
+    live.tls = new.tls;
+    let seeds = file.seeds();
+    if let Err(e) = node.reload(live, &seeds) {
+        return failed(&e);
+    }
+    info!(file = %path.display(), tenants = seeds.len(), "configuration reloaded");
+    if !restart.is_empty() {
+        warn!(
+            settings = restart.join(", "),
+            "changed settings need a restart; they keep their running values"
+        );
+    }
+}
+
+/// After SIGUSR2: waits until the shards serve no connection (twice in a
+/// row, so that a connection passing between two shards is not missed),
+/// then stops them.
+fn finish_handover(node: &Node) {
+    let mut idle_rounds = 0;
+    loop {
+        match node.connections() {
+            Ok(0) => idle_rounds += 1,
+            Ok(_) => idle_rounds = 0,
+            Err(e) => {
+                warn!(error = %e, "handover: cannot count connections");
+                idle_rounds = 0;
+            }
+        }
+        if idle_rounds >= 2 {
+            info!("handover: the last client left, stopping");
+            node.shutdown();
+            return;
+        }
+        std::thread::sleep(HANDOVER_POLL);
+    }
 }
 
 /// The vault key from `VAULT_ENC_KEY`; a fixed development key (with a
@@ -43,6 +179,20 @@ fn secret(env: &str, file: &Option<String>) -> Option<String> {
 /// Runs the node until SIGTERM or SIGINT, then drains. `on_ready` is called
 /// once every shard and the API listen.
 pub fn run(file: ConfigFile, on_ready: impl FnOnce(&Ready)) -> Result<(), String> {
+    run_node(file, &Options::default(), on_ready).map(|_| ())
+}
+
+/// Runs the node until it stops: SIGTERM / SIGINT (drain), or SIGUSR2 and
+/// then the last client leaving. SIGHUP reloads `opts.config_path`.
+pub fn run_node(
+    mut file: ConfigFile,
+    opts: &Options,
+    on_ready: impl FnOnce(&Ready),
+) -> Result<Stopped, String> {
+    if let Some(p) = &opts.store_override {
+        file.store.path = p.clone();
+    }
+    let started = file.clone();
     let proxy = file
         .proxy
         .build(file.tls.as_ref())
@@ -59,7 +209,8 @@ pub fn run(file: ConfigFile, on_ready: impl FnOnce(&Ready)) -> Result<(), String
     let secrets = SecretCache::default();
     let config = Node::engine_config(&proxy, &store, &secrets).map_err(|e| e.to_string())?;
     let tenants = config.tenants.len();
-    let mut signals = Signals::new([SIGTERM, SIGINT]).map_err(|e| e.to_string())?;
+    let mut signals =
+        Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR2]).map_err(|e| e.to_string())?;
     let running = engine::start(Arc::new(config)).map_err(|e| e.to_string())?;
     let node = Arc::new(Node::new(
         store,
@@ -79,6 +230,8 @@ pub fn run(file: ConfigFile, on_ready: impl FnOnce(&Ready)) -> Result<(), String
     let api_addr = file.api.addr;
     let (api_tx, api_rx) = std::sync::mpsc::channel::<Result<SocketAddr, String>>();
     let plane: Arc<dyn crate::plane::ControlPlane> = node.clone();
+    let api_stop = Arc::new(tokio::sync::Notify::new());
+    let api_stopped = api_stop.clone();
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
@@ -93,7 +246,8 @@ pub fn run(file: ConfigFile, on_ready: impl FnOnce(&Ready)) -> Result<(), String
                 }
             };
             rt.block_on(async move {
-                let listener = match tokio::net::TcpListener::bind(api_addr).await {
+                let listener = match bind_api(api_addr).and_then(tokio::net::TcpListener::from_std)
+                {
                     Ok(l) => l,
                     Err(e) => {
                         let _ = api_tx.send(Err(format!("cannot listen on {api_addr} (api): {e}")));
@@ -102,8 +256,16 @@ pub fn run(file: ConfigFile, on_ready: impl FnOnce(&Ready)) -> Result<(), String
                 };
                 let local = listener.local_addr().unwrap_or(api_addr);
                 let _ = api_tx.send(Ok(local));
-                if let Err(e) = crate::api::serve(listener, plane, auth).await {
-                    warn!(error = %e, "API server stopped");
+                // The listener is dropped (closed) with the serve future when the
+                // select ends, before the log line.
+                let served = tokio::select! {
+                    served = crate::api::serve(listener, plane, auth) => Some(served),
+                    _ = api_stopped.notified() => None,
+                };
+                match served {
+                    Some(Err(e)) => warn!(error = %e, "API server stopped"),
+                    Some(Ok(())) => {}
+                    None => info!("handover: API listener closed"),
                 }
             });
         })
@@ -132,22 +294,55 @@ pub fn run(file: ConfigFile, on_ready: impl FnOnce(&Ready)) -> Result<(), String
         "supavisor ready"
     );
     on_ready(&ready);
-    let handles = running.handles().clone();
+    let handed_over = Arc::new(AtomicBool::new(false));
+    let signal_node = node.clone();
+    let signal_handover = handed_over.clone();
+    let opts = opts.clone();
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
-            if let Some(sig) = signals.forever().next() {
-                info!(
-                    signal = sig,
-                    "shutting down: no new clients, draining transactions"
-                );
-                for h in handles.iter() {
-                    let _ = h.send(engine::shard::ShardMsg::Shutdown);
+            let node = signal_node;
+            for sig in signals.forever() {
+                match sig {
+                    SIGHUP => {
+                        info!("SIGHUP: reloading the configuration");
+                        reload(&node, &started, &opts);
+                    }
+                    SIGUSR2 => {
+                        if signal_handover.swap(true, Ordering::SeqCst) {
+                            continue;
+                        }
+                        info!("SIGUSR2: handing over, no new clients, serving the connected ones until they leave");
+                        if let Err(e) = node.handover() {
+                            warn!(error = %e, "handover: a shard did not confirm");
+                        }
+                        api_stop.notify_one();
+                        let node = node.clone();
+                        if let Err(e) = std::thread::Builder::new()
+                            .name("handover".into())
+                            .spawn(move || finish_handover(&node))
+                        {
+                            warn!(error = %e, "handover: cannot start the watcher; stop with SIGTERM");
+                        }
+                    }
+                    _ => {
+                        info!(
+                            signal = sig,
+                            "shutting down: no new clients, draining transactions"
+                        );
+                        node.shutdown();
+                    }
                 }
             }
         })
         .map_err(|e| e.to_string())?;
     let result = running.join();
     drop(node);
-    result
+    result.map(|()| {
+        if handed_over.load(Ordering::SeqCst) {
+            Stopped::HandedOver
+        } else {
+            Stopped::Shutdown
+        }
+    })
 }

@@ -45,6 +45,9 @@ pub struct ProxyConfig {
     pub client_startup_timeout: Duration,
     /// Client TLS: SSLRequest is answered with a handshake when set.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// `listen()` backlog of each shard's listeners (the kernel caps it at
+    /// `net.core.somaxconn`).
+    pub listen_backlog: u32,
 }
 
 /// A secret fetched through a tenant's `auth_query` (`pg_authid.rolpassword`).

@@ -7,7 +7,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::io::{self, Write};
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -65,6 +65,13 @@ pub enum ShardMsg {
     Snapshot(crossbeam_channel::Sender<ShardSnapshot>),
     /// Answered with the shard id once every message sent before it is applied.
     Barrier(crossbeam_channel::Sender<usize>),
+    /// Graceful restart (SIGUSR2): stop accepting, take what is already in
+    /// the listeners' backlog, close the listeners; keep serving every
+    /// connection (idle ones included) until it ends.
+    Handover,
+    /// Answered with the number of connections this shard still serves
+    /// (logged in or not).
+    Connections(crossbeam_channel::Sender<usize>),
     Shutdown,
 }
 
@@ -208,6 +215,27 @@ pub struct Shard {
     timed_clients: Cell<usize>,
     /// Failed logins per (client address, tenant, user), for the back-off.
     login_failures: RefCell<HashMap<(IpAddr, String, String), LoginFailures>>,
+    /// Connection tasks alive on this shard, from accept (or handoff) to
+    /// their end: logged-in clients plus those still in startup.
+    connections: Cell<usize>,
+}
+
+/// Counts one connection task of a shard while it lives.
+pub struct ConnGuard(Rc<Shard>);
+
+impl ConnGuard {
+    pub fn new(shard: &Rc<Shard>) -> ConnGuard {
+        shard.connections.set(shard.connections.get() + 1);
+        ConnGuard(shard.clone())
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.0
+            .connections
+            .set(self.0.connections.get().saturating_sub(1));
+    }
 }
 
 /// Failed logins of one (address, tenant, user).
@@ -653,8 +681,10 @@ async fn shard_main(
     wake_fd: i32,
     ready: std::sync::mpsc::Sender<Result<(), String>>,
 ) {
+    let backlog = config.proxy.listen_backlog;
     let bind = |addr: SocketAddr| {
-        TcpListener::bind(addr).map_err(|e| format!("shard {id}: cannot listen on {addr}: {e}"))
+        bind_listener(addr, backlog)
+            .map_err(|e| format!("shard {id}: cannot listen on {addr}: {e}"))
     };
     let listeners =
         bind(config.proxy.session_addr).and_then(|s| Ok((s, bind(config.proxy.transaction_addr)?)));
@@ -683,14 +713,17 @@ async fn shard_main(
         draining: Cell::new(false),
         timed_clients: Cell::new(0),
         login_failures: RefCell::new(HashMap::new()),
+        connections: Cell::new(0),
     });
-    let accept_session =
-        glommio::spawn_local(accept_loop(shard.clone(), session, PoolMode::Session));
-    let accept_txn = glommio::spawn_local(accept_loop(
-        shard.clone(),
-        transaction,
-        PoolMode::Transaction,
-    ));
+    let mut accepting = Vec::with_capacity(2);
+    for (listener, mode) in [
+        (session, PoolMode::Session),
+        (transaction, PoolMode::Transaction),
+    ] {
+        let listener = Rc::new(listener);
+        let task = glommio::spawn_local(accept_loop(shard.clone(), listener.clone(), mode));
+        accepting.push((task, listener, mode));
+    }
     let probe = glommio::spawn_local(lag_probe(shard.clone()));
     let sweep = glommio::spawn_local({
         let shard = shard.clone();
@@ -716,6 +749,7 @@ async fn shard_main(
         while let Ok(msg) = rx.try_recv() {
             match msg {
                 ShardMsg::Handoff(h) => {
+                    let h = *h;
                     // SAFETY: the fd is a connected TCP socket handed over by its owner.
                     let tcp = unsafe { TcpStream::from_raw_fd(h.fd.into_raw_fd()) };
                     let stream = match h.tls {
@@ -723,15 +757,15 @@ async fn shard_main(
                         None => Stream::Plain(tcp),
                     };
                     crate::metrics::bump(&shard.handoffs_in, 1);
-                    shard.spawn(crate::client::run(
-                        shard.clone(),
-                        stream,
-                        h.startup,
-                        h.ident,
-                        h.leftover,
-                        h.mode,
-                        h.peer,
-                    ));
+                    let guard = ConnGuard::new(&shard);
+                    shard.spawn(async move {
+                        let shard = guard.0.clone();
+                        crate::client::run(
+                            shard, stream, h.startup, h.ident, h.leftover, h.mode, h.peer,
+                        )
+                        .await;
+                        drop(guard);
+                    });
                 }
                 ShardMsg::Cancel { process_id, secret } => shard.cancel(process_id, &secret),
                 ShardMsg::Config(config) => shard.apply_config(config),
@@ -742,14 +776,34 @@ async fn shard_main(
                 ShardMsg::Barrier(reply) => {
                     let _ = reply.try_send(shard.id);
                 }
+                ShardMsg::Connections(reply) => {
+                    let _ = reply.try_send(shard.connections.get());
+                }
+                ShardMsg::Handover => {
+                    let mut taken = 0;
+                    for (task, listener, mode) in accepting.drain(..) {
+                        task.cancel().await;
+                        taken += take_backlog(&shard, &listener, mode);
+                        // The accept task is gone: this was the last reference
+                        // and the listener closes here.
+                        drop(listener);
+                    }
+                    info!(
+                        shard = id,
+                        from_backlog = taken,
+                        clients = shard.connections.get(),
+                        "handover: listeners closed, serving the connected clients until they leave"
+                    );
+                }
                 ShardMsg::Shutdown => break 'inbox,
             }
         }
     }
 
     // Shutdown: stop accepting, let transactions finish, then go.
-    accept_session.cancel().await;
-    accept_txn.cancel().await;
+    for (task, _, _) in accepting.drain(..) {
+        task.cancel().await;
+    }
     probe.cancel().await;
     sweep.cancel().await;
     shard.begin_shutdown();
@@ -761,10 +815,76 @@ async fn shard_main(
     info!(shard = id, left = shard.client_count(), "shard stopped");
 }
 
-async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, mode: PoolMode) {
+/// Starts the first moments of an accepted connection, counted.
+fn spawn_handle(shard: &Rc<Shard>, stream: TcpStream, mode: PoolMode) {
+    let guard = ConnGuard::new(shard);
+    shard.spawn(async move {
+        crate::accept::handle(guard.0.clone(), stream, mode).await;
+        drop(guard);
+    });
+}
+
+/// A listener like glommio's own `TcpListener::bind` (SO_REUSEPORT, so that
+/// every shard, and a second process during a graceful restart, can bind the
+/// same port) but with our `listen()` backlog; glommio's is fixed at 1024.
+/// Returns the listener and its fd (still owned by the listener).
+fn bind_listener(addr: SocketAddr, backlog: u32) -> io::Result<(TcpListener, RawFd)> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    sock.set_reuse_port(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(backlog.min(i32::MAX as u32) as i32)?;
+    let fd = sock.into_raw_fd();
+    // SAFETY: a bound, listening TCP socket whose ownership we hand over.
+    Ok((unsafe { TcpListener::from_raw_fd(fd) }, fd))
+}
+
+/// Accepts, without waiting, every connection already queued in a listener's
+/// backlog (the kernel would reset them when the listener closes) and starts
+/// them. Returns how many were taken.
+fn take_backlog(shard: &Rc<Shard>, listener: &(TcpListener, RawFd), mode: PoolMode) -> usize {
+    let fd = listener.1;
+    // SAFETY: fcntl on the listener's fd, which is open while `listener` lives.
+    let nonblocking = unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        flags >= 0 && libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) == 0
+    };
+    if !nonblocking {
+        warn!(
+            shard = shard.id,
+            "handover: cannot make the listener non-blocking"
+        );
+        return 0;
+    }
+    let mut taken = 0;
     loop {
-        match listener.accept().await {
-            Ok(stream) => shard.spawn(crate::accept::handle(shard.clone(), stream, mode)),
+        // SAFETY: accept on an open listener; the new fd is owned by the stream.
+        let conn = unsafe { libc::accept(fd, std::ptr::null_mut(), std::ptr::null_mut()) };
+        if conn < 0 {
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::WouldBlock => break,
+                io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted => continue,
+                _ => {
+                    warn!(shard = shard.id, error = %e, "handover: accept failed");
+                    break;
+                }
+            }
+        }
+        // SAFETY: a connected TCP socket we just accepted; glommio's own
+        // accepted sockets are blocking fds too (it sends with MSG_DONTWAIT
+        // and waits through io_uring).
+        let stream = unsafe { TcpStream::from_raw_fd(conn) };
+        spawn_handle(shard, stream, mode);
+        taken += 1;
+    }
+    taken
+}
+
+async fn accept_loop(shard: Rc<Shard>, listener: Rc<(TcpListener, RawFd)>, mode: PoolMode) {
+    loop {
+        match listener.0.accept().await {
+            Ok(stream) => spawn_handle(&shard, stream, mode),
             Err(e) => {
                 // Out of descriptors and the like: back off instead of spinning.
                 warn!(shard = shard.id, error = %e, "accept failed");

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use control::config::ConfigFile;
+use control::run::{Options, Stopped, HANDED_OVER_EXIT};
 
 #[derive(Parser)]
 #[command(
@@ -17,6 +18,10 @@ struct Cli {
     /// TOML configuration file; without it the embedded defaults are used.
     #[arg(long, short, env = "SUPAVISOR_CONFIG")]
     config: Option<PathBuf>,
+    /// Sled store directory, in place of the file's `[store] path` (the two
+    /// processes of a graceful restart each need their own).
+    #[arg(long, env = "SUPAVISOR_STORE")]
+    store: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -39,11 +44,12 @@ fn main() -> ExitCode {
     raise_open_file_limit();
     let cli = Cli::parse();
     let result = match cli.command {
-        Some(Command::Demo) => control::demo::run(),
-        None => run_config(cli.config),
+        Some(Command::Demo) => control::demo::run().map(|()| Stopped::Shutdown),
+        None => run_config(cli.config, cli.store),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(Stopped::Shutdown) => ExitCode::SUCCESS,
+        Ok(Stopped::HandedOver) => ExitCode::from(HANDED_OVER_EXIT),
         Err(e) => {
             eprintln!("supavisor: {e}");
             ExitCode::FAILURE
@@ -51,12 +57,16 @@ fn main() -> ExitCode {
     }
 }
 
-fn run_config(path: Option<PathBuf>) -> Result<(), String> {
-    let file = match path {
-        Some(p) => ConfigFile::load(&p).map_err(|e| e.to_string())?,
+fn run_config(path: Option<PathBuf>, store: Option<PathBuf>) -> Result<Stopped, String> {
+    let file = match &path {
+        Some(p) => ConfigFile::load(p).map_err(|e| e.to_string())?,
         None => ConfigFile::default(),
     };
-    control::run::run(file, |r| {
+    let opts = Options {
+        config_path: path,
+        store_override: store,
+    };
+    control::run::run_node(file, &opts, |r| {
         println!(
             "supavisor ready session={} transaction={} api={}",
             r.session, r.transaction, r.api

@@ -228,7 +228,7 @@ pub struct PoolerConfig {
     pub store_dir: Option<PathBuf>,
     /// Extra TOML appended verbatim.
     pub extra_toml: String,
-    /// `proxy.client_startup_timeout`, when not the default.
+    /// `proxy.client_startup_timeout` (ms); `None` = the pooler's default.
     pub client_startup_timeout: Option<u64>,
 }
 
@@ -252,7 +252,8 @@ impl PoolerConfig {
         }
     }
 
-    fn to_toml(
+    /// The config file a pooler with these addresses and store runs from.
+    pub fn to_toml(
         &self,
         session: SocketAddr,
         transaction: SocketAddr,
@@ -264,20 +265,15 @@ impl PoolerConfig {
         writeln!(
             s,
             "[proxy]\nsession_addr = \"{session}\"\ntransaction_addr = \"{transaction}\"\n\
-             shards = {}\nshutdown_timeout = {}\n\n[api]\naddr = \"{api}\"\n\n[store]\npath = {:?}\n",
+             shards = {}\nshutdown_timeout = {}\n{}\n[api]\naddr = \"{api}\"\n\n[store]\npath = {:?}\n",
             self.shards,
             self.shutdown_timeout,
+            self.client_startup_timeout
+                .map(|ms| format!("client_startup_timeout = {ms}\n"))
+                .unwrap_or_default(),
             store.display().to_string()
         )
         .unwrap();
-        if let Some(ms) = self.client_startup_timeout {
-            // Still inside [proxy]: nothing was written after its keys.
-            s = s.replacen(
-                "\n\n[api]",
-                &format!("\nclient_startup_timeout = {ms}\n\n[api]"),
-                1,
-            );
-        }
         s.push_str(&self.extra_toml);
         s.push('\n');
         for t in &self.tenants {
@@ -325,6 +321,8 @@ pub struct Pooler {
     pub api: SocketAddr,
     /// The sled store directory in use.
     pub store_dir: PathBuf,
+    /// The config file it was started with (rewrite it, then SIGHUP, to reload).
+    pub config_path: PathBuf,
     stderr_path: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -337,12 +335,23 @@ fn free_addr() -> SocketAddr {
 
 impl Pooler {
     pub fn start(cfg: &PoolerConfig) -> Pooler {
+        Pooler::start_on(cfg, free_addr(), free_addr(), free_addr())
+    }
+
+    /// Starts a pooler on given addresses (a second pooler on the ports of a first one, for a
+    /// graceful restart: the listeners use SO_REUSEPORT). Its store is its own unless
+    /// `cfg.store_dir` says otherwise.
+    pub fn start_on(
+        cfg: &PoolerConfig,
+        session: SocketAddr,
+        transaction: SocketAddr,
+        api: SocketAddr,
+    ) -> Pooler {
         pg();
         let dir = tempfile::Builder::new()
             .prefix("supavisor-test.")
             .tempdir()
             .expect("temp dir");
-        let (session, transaction, api) = (free_addr(), free_addr(), free_addr());
         let store_dir = cfg
             .store_dir
             .clone()
@@ -401,6 +410,7 @@ impl Pooler {
             transaction,
             api,
             store_dir,
+            config_path,
             stderr_path,
             _dir: dir,
         };
@@ -458,6 +468,24 @@ impl Pooler {
 
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Rewrites the config file with `cfg` on this pooler's addresses and store (then send
+    /// SIGHUP to reload it).
+    pub fn write_config(&self, cfg: &PoolerConfig) {
+        std::fs::write(
+            &self.config_path,
+            cfg.to_toml(self.session, self.transaction, self.api, &self.store_dir),
+        )
+        .expect("write config");
+    }
+
+    /// Sends a signal to the process.
+    pub fn signal(&self, sig: libc::c_int) {
+        // SAFETY: signalling our own child by its pid.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, sig);
+        }
     }
 
     /// Send SIGTERM without waiting.

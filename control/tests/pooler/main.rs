@@ -14,6 +14,7 @@ mod harness;
 mod hostile_tests;
 mod load;
 mod metrics_tests;
+mod ops;
 mod tls_tests;
 
 use harness::*;
