@@ -30,6 +30,10 @@ pub enum EngineError {
     Database(ErrorFields),
     #[error("server asked for an unsupported authentication method: {0}")]
     UnsupportedServerAuth(String),
+    /// TLS with the database failed (not retried: a certificate does not
+    /// become valid by waiting).
+    #[error("could not connect to the database at {addr}: {why}")]
+    ServerTls { addr: String, why: String },
     #[error("could not connect to the database at {addr}: {source}")]
     Connect {
         addr: String,
@@ -141,6 +145,7 @@ impl EngineError {
             | EngineError::ServerProtocol(_)
             | EngineError::Database(_)
             | EngineError::UnsupportedServerAuth(_)
+            | EngineError::ServerTls { .. }
             | EngineError::Connect { .. } => Side::Server,
             EngineError::CheckoutTimeout(_) | EngineError::Timeout(_) => Side::Internal,
             EngineError::TooManyStatements(_) => Side::Client,
@@ -181,6 +186,7 @@ impl EngineError {
             EngineError::ServerIo(_) | EngineError::ServerProtocol(_) => "08006",
             EngineError::Database(_) => "XX000",
             EngineError::UnsupportedServerAuth(_) => "28000",
+            EngineError::ServerTls { .. } => "08006",
             EngineError::Connect { .. } => "08006",
             EngineError::CheckoutTimeout(_) => "53300",
             EngineError::Timeout(_) => "57014",

@@ -69,9 +69,9 @@ async fn upstream_tls(
     host: &str,
     addr: SocketAddr,
 ) -> Result<Stream, EngineError> {
-    let failed = |why: String| EngineError::Connect {
+    let failed = |why: String| EngineError::ServerTls {
         addr: addr.to_string(),
-        source: std::io::Error::other(why),
+        why,
     };
     let mut out = BytesMut::new();
     startup::encode_ssl_request(&mut out);
