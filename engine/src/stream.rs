@@ -15,8 +15,11 @@ use std::task::{Context, Poll};
 use futures_lite::{ready, AsyncRead, AsyncWrite, AsyncWriteExt};
 use glommio::net::TcpStream;
 
-/// Encrypted bytes read from the socket per `recv`.
-const TLS_READ_CHUNK: usize = 16 * 1024 + 512;
+/// Encrypted bytes read from the socket per `recv`. Reads happen only when
+/// rustls holds no plaintext, and a chunk this size decrypts to at most
+/// rustls' received-plaintext limit (16 KiB), so `read_tls` never finds that
+/// buffer full.
+const TLS_READ_CHUNK: usize = 16 * 1024;
 
 pub enum Stream {
     Plain(TcpStream),
@@ -88,7 +91,12 @@ impl TlsStream {
     /// effort) and `InvalidData`.
     fn feed(&mut self, mut data: &[u8]) -> io::Result<()> {
         while !data.is_empty() {
-            self.conn.read_tls(&mut data)?;
+            if self.conn.read_tls(&mut data)? == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "TLS: rustls took no more bytes",
+                ));
+            }
             if let Err(e) = self.conn.process_new_packets() {
                 // The alert rustls queued goes out if the socket takes it now.
                 let mut alert = Vec::new();

@@ -123,6 +123,14 @@ fn client_tls_require_verify_full_sni_and_enforce_ssl() {
             assert_eq!(got, format!("{}|postgres", i + 1), "{name}");
         }
 
+        // Large messages cross many TLS records both ways (a 100 KB query text, a 1 MB result).
+        let big = "x".repeat(100_000);
+        let got = ok(&psql(
+            &format!("host=127.0.0.1 port={port} user=postgres.t1 dbname=postgres sslmode=require"),
+            &format!("SELECT length('{big}'), length(repeat('y', 1000000))"),
+        ));
+        assert_eq!(got, "100000|1000000", "{name}");
+
         // verify-full against the test CA, by host name.
         let got = ok(&psql(
             &format!(
@@ -264,6 +272,15 @@ fn upstream_tls_peer_and_none() {
         assert_eq!(ok(&ssl_of("peer", addr)), "t", "{name}");
         assert_eq!(ok(&ssl_of("none", addr)), "t", "{name}");
         assert_eq!(ok(&ssl_of("plain", addr)), "f", "{name}");
+        // Many TLS records from the database.
+        let got = ok(&psql(
+            &format!(
+                "host=127.0.0.1 port={} user=postgres.peer dbname=postgres sslmode=disable",
+                addr.port()
+            ),
+            "SELECT sum(length(r)) FROM (SELECT repeat('z', 1000) AS r FROM generate_series(1, 2000)) s",
+        ));
+        assert_eq!(got, "2000000", "{name}");
         // A certificate the configured CA did not sign: the pooler does not connect.
         let err = failed(&ssl_of("wrongca", addr));
         assert!(
