@@ -1727,6 +1727,31 @@ mod tests {
         // Query strings and a trailing slash are ignored.
         let r = req(s.addr, "GET", "/api/tenants/?x=1", t, None).await;
         assert_eq!(r.status, 200);
+        // Cluster routes: guarded, POST bodies checked, the plane's answer (no cluster: 503).
+        let r = req(s.addr, "GET", "/api/cluster", None, None).await;
+        assert_eq!(r.status, 401);
+        let r = req(s.addr, "GET", "/api/cluster", t, None).await;
+        assert_eq!(r.status, 503);
+        let r = req(s.addr, "GET", "/api/cluster/join", t, None).await;
+        assert_eq!(r.status, 405);
+        assert_eq!(r.header("allow"), Some("POST"));
+        let r = req(
+            s.addr,
+            "POST",
+            "/api/cluster/join",
+            t,
+            Some("{\"node_id\": 2}"),
+        )
+        .await;
+        assert_eq!(r.status, 422);
+        let body = "{\"node_id\": 0, \"addr\": \"h:1\"}";
+        let r = req(s.addr, "POST", "/api/cluster/join", t, Some(body)).await;
+        assert_eq!(r.status, 422);
+        let body = "{\"node_id\": 2, \"addr\": \"h:1\", \"voter\": true}";
+        let r = req(s.addr, "POST", "/api/cluster/join", t, Some(body)).await;
+        assert_eq!(r.status, 503);
+        let r = req(s.addr, "POST", "/api/cluster/leave", t, Some("{\"id\": 2}")).await;
+        assert_eq!(r.status, 422);
 
         // Internal (500) and Unavailable (503).
         let r = req(s.addr, "GET", "/api/tenants/boom", t, None).await;
@@ -1790,6 +1815,9 @@ mod tests {
             "/api/pools",
             "/metrics",
             "/metrics/{external_id}",
+            "/api/cluster",
+            "/api/cluster/join",
+            "/api/cluster/leave",
         ] {
             assert!(paths.iter().any(|x| *x == p), "{p} missing from {paths:?}");
         }

@@ -1233,6 +1233,7 @@ mod tests {
             ),
             (&["pool", "list"], "GET", "/api/pools"),
             (&["health"], "GET", "/api/health"),
+            (&["cluster", "status"], "GET", "/api/cluster"),
         ];
         for (args, method, path) in cases {
             let req = request_for(&parse(args).command).unwrap();
@@ -1461,5 +1462,45 @@ mod tests {
             "{pools}"
         );
         assert_eq!(render_pools(&json!([])), "no pools\n");
+    }
+
+    #[test]
+    fn cluster_commands_and_status_table() {
+        let req =
+            request_for(&parse(&["cluster", "join", "4", "10.0.0.4:7100", "--voter"]).command)
+                .unwrap();
+        assert_eq!(
+            (req.method, req.path.as_str()),
+            ("POST", "/api/cluster/join")
+        );
+        assert_eq!(
+            req.body,
+            Some(json!({"node_id": 4, "addr": "10.0.0.4:7100", "voter": true}))
+        );
+        let req = request_for(&parse(&["cluster", "leave", "4"]).command).unwrap();
+        assert_eq!(
+            (req.method, req.path.as_str()),
+            ("POST", "/api/cluster/leave")
+        );
+        assert_eq!(req.body, Some(json!({"node_id": 4})));
+        let text = render_cluster(&json!({
+            "node_id": 2, "leader": 1, "voters": [1, 2], "learners": [3],
+            "last_applied": 12, "last_log": 12, "lease_valid": true,
+            "nodes": [
+                {"node_id": 1, "addr": "10.0.0.1:7100", "voter": true, "last_seen_ms": 5, "healthy": true},
+                {"node_id": 2, "addr": "10.0.0.2:7100", "voter": true, "last_seen_ms": 4000, "healthy": false},
+                {"node_id": 3, "addr": "10.0.0.3:7100", "voter": false, "last_seen_ms": null, "healthy": false}
+            ]
+        }));
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[1], "leader         1");
+        assert_eq!(lines[2], "voters         1,2");
+        assert_eq!(lines[3], "learners       3");
+        assert_eq!(lines[4], "last applied   12");
+        assert_eq!(lines[7], "ID  ADDR           ROLE     LAST SEEN  HEALTH");
+        assert_eq!(lines[8], "1   10.0.0.1:7100  leader   5ms        healthy");
+        assert_eq!(lines[9], "2   10.0.0.2:7100  voter    4000ms     silent");
+        assert_eq!(lines[10], "3   10.0.0.3:7100  learner  -          unknown");
+        assert!(render_cluster(&json!({"leader": null})).contains("leader         none"));
     }
 }
