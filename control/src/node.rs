@@ -9,6 +9,7 @@
 //! published by a watcher of the applied index ([`Node::start_watcher`]).
 //! Reads are local.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -37,9 +38,11 @@ pub struct Node {
     proxy: ProxyConfig,
     secrets: SecretCache,
     shards: Arc<Vec<ShardHandle>>,
-    /// Writes are applied and published one at a time, so shards see
-    /// snapshots in the store's order.
+    /// Snapshots are built and published one at a time, so shards see
+    /// them in the store's order.
     writes: Mutex<()>,
+    /// The store's applied index the shards last got (`u64::MAX`: none yet).
+    published: AtomicU64,
     started: Instant,
 }
 
@@ -70,6 +73,7 @@ impl Node {
             secrets,
             shards,
             writes: Mutex::new(()),
+            published: AtomicU64::new(u64::MAX),
             started: Instant::now(),
         }
     }
@@ -135,10 +139,17 @@ impl Node {
     }
 
     /// Publishes the store's current state (under the write lock, so that
-    /// shards see snapshots in the store's order).
+    /// shards see snapshots in the store's order), unless the shards have
+    /// it already (the writer and the watcher both ask for each write).
     fn publish_current(&self) -> Result<(), PlaneError> {
         let _guard = self.writes.lock().unwrap_or_else(|e| e.into_inner());
-        self.publish()
+        let index = self.store.applied_index();
+        if self.published.load(Ordering::Acquire) == index {
+            return Ok(());
+        }
+        self.publish()?;
+        self.published.store(index, Ordering::Release);
+        Ok(())
     }
 
     /// Replicates `cmd`, waits until this node applied it and published it.
@@ -166,7 +177,9 @@ impl Node {
                     match done {
                         Ok(Ok(())) => published = Some(index),
                         Ok(Err(e)) => {
-                            warn!(index, error = %e, "publishing applied changes to the shards")
+                            warn!(index, error = %e, "publishing applied changes to the shards");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            continue;
                         }
                         Err(e) => warn!(error = %e, "publishing task failed"),
                     }
