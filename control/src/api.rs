@@ -1,6 +1,6 @@
 //! The HTTP API of a node: tenants and users, pools, health, Prometheus
 //! metrics, the OpenAPI document and Swagger UI. hyper 1 (HTTP/1.1) on the
-//! control thread's tokio runtime; every route translates to one
+//! control runtime (tokio); every route translates to one
 //! [`ControlPlane`] call, run on the blocking pool because the plane may wait
 //! on the store or the shards.
 //!
@@ -29,7 +29,7 @@ use utoipa::openapi::RefOr;
 use utoipa::{OpenApi, ToSchema};
 
 use crate::model::{valid_id, FieldError, TenantEnvelope, TenantSpec, TenantView, UserSpec};
-use crate::plane::{ControlPlane, Health, PlaneError, PoolView};
+use crate::plane::{ClusterNodeView, ClusterView, ControlPlane, Health, PlaneError, PoolView};
 
 /// Largest request body accepted (413 above).
 pub const MAX_BODY: usize = 1 << 20;
@@ -86,6 +86,31 @@ pub struct PoolList {
 #[serde(deny_unknown_fields)]
 pub struct UserEnvelope {
     pub user: UserSpec,
+}
+
+/// `{"data": ClusterView}`
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ClusterData {
+    pub data: ClusterView,
+}
+
+/// The body of `POST /api/cluster/join`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JoinRequest {
+    pub node_id: u64,
+    /// The new node's raft (node-to-node) address, host:port.
+    pub addr: String,
+    /// Promote to voter after catching up (default: stay a learner).
+    #[serde(default)]
+    pub voter: bool,
+}
+
+/// The body of `POST /api/cluster/leave`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LeaveRequest {
+    pub node_id: u64,
 }
 
 /// `{"error": "..."}`: 401, 404, 405, 413, 500, 503.
@@ -427,6 +452,74 @@ pub async fn list_pools(plane: Arc<dyn ControlPlane>) -> Reply {
     reply_of(StatusCode::OK, r.map(|data| PoolList { data }))
 }
 
+/// The cluster as this node sees it: leader, voters, learners, progress and
+/// each node's health (as the leader last heard from it).
+#[utoipa::path(get, path = "/api/cluster", tag = "cluster",
+    responses(
+        (status = 200, description = "The cluster", body = ClusterData),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn cluster_status(plane: Arc<dyn ControlPlane>) -> Reply {
+    let r = blocking(move || plane.cluster_status()).await;
+    reply_of(StatusCode::OK, r.map(|data| ClusterData { data }))
+}
+
+/// Add a node as a learner (it catches up first), or a voter. The node must
+/// be running, with `[cluster]` settings that do not make it initialize a
+/// group of its own (e.g. `peers` naming a lower id).
+#[utoipa::path(post, path = "/api/cluster/join", tag = "cluster",
+    request_body(content = JoinRequest, description = "`{\"node_id\", \"addr\", \"voter\"}`"),
+    responses(
+        (status = 200, description = "The cluster after the change", body = ClusterData),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 422, description = "Invalid body", body = FieldErrors),
+        (status = 503, description = "No leader, or the change did not complete", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn cluster_join(plane: Arc<dyn ControlPlane>, body: Bytes) -> Reply {
+    let req: JoinRequest = match parse_body(&body) {
+        Ok(r) => r,
+        Err(reply) => return reply,
+    };
+    if req.addr.is_empty() || req.node_id == 0 {
+        return Reply::invalid(vec![FieldError {
+            field: if req.node_id == 0 { "node_id" } else { "addr" }.into(),
+            message: "must be set (node_id above 0, addr host:port)".into(),
+        }]);
+    }
+    let r = blocking(move || {
+        plane.cluster_join(req.node_id, &req.addr, req.voter)?;
+        plane.cluster_status()
+    })
+    .await;
+    reply_of(StatusCode::OK, r.map(|data| ClusterData { data }))
+}
+
+/// Remove a node from the cluster; its pool claims are released.
+#[utoipa::path(post, path = "/api/cluster/leave", tag = "cluster",
+    request_body(content = LeaveRequest, description = "`{\"node_id\"}`"),
+    responses(
+        (status = 200, description = "The cluster after the change", body = ClusterData),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 404, description = "No such member", body = ErrorBody),
+        (status = 422, description = "Invalid body", body = FieldErrors),
+        (status = 503, description = "No leader, or the change did not complete", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn cluster_leave(plane: Arc<dyn ControlPlane>, body: Bytes) -> Reply {
+    let req: LeaveRequest = match parse_body(&body) {
+        Ok(r) => r,
+        Err(reply) => return reply,
+    };
+    let r = blocking(move || {
+        plane.cluster_leave(req.node_id)?;
+        plane.cluster_status()
+    })
+    .await;
+    reply_of(StatusCode::OK, r.map(|data| ClusterData { data }))
+}
+
 fn metrics_reply(r: Result<String, Reply>) -> Reply {
     match r {
         Ok(text) => Reply::new(
@@ -515,7 +608,10 @@ impl utoipa::Modify for SecurityAddon {
         delete_user,
         list_pools,
         metrics,
-        tenant_metrics
+        tenant_metrics,
+        cluster_status,
+        cluster_join,
+        cluster_leave
     ),
     components(schemas(
         TenantSpec,
@@ -529,13 +625,19 @@ impl utoipa::Modify for SecurityAddon {
         Health,
         ErrorBody,
         FieldErrors,
-        FieldError
+        FieldError,
+        ClusterView,
+        ClusterNodeView,
+        ClusterData,
+        JoinRequest,
+        LeaveRequest
     )),
     modifiers(&SecurityAddon),
     tags(
         (name = "tenants", description = "Tenants and their database users"),
         (name = "node", description = "This node: health and pools"),
-        (name = "metrics", description = "Prometheus")
+        (name = "metrics", description = "Prometheus"),
+        (name = "cluster", description = "The raft group this node belongs to")
     )
 )]
 struct ApiDoc;
@@ -618,6 +720,9 @@ enum Route {
     DeleteUser(String, String),
     Pools,
     Metrics(Option<String>),
+    Cluster,
+    ClusterJoin,
+    ClusterLeave,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -637,7 +742,10 @@ impl Route {
     }
 
     fn has_body(&self) -> bool {
-        matches!(self, Route::PutTenant(_) | Route::PutUser(..))
+        matches!(
+            self,
+            Route::PutTenant(_) | Route::PutUser(..) | Route::ClusterJoin | Route::ClusterLeave
+        )
     }
 }
 
@@ -713,6 +821,9 @@ fn route(method: &Method, path: &str) -> Result<Route, Reply> {
             )
         }
         ["api", "pools"] => (&["GET"], (m == "GET").then_some(Route::Pools)),
+        ["api", "cluster"] => (&["GET"], (m == "GET").then_some(Route::Cluster)),
+        ["api", "cluster", "join"] => (&["POST"], (m == "POST").then_some(Route::ClusterJoin)),
+        ["api", "cluster", "leave"] => (&["POST"], (m == "POST").then_some(Route::ClusterLeave)),
         ["metrics"] => (&["GET"], (m == "GET").then_some(Route::Metrics(None))),
         ["metrics", id] => (
             &["GET"],
@@ -875,6 +986,9 @@ async fn dispatch(plane: Arc<dyn ControlPlane>, route: Route, body: Bytes) -> Re
         Route::Pools => list_pools(plane).await,
         Route::Metrics(None) => metrics(plane).await,
         Route::Metrics(Some(id)) => tenant_metrics(plane, id).await,
+        Route::Cluster => cluster_status(plane).await,
+        Route::ClusterJoin => cluster_join(plane, body).await,
+        Route::ClusterLeave => cluster_leave(plane, body).await,
     }
 }
 
@@ -1613,6 +1727,31 @@ mod tests {
         // Query strings and a trailing slash are ignored.
         let r = req(s.addr, "GET", "/api/tenants/?x=1", t, None).await;
         assert_eq!(r.status, 200);
+        // Cluster routes: guarded, POST bodies checked, the plane's answer (no cluster: 503).
+        let r = req(s.addr, "GET", "/api/cluster", None, None).await;
+        assert_eq!(r.status, 401);
+        let r = req(s.addr, "GET", "/api/cluster", t, None).await;
+        assert_eq!(r.status, 503);
+        let r = req(s.addr, "GET", "/api/cluster/join", t, None).await;
+        assert_eq!(r.status, 405);
+        assert_eq!(r.header("allow"), Some("POST"));
+        let r = req(
+            s.addr,
+            "POST",
+            "/api/cluster/join",
+            t,
+            Some("{\"node_id\": 2}"),
+        )
+        .await;
+        assert_eq!(r.status, 422);
+        let body = "{\"node_id\": 0, \"addr\": \"h:1\"}";
+        let r = req(s.addr, "POST", "/api/cluster/join", t, Some(body)).await;
+        assert_eq!(r.status, 422);
+        let body = "{\"node_id\": 2, \"addr\": \"h:1\", \"voter\": true}";
+        let r = req(s.addr, "POST", "/api/cluster/join", t, Some(body)).await;
+        assert_eq!(r.status, 503);
+        let r = req(s.addr, "POST", "/api/cluster/leave", t, Some("{\"id\": 2}")).await;
+        assert_eq!(r.status, 422);
 
         // Internal (500) and Unavailable (503).
         let r = req(s.addr, "GET", "/api/tenants/boom", t, None).await;
@@ -1676,6 +1815,9 @@ mod tests {
             "/api/pools",
             "/metrics",
             "/metrics/{external_id}",
+            "/api/cluster",
+            "/api/cluster/join",
+            "/api/cluster/leave",
         ] {
             assert!(paths.iter().any(|x| *x == p), "{p} missing from {paths:?}");
         }

@@ -197,6 +197,97 @@ pub struct TlsFile {
     pub key: std::path::PathBuf,
 }
 
+/// `[cluster]`: this node's place in a raft group. Without the section the
+/// node is a group of one (node 1) whose raft listener is on a loopback
+/// ephemeral port with a random secret: the same code path, reachable by
+/// no one.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterFile {
+    /// Unique in the group and stable across restarts.
+    pub node_id: u64,
+    /// host:port the raft (node-to-node) listener binds.
+    pub addr: String,
+    /// host:port other nodes reach this one at (default: the bound
+    /// address). Recorded in the membership: keep it stable.
+    #[serde(default)]
+    pub advertise: Option<String>,
+    /// Static initial voters, `[[id, "host:port"], ...]`: the lowest id
+    /// initializes the group once, the others wait to be contacted.
+    #[serde(default)]
+    pub peers: Vec<(u64, String)>,
+    /// Address of a member to join through (when not a member yet).
+    #[serde(default)]
+    pub join: Option<String>,
+    /// With `join`: become a voter (else stay a learner).
+    #[serde(default = "model::default_true")]
+    pub join_as_voter: bool,
+    /// Shared secret of node-to-node messages (at least 8 bytes);
+    /// `CLUSTER_SECRET` overrides it.
+    #[serde(default)]
+    pub secret: Option<String>,
+    /// How often a node heartbeats the leader (milliseconds).
+    #[serde(default = "default_heartbeat_ms")]
+    pub heartbeat_ms: u64,
+    /// How long a silent node keeps its pool claims (milliseconds).
+    #[serde(default = "default_claim_timeout_ms")]
+    pub claim_timeout_ms: u64,
+}
+
+fn default_heartbeat_ms() -> u64 {
+    500
+}
+fn default_claim_timeout_ms() -> u64 {
+    3000
+}
+
+impl std::fmt::Debug for ClusterFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterFile")
+            .field("node_id", &self.node_id)
+            .field("addr", &self.addr)
+            .field("advertise", &self.advertise)
+            .field("peers", &self.peers)
+            .field("join", &self.join)
+            .field("join_as_voter", &self.join_as_voter)
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .field("heartbeat_ms", &self.heartbeat_ms)
+            .field("claim_timeout_ms", &self.claim_timeout_ms)
+            .finish()
+    }
+}
+
+impl ClusterFile {
+    /// The cluster crate's settings; `env_secret` (from `CLUSTER_SECRET`)
+    /// overrides the file's secret.
+    pub fn build(&self, env_secret: Option<String>) -> Result<cluster::ClusterConfig, ConfigError> {
+        let secret = env_secret
+            .filter(|s| !s.is_empty())
+            .or_else(|| self.secret.clone())
+            .ok_or_else(|| {
+                ConfigError::Invalid(
+                    "[cluster] needs a secret (cluster.secret or CLUSTER_SECRET)".into(),
+                )
+            })?;
+        let mut c = cluster::ClusterConfig::new(self.node_id, self.addr.clone(), secret);
+        c.advertise = self.advertise.clone();
+        c.peers = self.peers.clone();
+        c.join = self.join.clone();
+        c.join_as_voter = self.join_as_voter;
+        c.heartbeat_ms = self.heartbeat_ms;
+        c.claim_timeout_ms = self.claim_timeout_ms;
+        c.validate()
+            .map_err(|e| ConfigError::Invalid(format!("[cluster]: {e}")))
+    }
+
+    /// The group of one a node without `[cluster]` runs.
+    pub fn standalone() -> cluster::ClusterConfig {
+        let secret: [u8; 16] = rand::random();
+        let secret: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+        cluster::ClusterConfig::new(1, "127.0.0.1:0", secret)
+    }
+}
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigFile {
@@ -208,6 +299,8 @@ pub struct ConfigFile {
     pub api: ApiFile,
     #[serde(default)]
     pub store: StoreFile,
+    #[serde(default)]
+    pub cluster: Option<ClusterFile>,
     #[serde(default)]
     pub tenants: Vec<TenantFile>,
 }
@@ -460,6 +553,48 @@ pool_checkout_timeout = 60000
         assert_eq!(u.checkout_timeout, Duration::from_secs(60));
         assert!(cfg.proxy.shards >= 1);
         assert!(!format!("{u:?}").contains("postgres\", db_password: \"postgres"));
+    }
+
+    #[test]
+    fn cluster_section_maps_to_the_cluster_config() {
+        let text = r#"
+[cluster]
+node_id = 2
+addr = "127.0.0.1:7001"
+peers = [[1, "127.0.0.1:7000"], [2, "127.0.0.1:7001"], [3, "127.0.0.1:7002"]]
+secret = "file-secret-123"
+heartbeat_ms = 200
+"#;
+        let file = ConfigFile::parse(text).unwrap();
+        let c = file.cluster.as_ref().unwrap();
+        let cfg = c.build(None).unwrap();
+        assert_eq!(cfg.node_id, 2);
+        assert_eq!(cfg.peers.len(), 3);
+        assert_eq!(cfg.peers[2], (3, "127.0.0.1:7002".to_string()));
+        assert_eq!(cfg.secret, "file-secret-123");
+        assert_eq!(cfg.heartbeat_ms, 200);
+        assert_eq!(cfg.claim_timeout_ms, 3000);
+        let cfg = c.build(Some("env-secret-456".into())).unwrap();
+        assert_eq!(cfg.secret, "env-secret-456");
+        assert!(!format!("{c:?}").contains("file-secret"));
+        let no_secret = text.replace("secret = \"file-secret-123\"\n", "");
+        let err = ConfigFile::parse(&no_secret)
+            .unwrap()
+            .cluster
+            .unwrap()
+            .build(None)
+            .unwrap_err();
+        assert!(err.to_string().contains("CLUSTER_SECRET"), "{err}");
+        let both = format!("{text}join = \"127.0.0.1:7000\"\n");
+        assert!(ConfigFile::parse(&both)
+            .unwrap()
+            .cluster
+            .unwrap()
+            .build(None)
+            .is_err());
+        assert!(ConfigFile::parse("[cluster]\nnode_id = 1\naddr = \"x:1\"\nbogus = 1\n").is_err());
+        let solo = ClusterFile::standalone().validate().unwrap();
+        assert_eq!((solo.node_id, solo.listen.as_str()), (1, "127.0.0.1:0"));
     }
 
     #[test]

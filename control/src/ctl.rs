@@ -65,8 +65,29 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: PoolCmd,
     },
+    /// The raft group: status, adding and removing nodes.
+    Cluster {
+        #[command(subcommand)]
+        cmd: ClusterCmd,
+    },
     /// The node's health.
     Health,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClusterCmd {
+    /// Leader, voters, learners, applied index and each node's health.
+    Status,
+    /// Add a running node (as a learner; --voter to promote it).
+    Join {
+        node_id: u64,
+        /// Its raft address, host:port.
+        addr: String,
+        #[arg(long)]
+        voter: bool,
+    },
+    /// Remove a node from the group.
+    Leave { node_id: u64 },
 }
 
 #[derive(Subcommand, Debug)]
@@ -581,6 +602,25 @@ pub fn request_for(cmd: &Cmd) -> Option<ApiRequest> {
             },
         },
         Cmd::Pool { cmd: PoolCmd::List } => get("/api/pools".into(), "pools".into()),
+        Cmd::Cluster { cmd } => match cmd {
+            ClusterCmd::Status => get("/api/cluster".into(), "cluster".into()),
+            ClusterCmd::Join {
+                node_id,
+                addr,
+                voter,
+            } => ApiRequest {
+                method: "POST",
+                path: "/api/cluster/join".into(),
+                body: Some(json!({ "node_id": node_id, "addr": addr, "voter": voter })),
+                target: format!("cluster node {node_id}"),
+            },
+            ClusterCmd::Leave { node_id } => ApiRequest {
+                method: "POST",
+                path: "/api/cluster/leave".into(),
+                body: Some(json!({ "node_id": node_id })),
+                target: format!("cluster node {node_id}"),
+            },
+        },
         Cmd::Health => get("/api/health".into(), "health".into()),
     })
 }
@@ -919,6 +959,73 @@ pub fn render_health(data: &Value) -> String {
     out
 }
 
+/// `GET /api/cluster` as a summary and one row per node.
+pub fn render_cluster(data: &Value) -> String {
+    let ids = |k: &str| {
+        let v: Vec<String> = items(data.get(k).unwrap_or(&Value::Null))
+            .iter()
+            .map(|v| text_of(Some(v)))
+            .collect();
+        if v.is_empty() {
+            "-".to_string()
+        } else {
+            v.join(",")
+        }
+    };
+    let leader = match data.get("leader") {
+        None | Some(Value::Null) => "none".to_string(),
+        v => text_of(v),
+    };
+    let mut out = String::new();
+    let _ = writeln!(out, "{:<14} {}", "node", text_of(data.get("node_id")));
+    let _ = writeln!(out, "{:<14} {leader}", "leader");
+    let _ = writeln!(out, "{:<14} {}", "voters", ids("voters"));
+    let _ = writeln!(out, "{:<14} {}", "learners", ids("learners"));
+    let _ = writeln!(
+        out,
+        "{:<14} {}",
+        "last applied",
+        text_of(data.get("last_applied"))
+    );
+    let _ = writeln!(out, "{:<14} {}", "last log", text_of(data.get("last_log")));
+    out.push('\n');
+    let leader_id = data.get("leader").and_then(Value::as_u64);
+    let rows: Vec<Vec<String>> = items(data.get("nodes").unwrap_or(&Value::Null))
+        .iter()
+        .map(|n| {
+            let id = n.get("node_id").and_then(Value::as_u64);
+            let role = if id.is_some() && id == leader_id {
+                "leader"
+            } else if n.get("voter").and_then(Value::as_bool) == Some(true) {
+                "voter"
+            } else {
+                "learner"
+            };
+            let seen = match n.get("last_seen_ms") {
+                None | Some(Value::Null) => "-".to_string(),
+                v => format!("{}ms", text_of(v)),
+            };
+            let health = match (n.get("last_seen_ms"), n.get("healthy")) {
+                (None | Some(Value::Null), _) => "unknown",
+                (_, Some(Value::Bool(true))) => "healthy",
+                _ => "silent",
+            };
+            vec![
+                text_of(n.get("node_id")),
+                text_of(n.get("addr")),
+                role.to_string(),
+                seen,
+                health.to_string(),
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        &["ID", "ADDR", "ROLE", "LAST SEEN", "HEALTH"],
+        &rows,
+    ));
+    out
+}
+
 /// Runs one command, printing its result to `out`.
 pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<(), CtlError> {
     if let Cmd::Tenant {
@@ -994,6 +1101,15 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<(), CtlError> {
             }
         },
         Cmd::Pool { .. } => render_pools(data),
+        Cmd::Cluster { cmd } => match cmd {
+            ClusterCmd::Status => render_cluster(data),
+            ClusterCmd::Join { node_id, .. } => {
+                format!("node {node_id} added\n\n{}", render_cluster(data))
+            }
+            ClusterCmd::Leave { node_id } => {
+                format!("node {node_id} removed\n\n{}", render_cluster(data))
+            }
+        },
         Cmd::Health => render_health(data),
     };
     out.write_all(text.as_bytes())?;
@@ -1117,6 +1233,7 @@ mod tests {
             ),
             (&["pool", "list"], "GET", "/api/pools"),
             (&["health"], "GET", "/api/health"),
+            (&["cluster", "status"], "GET", "/api/cluster"),
         ];
         for (args, method, path) in cases {
             let req = request_for(&parse(args).command).unwrap();
@@ -1345,5 +1462,45 @@ mod tests {
             "{pools}"
         );
         assert_eq!(render_pools(&json!([])), "no pools\n");
+    }
+
+    #[test]
+    fn cluster_commands_and_status_table() {
+        let req =
+            request_for(&parse(&["cluster", "join", "4", "10.0.0.4:7100", "--voter"]).command)
+                .unwrap();
+        assert_eq!(
+            (req.method, req.path.as_str()),
+            ("POST", "/api/cluster/join")
+        );
+        assert_eq!(
+            req.body,
+            Some(json!({"node_id": 4, "addr": "10.0.0.4:7100", "voter": true}))
+        );
+        let req = request_for(&parse(&["cluster", "leave", "4"]).command).unwrap();
+        assert_eq!(
+            (req.method, req.path.as_str()),
+            ("POST", "/api/cluster/leave")
+        );
+        assert_eq!(req.body, Some(json!({"node_id": 4})));
+        let text = render_cluster(&json!({
+            "node_id": 2, "leader": 1, "voters": [1, 2], "learners": [3],
+            "last_applied": 12, "last_log": 12, "lease_valid": true,
+            "nodes": [
+                {"node_id": 1, "addr": "10.0.0.1:7100", "voter": true, "last_seen_ms": 5, "healthy": true},
+                {"node_id": 2, "addr": "10.0.0.2:7100", "voter": true, "last_seen_ms": 4000, "healthy": false},
+                {"node_id": 3, "addr": "10.0.0.3:7100", "voter": false, "last_seen_ms": null, "healthy": false}
+            ]
+        }));
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[1], "leader         1");
+        assert_eq!(lines[2], "voters         1,2");
+        assert_eq!(lines[3], "learners       3");
+        assert_eq!(lines[4], "last applied   12");
+        assert_eq!(lines[7], "ID  ADDR           ROLE     LAST SEEN  HEALTH");
+        assert_eq!(lines[8], "1   10.0.0.1:7100  leader   5ms        healthy");
+        assert_eq!(lines[9], "2   10.0.0.2:7100  voter    4000ms     silent");
+        assert_eq!(lines[10], "3   10.0.0.3:7100  learner  -          unknown");
+        assert!(render_cluster(&json!({"leader": null})).contains("leader         none"));
     }
 }

@@ -1,8 +1,20 @@
 //! A node's control plane: the tenant store, the configuration snapshots it
 //! publishes to the shards, and the answers the HTTP API gives.
+//!
+//! Every write goes through the cluster's raft log (`ClusterNode::write_app`,
+//! forwarded to the leader by the cluster crate), sealed so that passwords
+//! are ciphertext in the log. The call waits until this node has applied
+//! the entry (read-your-writes) and has published the new engine
+//! configuration to its shards. Entries applied for other nodes' writes are
+//! published by a watcher of the applied index ([`Node::start_watcher`]).
+//! Reads are local.
 
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
+
+use cluster::{ClusterError, ClusterNode, Request, Response};
+use tokio::runtime::Handle;
 
 use engine::config::ProxyConfig;
 use engine::metrics::ShardSnapshot;
@@ -11,21 +23,27 @@ use tracing::warn;
 
 use crate::config::{build_tenant, SecretCache};
 use crate::model::{Command, TenantSpec, TenantView, UserSpec};
-use crate::plane::{ControlPlane, Health, PlaneError, PoolView};
+use crate::plane::{ClusterNodeView, ClusterView, ControlPlane, Health, PlaneError, PoolView};
 use crate::store::Store;
 
 /// How long a scrape waits for the shards.
 const GATHER_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a write waits for this node to apply an entry the leader committed.
+const APPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Node {
-    store: Store,
+    store: Arc<Store>,
+    cluster: ClusterNode,
+    rt: Handle,
     /// Live settings change on reload (SIGHUP); listener settings stay.
     proxy: Mutex<ProxyConfig>,
     secrets: SecretCache,
     shards: Arc<Vec<ShardHandle>>,
-    /// Writes are applied and published one at a time, so shards see
-    /// snapshots in the store's order.
+    /// Snapshots are built and published one at a time, so shards see
+    /// them in the store's order.
     writes: Mutex<()>,
+    /// The store's applied index the shards last got (`u64::MAX`: none yet).
+    published: AtomicU64,
     started: Instant,
 }
 
@@ -37,18 +55,26 @@ fn view(id: &str, spec: TenantSpec) -> TenantView {
 }
 
 impl Node {
+    /// `rt`: the control runtime the cluster runs on. The [`ControlPlane`]
+    /// calls block on it, so they must run off its worker threads (the API
+    /// calls them through `spawn_blocking`).
     pub fn new(
-        store: Store,
+        store: Arc<Store>,
+        cluster: ClusterNode,
+        rt: Handle,
         proxy: ProxyConfig,
         secrets: SecretCache,
         shards: Arc<Vec<ShardHandle>>,
     ) -> Node {
         Node {
             store,
+            cluster,
+            rt,
             proxy: Mutex::new(proxy),
             secrets,
             shards,
             writes: Mutex::new(()),
+            published: AtomicU64::new(u64::MAX),
             started: Instant::now(),
         }
     }
@@ -110,10 +136,26 @@ impl Node {
         Ok(())
     }
 
-    fn apply(&self, cmd: &Command) -> Result<Option<TenantSpec>, PlaneError> {
+    /// Publishes the store's current state (under the write lock, so that
+    /// shards see snapshots in the store's order), unless the shards have
+    /// it already (the writer and the watcher both ask for each write).
+    fn publish_current(&self) -> Result<(), PlaneError> {
         let _guard = self.writes.lock().unwrap_or_else(|e| e.into_inner());
-        let (_, tenant) = self.store.apply(cmd)?;
+        let index = self.store.applied_index();
+        if self.published.load(Ordering::Acquire) == index {
+            return Ok(());
+        }
         self.publish()?;
+        self.published.store(index, Ordering::Release);
+        Ok(())
+    }
+
+    /// Replicates `cmd`, waits until this node applied it and published it.
+    fn apply(&self, cmd: &Command) -> Result<Option<TenantSpec>, PlaneError> {
+        let tenant = self
+            .rt
+            .block_on(write_command(&self.store, &self.cluster, cmd))?;
+        self.publish_current()?;
         Ok(tenant)
     }
 
@@ -128,16 +170,18 @@ impl Node {
     /// invalid file changes nothing.
     pub fn reload(&self, proxy: ProxyConfig, seeds: &[(String, TenantSpec)]) -> Result<(), String> {
         crate::config::build_config(&proxy, seeds, &self.secrets).map_err(|e| e.to_string())?;
-        let _guard = self.writes.lock().unwrap_or_else(|e| e.into_inner());
+        // Through the log, as at start: every node gets the tenants.
         for (id, spec) in seeds {
-            self.store
-                .apply(&Command::PutTenant {
-                    id: id.clone(),
-                    spec: spec.clone(),
-                })
+            let cmd = Command::PutTenant {
+                id: id.clone(),
+                spec: spec.clone(),
+            };
+            self.rt
+                .block_on(write_command(&self.store, &self.cluster, &cmd))
                 .map_err(|e| format!("tenant {id:?}: {e}"))?;
         }
         *self.proxy() = proxy;
+        let _guard = self.writes.lock().unwrap_or_else(|e| e.into_inner());
         self.publish().map_err(|e| e.to_string())
     }
 
@@ -173,6 +217,41 @@ impl Node {
     /// Asks every shard to stop (drain and exit).
     pub fn shutdown(&self) {
         let _ = self.broadcast(|| ShardMsg::Shutdown);
+    }
+
+    /// Publishes the store to the shards whenever this node applies log
+    /// entries (other nodes' writes, catching up after a restart), and once
+    /// at start. Stops when the node is dropped.
+    pub fn start_watcher(self: &Arc<Self>) {
+        let weak: Weak<Node> = Arc::downgrade(self);
+        let mut applied = self.cluster.subscribe();
+        self.rt.spawn(async move {
+            let mut published = None;
+            loop {
+                let index = *applied.borrow_and_update();
+                if published != Some(index) {
+                    let Some(node) = weak.upgrade() else { return };
+                    let done = tokio::task::spawn_blocking(move || node.publish_current()).await;
+                    match done {
+                        Ok(Ok(())) => published = Some(index),
+                        Ok(Err(e)) => {
+                            warn!(index, error = %e, "publishing applied changes to the shards");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            continue;
+                        }
+                        Err(e) => warn!(error = %e, "publishing task failed"),
+                    }
+                }
+                if applied.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+
+    /// The cluster handle.
+    pub fn cluster(&self) -> &ClusterNode {
+        &self.cluster
     }
 
     /// Every shard's counters and pools.
@@ -305,6 +384,49 @@ impl ControlPlane for Node {
         Ok(crate::metrics::encode(&shards, tenant))
     }
 
+    fn cluster_status(&self) -> Result<ClusterView, PlaneError> {
+        let st = self.rt.block_on(self.cluster.status());
+        Ok(ClusterView {
+            node_id: st.node_id,
+            leader: st.leader,
+            voters: st.voters,
+            learners: st.learners,
+            last_applied: st.last_applied,
+            last_log: st.last_log,
+            lease_valid: st.lease_valid,
+            nodes: st
+                .nodes
+                .into_iter()
+                .map(|(id, n)| ClusterNodeView {
+                    node_id: id,
+                    addr: n.addr,
+                    voter: n.voter,
+                    last_seen_ms: n.last_seen_ms,
+                    healthy: n.healthy,
+                })
+                .collect(),
+        })
+    }
+
+    fn cluster_join(&self, node_id: u64, addr: &str, voter: bool) -> Result<(), PlaneError> {
+        let r = if voter {
+            self.rt.block_on(self.cluster.add_voter(node_id, addr))
+        } else {
+            self.rt.block_on(self.cluster.add_learner(node_id, addr))
+        };
+        r.map_err(cluster_error)
+    }
+
+    fn cluster_leave(&self, node_id: u64) -> Result<(), PlaneError> {
+        let known = self.cluster.node_addr(node_id).is_some();
+        if !known {
+            return Err(PlaneError::NotFound(format!("cluster node {node_id}")));
+        }
+        self.rt
+            .block_on(self.cluster.leave(node_id))
+            .map_err(cluster_error)
+    }
+
     fn health(&self) -> Health {
         let answered = self.gather().map(|s| s.len()).unwrap_or(0);
         Health {
@@ -319,4 +441,52 @@ impl ControlPlane for Node {
             uptime_secs: self.started.elapsed().as_secs(),
         }
     }
+}
+
+/// A cluster failure as the API reports it: 503 when retrying later can
+/// help, 500 otherwise.
+pub fn cluster_error(e: ClusterError) -> PlaneError {
+    match e {
+        ClusterError::NoLeader
+        | ClusterError::Timeout
+        | ClusterError::Io(_)
+        | ClusterError::Remote(_)
+        | ClusterError::Shutdown => PlaneError::Unavailable(format!("cluster: {e}")),
+        other => PlaneError::Internal(format!("cluster: {other}")),
+    }
+}
+
+/// Replicates `cmd` through the raft log (sealed), waits until this node
+/// has applied it, and returns the tenant as the leader's apply left it
+/// (passwords not included) or the refusal.
+pub async fn write_command(
+    store: &Store,
+    cluster: &ClusterNode,
+    cmd: &Command,
+) -> Result<Option<TenantSpec>, PlaneError> {
+    let sealed = store.seal_command(cmd)?;
+    let (index, response) = cluster
+        .write_indexed(Request::App(sealed))
+        .await
+        .map_err(cluster_error)?;
+    let answer = match response {
+        Response::App(a) => a,
+        other => {
+            return Err(PlaneError::Internal(format!(
+                "unexpected cluster response {other:?}"
+            )))
+        }
+    };
+    let mut applied = cluster.subscribe();
+    let reached = tokio::time::timeout(APPLY_TIMEOUT, applied.wait_for(|i| *i >= index)).await;
+    match reached {
+        Ok(Ok(_)) => {}
+        Ok(Err(_)) => return Err(PlaneError::Unavailable("cluster node stopped".into())),
+        Err(_) => {
+            return Err(PlaneError::Unavailable(format!(
+                "log entry {index} committed but not applied on this node within {APPLY_TIMEOUT:?}"
+            )))
+        }
+    }
+    Ok(Store::decode_answer(answer)?)
 }

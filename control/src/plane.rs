@@ -49,6 +49,35 @@ pub struct Health {
     pub uptime_secs: u64,
 }
 
+/// One member of the cluster.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ClusterNodeView {
+    pub node_id: u64,
+    /// Its node-to-node (raft) address.
+    pub addr: String,
+    pub voter: bool,
+    /// Milliseconds since the leader last heard from it (null when no leader answered).
+    pub last_seen_ms: Option<u64>,
+    /// Heard from within the claim timeout.
+    pub healthy: bool,
+}
+
+/// The cluster as the answering node sees it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ClusterView {
+    /// The node that answered.
+    pub node_id: u64,
+    pub leader: Option<u64>,
+    pub voters: Vec<u64>,
+    pub learners: Vec<u64>,
+    /// Last log index applied on the answering node.
+    pub last_applied: u64,
+    pub last_log: u64,
+    /// Whether the answering node's ownership lease is valid.
+    pub lease_valid: bool,
+    pub nodes: Vec<ClusterNodeView>,
+}
+
 pub trait ControlPlane: Send + Sync + 'static {
     /// Upsert; returns the tenant as stored (without passwords). Validation
     /// errors are `Invalid`.
@@ -65,4 +94,19 @@ pub trait ControlPlane: Send + Sync + 'static {
     /// (`NotFound` when that tenant does not exist).
     fn metrics(&self, tenant: Option<&str>) -> Result<String, PlaneError>;
     fn health(&self) -> Health;
+    /// Membership and progress of the cluster.
+    fn cluster_status(&self) -> Result<ClusterView, PlaneError> {
+        Err(PlaneError::Unavailable("no cluster on this node".into()))
+    }
+    /// Add a node (started with `[cluster]` settings that do not initialize
+    /// a group of its own) as a learner, or a voter.
+    fn cluster_join(&self, node_id: u64, addr: &str, voter: bool) -> Result<(), PlaneError> {
+        let _ = (node_id, addr, voter);
+        Err(PlaneError::Unavailable("no cluster on this node".into()))
+    }
+    /// Remove a node from the cluster (its pool claims are released).
+    fn cluster_leave(&self, node_id: u64) -> Result<(), PlaneError> {
+        let _ = node_id;
+        Err(PlaneError::Unavailable("no cluster on this node".into()))
+    }
 }

@@ -1,7 +1,9 @@
-//! Running a node: open the store, seed it from the config file, start the
-//! shards and the control thread (HTTP API, metrics), then act on signals:
-//! SIGTERM / SIGINT drain and stop, SIGHUP reloads the config file, SIGUSR2
-//! hands over to a new process on the same ports (graceful restart).
+//! Running a node: open the store, start the cluster node on it (a group of
+//! one without `[cluster]`), write the config file's tenants through the
+//! log, start the shards and the control runtime (HTTP API, metrics, raft),
+//! then act on signals: SIGTERM / SIGINT drain and stop, SIGHUP reloads the
+//! config file, SIGUSR2 hands over to a new process on the same ports
+//! (graceful restart).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -13,9 +15,10 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR2};
 use signal_hook::iterator::Signals;
 use tracing::{info, warn};
 
-use crate::config::{ConfigFile, SecretCache};
-use crate::model::Command;
+use crate::config::{ClusterFile, ConfigFile, SecretCache};
+use crate::model::{Command, TenantSpec};
 use crate::node::Node;
+use crate::plane::PlaneError;
 use crate::store::Store;
 
 /// Where a started node listens.
@@ -176,6 +179,38 @@ fn secret(env: &str, file: &Option<String>) -> Option<String> {
         .or_else(|| file.clone())
 }
 
+/// How long start-up waits for the config file's tenants to go through the
+/// log before announcing ready without them (they are then written in the
+/// background as soon as a leader exists).
+const SEED_WAIT: Duration = Duration::from_secs(10);
+
+/// Writes the config file's tenants through the log (idempotent upserts).
+async fn write_seeds(
+    store: &Store,
+    cluster: &cluster::ClusterNode,
+    seeds: &[(String, TenantSpec)],
+) -> Result<(), SeedError> {
+    for (id, spec) in seeds {
+        let cmd = Command::PutTenant {
+            id: id.clone(),
+            spec: spec.clone(),
+        };
+        crate::node::write_command(store, cluster, &cmd)
+            .await
+            .map_err(|e| SeedError {
+                retry: matches!(e, PlaneError::Unavailable(_)),
+                text: format!("tenant {id:?} of the config file: {e}"),
+            })?;
+    }
+    Ok(())
+}
+
+struct SeedError {
+    /// No leader yet, or the write did not complete: try again later.
+    retry: bool,
+    text: String,
+}
+
 /// Runs the node until SIGTERM or SIGINT, then drains. `on_ready` is called
 /// once every shard and the API listen.
 pub fn run(file: ConfigFile, on_ready: impl FnOnce(&Ready)) -> Result<(), String> {
@@ -197,15 +232,64 @@ pub fn run_node(
         .proxy
         .build(file.tls.as_ref())
         .map_err(|e| e.to_string())?;
-    let store = Store::open(&file.store.path, &vault_key()).map_err(|e| e.to_string())?;
-    for (id, spec) in file.seeds() {
-        store
-            .apply(&Command::PutTenant {
-                id: id.clone(),
-                spec,
-            })
-            .map_err(|e| format!("tenant {id:?} of the config file: {e}"))?;
+    let cluster_cfg = match &file.cluster {
+        Some(c) => c
+            .build(secret("CLUSTER_SECRET", &None))
+            .map_err(|e| e.to_string())?,
+        None => ClusterFile::standalone(),
+    };
+    let store = Arc::new(Store::open(&file.store.path, &vault_key()).map_err(|e| e.to_string())?);
+
+    // The control runtime: the raft node, the HTTP API, the config watcher.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("control")
+        .enable_all()
+        .build()
+        .map_err(|e| format!("control runtime: {e}"))?;
+    let app: Arc<dyn cluster::AppMachine> = store.clone();
+    let cluster = rt
+        .block_on(cluster::ClusterNode::start(cluster_cfg, store.db(), app))
+        .map_err(|e| format!("cluster: {e}"))?;
+    info!(node_id = cluster.id(), raft = %cluster.addr(), "cluster node started");
+
+    // Seeds: through the log, waiting a bounded time for a leader.
+    let seeds = file.seeds();
+    if !seeds.is_empty() {
+        let seeded = rt.block_on(async {
+            tokio::time::timeout(SEED_WAIT, write_seeds(&store, &cluster, &seeds)).await
+        });
+        match seeded {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) if !e.retry => return Err(e.text),
+            other => {
+                let why = match other {
+                    Ok(Err(e)) => e.text,
+                    _ => "timed out".to_string(),
+                };
+                warn!(error = %why, "config file tenants not written yet (no cluster leader): retrying in the background");
+                let (store, cluster) = (store.clone(), cluster.clone());
+                rt.spawn(async move {
+                    loop {
+                        match write_seeds(&store, &cluster, &seeds).await {
+                            Ok(()) => {
+                                info!("config file tenants written");
+                                return;
+                            }
+                            Err(e) if e.retry => {
+                                tokio::time::sleep(Duration::from_millis(500)).await
+                            }
+                            Err(e) => {
+                                warn!(error = %e.text, "config file tenants refused");
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        }
     }
+
     let secrets = SecretCache::default();
     let config = Node::engine_config(&proxy, &store, &secrets).map_err(|e| e.to_string())?;
     let tenants = config.tenants.len();
@@ -214,12 +298,15 @@ pub fn run_node(
     let running = engine::start(Arc::new(config)).map_err(|e| e.to_string())?;
     let node = Arc::new(Node::new(
         store,
+        cluster.clone(),
+        rt.handle().clone(),
         proxy.clone(),
         secrets,
         running.handles().clone(),
     ));
+    node.start_watcher();
 
-    // The control thread: a small tokio runtime for the HTTP API.
+    // The HTTP API on the control runtime.
     let auth = crate::api::ApiAuth {
         jwt_secret: secret("API_JWT_SECRET", &file.api.jwt_secret),
         metrics_jwt_secret: secret("METRICS_JWT_SECRET", &file.api.metrics_jwt_secret),
@@ -228,57 +315,35 @@ pub fn run_node(
         warn!("API_JWT_SECRET is not set: the API refuses every authenticated request");
     }
     let api_addr = file.api.addr;
-    let (api_tx, api_rx) = std::sync::mpsc::channel::<Result<SocketAddr, String>>();
     let plane: Arc<dyn crate::plane::ControlPlane> = node.clone();
     let api_stop = Arc::new(tokio::sync::Notify::new());
     let api_stopped = api_stop.clone();
-    std::thread::Builder::new()
-        .name("control".into())
-        .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    let _ = api_tx.send(Err(format!("control runtime: {e}")));
-                    return;
-                }
-            };
-            rt.block_on(async move {
-                let listener = match bind_api(api_addr).and_then(tokio::net::TcpListener::from_std)
-                {
-                    Ok(l) => l,
-                    Err(e) => {
-                        let _ = api_tx.send(Err(format!("cannot listen on {api_addr} (api): {e}")));
-                        return;
-                    }
-                };
-                let local = listener.local_addr().unwrap_or(api_addr);
-                let _ = api_tx.send(Ok(local));
-                // The listener is dropped (closed) with the serve future when the
-                // select ends, before the log line.
-                let served = tokio::select! {
-                    served = crate::api::serve(listener, plane, auth) => Some(served),
-                    _ = api_stopped.notified() => None,
-                };
-                match served {
-                    Some(Err(e)) => warn!(error = %e, "API server stopped"),
-                    Some(Ok(())) => {}
-                    None => info!("handover: API listener closed"),
-                }
-            });
-        })
-        .map_err(|e| e.to_string())?;
-    let api = match api_rx.recv() {
-        Ok(Ok(a)) => a,
-        Ok(Err(e)) => {
+    let bound = bind_api(api_addr).and_then(|l| {
+        let _in_runtime = rt.enter();
+        tokio::net::TcpListener::from_std(l)
+    });
+    let listener = match bound {
+        Ok(l) => l,
+        Err(e) => {
             running.shutdown();
             let _ = running.join();
-            return Err(e);
+            return Err(format!("cannot listen on {api_addr} (api): {e}"));
         }
-        Err(_) => return Err("the control thread died".into()),
     };
+    let api = listener.local_addr().unwrap_or(api_addr);
+    rt.spawn(async move {
+        // The listener is dropped (closed) with the serve future when the
+        // select ends (handover), before the log line.
+        let served = tokio::select! {
+            served = crate::api::serve(listener, plane, auth) => Some(served),
+            _ = api_stopped.notified() => None,
+        };
+        match served {
+            Some(Err(e)) => warn!(error = %e, "API server stopped"),
+            Some(Ok(())) => {}
+            None => info!("handover: API listener closed"),
+        }
+    });
 
     let ready = Ready {
         session: proxy.session_addr,
@@ -337,7 +402,9 @@ pub fn run_node(
         })
         .map_err(|e| e.to_string())?;
     let result = running.join();
+    rt.block_on(cluster.shutdown());
     drop(node);
+    rt.shutdown_timeout(Duration::from_secs(2));
     result.map(|()| {
         if handed_over.load(Ordering::SeqCst) {
             Stopped::HandedOver

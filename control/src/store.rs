@@ -1,9 +1,20 @@
 //! The tenant store: a state machine of [`Command`]s kept in sled.
 //!
-//! Each command is applied in order and flushed before `apply` returns, with
-//! the applied index bumped in the same sled transaction, so a change that
-//! was acknowledged survives `kill -9`. `apply` reads no clock; with the
-//! cluster, an openraft log sits in front of it.
+//! Each command is applied in order, with the applied index written in the
+//! same sled transaction. `apply` reads no clock. With the cluster, the store
+//! is the raft state machine ([`cluster::AppMachine`]): it lives in the same
+//! sled `Db` as the raft log, its applied index *is* the raft log index of
+//! the last command it applied (refused commands included: a refusal is an
+//! applied entry), and durability comes from the cluster's flush after each
+//! applied batch. An entry at or below the store's index is skipped, so the
+//! store may be ahead of the cluster's recorded applied index after a crash,
+//! never behind it. (The index is kept under `meta/log_index`; the
+//! `meta/applied_index` of stores written before the cluster is ignored.)
+//!
+//! Commands enter the raft log sealed ([`Store::seal_command`]): passwords
+//! travel and rest in the log only as ciphertext, under the same vault key,
+//! which every node of a cluster must share. Answers that go back through
+//! the log ([`Store::decode_answer`]) never hold passwords.
 //!
 //! Passwords are encrypted at rest: each `db_password` is stored as
 //! base64(nonce || ciphertext) of ChaCha20-Poly1305 under the key
@@ -35,12 +46,14 @@ use crate::plane::PlaneError;
 
 const TENANTS_TREE: &str = "tenants";
 const META_TREE: &str = "meta";
-const APPLIED_KEY: &[u8] = b"applied_index";
+const APPLIED_KEY: &[u8] = b"log_index";
 const VAULT_CHECK_KEY: &[u8] = b"vault_check";
 const VAULT_CHECK_PLAIN: &[u8] = b"supavisor vault check v1";
 const VAULT_CHECK_AAD: &[u8] = b"vault-check";
 const NONCE_LEN: usize = 12;
 const RECORD_VERSION: u32 = 1;
+const SEALED_VERSION: u32 = 1;
+const SNAPSHOT_VERSION: u32 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -92,6 +105,57 @@ impl From<StoreError> for PlaneError {
             other => PlaneError::Internal(other.to_string()),
         }
     }
+}
+
+/// A command as it travels in the raft log: `cmd` serializes without
+/// passwords (`db_password` is skip_serializing), they are in `passwords`,
+/// sealed like the store's records (db user -> base64(nonce || ciphertext),
+/// associated data: tenant id and db user).
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SealedCommand {
+    v: u32,
+    cmd: Command,
+    passwords: BTreeMap<String, String>,
+}
+
+/// Why an applied command changed nothing, as it comes back through the log.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Refusal {
+    NotFound(String),
+    Invalid(Vec<FieldError>),
+    /// The store itself failed on the node that answered (storage, or a
+    /// vault key that does not open the command's passwords).
+    Internal(String),
+}
+
+impl From<StoreError> for Refusal {
+    fn from(e: StoreError) -> Refusal {
+        match e {
+            StoreError::NotFound(what) => Refusal::NotFound(what),
+            StoreError::Invalid(errors) => Refusal::Invalid(errors),
+            other => Refusal::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<Refusal> for PlaneError {
+    fn from(r: Refusal) -> PlaneError {
+        match r {
+            Refusal::NotFound(what) => PlaneError::NotFound(what),
+            Refusal::Invalid(errors) => PlaneError::Invalid(errors),
+            Refusal::Internal(e) => PlaneError::Internal(e),
+        }
+    }
+}
+
+/// The whole store as a raft snapshot: records as stored (passwords sealed).
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoreSnapshot {
+    v: u32,
+    applied: u64,
+    tenants: BTreeMap<String, String>,
 }
 
 /// A tenant as kept in the `tenants` tree. `spec` serializes without
@@ -213,37 +277,59 @@ impl Store {
         Ok(out)
     }
 
-    /// Applies one command, durably: the change and the new applied index
-    /// are written in one transaction and flushed before this returns.
-    /// Returns the new applied index and the tenant as it now is (passwords
-    /// decrypted; `None` after `DeleteTenant`). A refused command
-    /// (`NotFound`, `Invalid`) changes nothing, the index included.
+    /// Applies one command locally (no cluster), durably: the change and the
+    /// new applied index (the previous one + 1) are written in one
+    /// transaction and flushed before this returns. Returns the new applied
+    /// index and the tenant as it now is (passwords decrypted; `None` after
+    /// `DeleteTenant`). A refused command (`NotFound`, `Invalid`) changes
+    /// nothing, the index included.
     pub fn apply(&self, cmd: &Command) -> Result<(u64, Option<TenantSpec>), StoreError> {
-        let _serial = self
-            .apply_lock
+        let _serial = self.lock_apply();
+        let index = self.applied_index() + 1;
+        let spec = self.apply_locked(index, cmd, false)?;
+        self.db.flush()?;
+        Ok((index, spec))
+    }
+
+    /// Applies the command of raft log entry `index` (see the module docs):
+    /// `Ok(None)` when the entry was applied already. A refusal records the
+    /// index too. Not flushed: the cluster flushes the shared `Db`.
+    pub fn apply_at(&self, index: u64, cmd: &Command) -> Result<Option<TenantSpec>, StoreError> {
+        let _serial = self.lock_apply();
+        if index <= self.applied_index() {
+            return Ok(None);
+        }
+        self.apply_locked(index, cmd, true)
+    }
+
+    fn lock_apply(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.apply_lock
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let (id, new_spec) = match cmd {
-            Command::PutTenant { id, spec } => (id.as_str(), Some(self.put_tenant(id, spec)?)),
-            Command::DeleteTenant { id } => {
-                if !self.tenants.contains_key(id.as_bytes())? {
-                    return Err(not_found_tenant(id));
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn apply_locked(
+        &self,
+        index: u64,
+        cmd: &Command,
+        record_refusal: bool,
+    ) -> Result<Option<TenantSpec>, StoreError> {
+        let index_bytes = index.to_be_bytes();
+        let change = self.change_of(cmd);
+        let (id, new_spec) = match change {
+            Ok(c) => c,
+            Err(e) => {
+                if record_refusal {
+                    self.meta.insert(APPLIED_KEY, &index_bytes[..])?;
+                    self.applied.store(index, Ordering::Release);
                 }
-                (id.as_str(), None)
-            }
-            Command::PutUser { tenant, user } => {
-                (tenant.as_str(), Some(self.put_user(tenant, user)?))
-            }
-            Command::DeleteUser { tenant, db_user } => {
-                (tenant.as_str(), Some(self.delete_user(tenant, db_user)?))
+                return Err(e);
             }
         };
         let record = match &new_spec {
             Some(spec) => Some(self.encode(id, spec)?),
             None => None,
         };
-        let index = self.applied_index() + 1;
-        let index_bytes = index.to_be_bytes();
         (&self.tenants, &self.meta)
             .transaction(|(tenants, meta)| {
                 match &record {
@@ -257,9 +343,102 @@ impl Store {
                 TransactionError::Storage(e) => StoreError::Sled(e),
                 TransactionError::Abort(never) => match never {},
             })?;
-        self.db.flush()?;
         self.applied.store(index, Ordering::Release);
-        Ok((index, new_spec))
+        Ok(new_spec)
+    }
+
+    /// The tenant a command touches and its new state, or the refusal.
+    fn change_of<'c>(&self, cmd: &'c Command) -> Result<(&'c str, Option<TenantSpec>), StoreError> {
+        Ok(match cmd {
+            Command::PutTenant { id, spec } => (id.as_str(), Some(self.put_tenant(id, spec)?)),
+            Command::DeleteTenant { id } => {
+                if !self.tenants.contains_key(id.as_bytes())? {
+                    return Err(not_found_tenant(id));
+                }
+                (id.as_str(), None)
+            }
+            Command::PutUser { tenant, user } => {
+                (tenant.as_str(), Some(self.put_user(tenant, user)?))
+            }
+            Command::DeleteUser { tenant, db_user } => {
+                (tenant.as_str(), Some(self.delete_user(tenant, db_user)?))
+            }
+        })
+    }
+
+    /// The sled database, shared with the cluster's raft trees.
+    pub fn db(&self) -> sled::Db {
+        self.db.clone()
+    }
+
+    /// `cmd` as it enters the raft log: passwords sealed under the vault key.
+    pub fn seal_command(&self, cmd: &Command) -> Result<Vec<u8>, StoreError> {
+        let (tenant, users): (&str, Vec<&UserSpec>) = match cmd {
+            Command::PutTenant { id, spec } => (id, spec.users.iter().collect()),
+            Command::PutUser { tenant, user } => (tenant, vec![user]),
+            Command::DeleteTenant { id } => (id, vec![]),
+            Command::DeleteUser { tenant, .. } => (tenant, vec![]),
+        };
+        let mut passwords = BTreeMap::new();
+        for u in users {
+            if let Some(p) = &u.db_password {
+                passwords.insert(
+                    u.db_user.clone(),
+                    self.seal(p.as_bytes(), &aad(tenant, &u.db_user))?,
+                );
+            }
+        }
+        let sealed = SealedCommand {
+            v: SEALED_VERSION,
+            cmd: cmd.clone(),
+            passwords,
+        };
+        serde_json::to_vec(&sealed).map_err(StoreError::Encode)
+    }
+
+    /// The command of a log entry, passwords opened.
+    fn unseal_command(&self, bytes: &[u8]) -> Result<Command, StoreError> {
+        let sealed: SealedCommand =
+            serde_json::from_slice(bytes).map_err(|source| StoreError::Decode {
+                key: "raft log entry".into(),
+                source,
+            })?;
+        if sealed.v != SEALED_VERSION {
+            return Err(StoreError::Corrupt {
+                key: "raft log entry".into(),
+                why: "unknown command version",
+            });
+        }
+        let mut cmd = sealed.cmd;
+        let (tenant, users): (String, Vec<&mut UserSpec>) = match &mut cmd {
+            Command::PutTenant { id, spec } => (id.clone(), spec.users.iter_mut().collect()),
+            Command::PutUser { tenant, user } => (tenant.clone(), vec![user]),
+            _ => (String::new(), vec![]),
+        };
+        for u in users {
+            u.db_password = match sealed.passwords.get(&u.db_user) {
+                None => None,
+                Some(s) => Some(
+                    self.open_sealed(s, &aad(&tenant, &u.db_user))
+                        .and_then(|p| String::from_utf8(p).ok())
+                        .ok_or_else(|| StoreError::Decrypt {
+                            tenant: tenant.clone(),
+                            db_user: u.db_user.clone(),
+                        })?,
+                ),
+            };
+        }
+        Ok(cmd)
+    }
+
+    /// The answer of [`cluster::AppMachine::apply`] read back: the tenant
+    /// as it now is (without passwords; `None` after a delete) or the refusal.
+    pub fn decode_answer(answer: Result<Vec<u8>, String>) -> Result<Option<TenantSpec>, Refusal> {
+        match answer {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| Refusal::Internal(format!("undecodable answer: {e}"))),
+            Err(text) => Err(serde_json::from_str(&text).unwrap_or(Refusal::Internal(text))),
+        }
     }
 
     fn put_tenant(&self, id: &str, spec: &TenantSpec) -> Result<TenantSpec, StoreError> {
@@ -404,6 +583,90 @@ impl Store {
         self.cipher
             .decrypt(Nonce::from_slice(nonce), Payload { msg: ct, aad })
             .ok()
+    }
+}
+
+fn refusal_text(r: Refusal) -> String {
+    serde_json::to_string(&r).unwrap_or_else(|_| "refused".to_string())
+}
+
+/// The store as the cluster's state machine. Answers: JSON of the tenant as
+/// it now is (passwords are never serialized), or JSON of a [`Refusal`].
+impl cluster::AppMachine for Store {
+    fn apply(&self, index: u64, cmd: &[u8]) -> Result<Vec<u8>, String> {
+        let result = self
+            .unseal_command(cmd)
+            .and_then(|cmd| self.apply_at(index, &cmd));
+        match result {
+            Ok(spec) => serde_json::to_vec(&spec)
+                .map_err(|e| refusal_text(Refusal::Internal(e.to_string()))),
+            Err(e) => {
+                if !e.is_client_error() {
+                    tracing::error!(index, error = %e, "the tenant store failed to apply a log entry");
+                    // The entry counts as applied (as a failure) on this node; the
+                    // error is logged, and the node needs an operator (e.g. a
+                    // wrong VAULT_ENC_KEY) rather than a replay.
+                    let _serial = self.lock_apply();
+                    if index > self.applied_index()
+                        && self
+                            .meta
+                            .insert(APPLIED_KEY, &index.to_be_bytes()[..])
+                            .is_ok()
+                    {
+                        self.applied.store(index, Ordering::Release);
+                    }
+                }
+                Err(refusal_text(e.into()))
+            }
+        }
+    }
+
+    fn snapshot(&self) -> Vec<u8> {
+        let _serial = self.lock_apply();
+        let mut tenants = BTreeMap::new();
+        for (k, v) in self.tenants.iter().flatten() {
+            if let (Ok(k), Ok(v)) = (String::from_utf8(k.to_vec()), String::from_utf8(v.to_vec())) {
+                tenants.insert(k, v);
+            }
+        }
+        let snap = StoreSnapshot {
+            v: SNAPSHOT_VERSION,
+            applied: self.applied_index(),
+            tenants,
+        };
+        serde_json::to_vec(&snap).unwrap_or_default()
+    }
+
+    fn restore(&self, snapshot: &[u8]) -> Result<(), String> {
+        let snap: StoreSnapshot = serde_json::from_slice(snapshot).map_err(|e| e.to_string())?;
+        if snap.v != SNAPSHOT_VERSION {
+            return Err(format!("unknown store snapshot version {}", snap.v));
+        }
+        // Every record must open under our vault key before anything is replaced.
+        for (id, record) in &snap.tenants {
+            self.decode(id, record.as_bytes())
+                .map_err(|e| e.to_string())?;
+        }
+        let _serial = self.lock_apply();
+        let mut batch = sled::Batch::default();
+        for k in self.tenants.iter().keys().flatten() {
+            if !snap
+                .tenants
+                .contains_key(String::from_utf8_lossy(&k).as_ref())
+            {
+                batch.remove(k);
+            }
+        }
+        for (id, record) in &snap.tenants {
+            batch.insert(id.as_bytes(), record.as_bytes());
+        }
+        self.tenants.apply_batch(batch).map_err(|e| e.to_string())?;
+        self.meta
+            .insert(APPLIED_KEY, &snap.applied.to_be_bytes()[..])
+            .map_err(|e| e.to_string())?;
+        self.db.flush().map_err(|e| e.to_string())?;
+        self.applied.store(snap.applied, Ordering::Release);
+        Ok(())
     }
 }
 
@@ -736,5 +999,83 @@ mod tests {
             store.tenant("copy"),
             Err(StoreError::Decrypt { .. })
         ));
+    }
+
+    #[test]
+    fn as_the_raft_state_machine() {
+        use cluster::AppMachine;
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let put_cmd = put("acme", spec(vec![user("postgres", Some(SECRET))]));
+        let sealed = store.seal_command(&put_cmd).unwrap();
+        assert!(
+            !contains(&sealed, SECRET.as_bytes()),
+            "plaintext password in the log entry"
+        );
+        // Applied at its log index; the answer carries no password.
+        let answer = AppMachine::apply(&store, 5, &sealed);
+        assert!(!contains(answer.as_ref().unwrap(), SECRET.as_bytes()));
+        let got = Store::decode_answer(answer).unwrap().unwrap();
+        assert_eq!(got.users[0].db_password, None);
+        assert_eq!(store.applied_index(), 5);
+        assert_eq!(
+            store.tenant("acme").unwrap().unwrap().users[0]
+                .db_password
+                .as_deref(),
+            Some(SECRET)
+        );
+        // A replayed entry changes nothing.
+        let del = store
+            .seal_command(&Command::DeleteTenant { id: "acme".into() })
+            .unwrap();
+        assert_eq!(AppMachine::apply(&store, 5, &del), Ok(b"null".to_vec()));
+        assert!(store.tenant("acme").unwrap().is_some());
+        // A refusal is an applied entry, and comes back as what it was.
+        let bad = store
+            .seal_command(&Command::DeleteTenant { id: "nope".into() })
+            .unwrap();
+        match Store::decode_answer(AppMachine::apply(&store, 6, &bad)) {
+            Err(Refusal::NotFound(what)) => assert_eq!(what, "tenant \"nope\""),
+            other => panic!("expected NotFound, got {other:?}"),
+        }
+        assert_eq!(store.applied_index(), 6);
+        let invalid = store
+            .seal_command(&Command::PutUser {
+                tenant: "acme".into(),
+                user: user("new", None),
+            })
+            .unwrap();
+        assert!(matches!(
+            Store::decode_answer(AppMachine::apply(&store, 7, &invalid)),
+            Err(Refusal::Invalid(_))
+        ));
+        // Another vault key cannot open the entry: an internal refusal, not garbage.
+        let dir2 = tempfile::tempdir().unwrap();
+        let other = Store::open(dir2.path(), "another key").unwrap();
+        assert!(matches!(
+            Store::decode_answer(AppMachine::apply(&other, 1, &sealed)),
+            Err(Refusal::Internal(_))
+        ));
+        // Snapshot and restore into a fresh store with the same key.
+        let snap = store.snapshot();
+        assert!(!contains(&snap, SECRET.as_bytes()));
+        let dir3 = tempfile::tempdir().unwrap();
+        let copy = open(&dir3);
+        copy.apply(&put("stale", spec(vec![user("postgres", Some("x"))])))
+            .unwrap();
+        copy.restore(&snap).unwrap();
+        assert_eq!(copy.applied_index(), 7);
+        let ids: Vec<String> = copy.tenants().unwrap().into_iter().map(|t| t.0).collect();
+        assert_eq!(ids, vec!["acme"]);
+        assert_eq!(
+            copy.tenant("acme").unwrap().unwrap().users[0]
+                .db_password
+                .as_deref(),
+            Some(SECRET)
+        );
+        assert!(
+            other.restore(&snap).is_err(),
+            "a snapshot under another key is refused"
+        );
     }
 }
