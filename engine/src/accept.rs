@@ -267,9 +267,17 @@ pub async fn handle(shard: Rc<Shard>, tcp: TcpStream, mode: PoolMode) {
             crate::metrics::bump(&shard.handoffs_out, 1);
             drop(tcp)
         }
-        Err(_) => {
-            // The session went with the message; this socket can only be closed.
-            drop(tcp)
+        Err(msg) => {
+            // The owner's inbox is full: the message comes back with the
+            // TLS session, so the client still gets its error.
+            let mut stream = match msg {
+                ShardMsg::Handoff(h) => match h.tls {
+                    Some(conn) => Stream::Tls(Box::new(TlsStream::new(tcp, *conn))),
+                    None => Stream::Plain(tcp),
+                },
+                _ => Stream::Plain(tcp),
+            };
+            refuse(&mut stream, &EngineError::Refused(Refusal::Busy)).await;
         }
     }
 }
