@@ -28,7 +28,7 @@ sys.dont_write_bytecode = True
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lib  # noqa: E402
 
-IDLE_BIN = lib.REPO / "target" / "release" / "idle-clients"
+IDLE_BIN = lib.TARGET / "release" / "idle-clients"
 TARGET_CLIENTS = 250_000
 NODE_GB = 64
 PAGE = 4096

@@ -22,7 +22,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-SUPAVISOR_BIN = REPO / "target" / "release" / "supavisor"
+# Cargo's target directory (CARGO_TARGET_DIR when set, as cargo itself does).
+TARGET = Path(os.environ["CARGO_TARGET_DIR"]) if os.environ.get("CARGO_TARGET_DIR") else REPO / "target"
+SUPAVISOR_BIN = TARGET / "release" / "supavisor"
 PASSWORD = "postgres"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 UNPRIVILEGED = "postgres"
