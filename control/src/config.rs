@@ -14,7 +14,7 @@ use engine::config::{
 use std::sync::Mutex;
 use wire::scram::ScramSecret;
 
-use crate::model::{self, TenantSpec, UserSpec};
+use crate::model::{self, TenantSpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -60,77 +60,32 @@ impl Default for ProxyFile {
     }
 }
 
-/// `[[tenants]]`: a tenant seeded into the store at start. Same fields as
-/// the API's tenant JSON, plus its id.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// `[[tenants]]`: a tenant seeded into the store at start: the API's tenant
+/// JSON (`TenantSpec`, same fields, defaults and checks) plus its id.
+#[derive(Debug, Clone, Default)]
 pub struct TenantFile {
     pub external_id: String,
-    pub db_host: String,
-    pub db_port: u16,
-    pub db_database: String,
-    #[serde(default = "model::default_true")]
-    pub require_user: bool,
-    #[serde(default)]
-    pub auth_query: Option<String>,
-    #[serde(default = "model::default_pool_size")]
-    pub default_pool_size: usize,
-    #[serde(default = "model::default_max_clients")]
-    pub default_max_clients: usize,
-    /// Milliseconds.
-    #[serde(default = "model::default_checkout_timeout")]
-    pub default_pool_checkout_timeout: u64,
-    /// How clients authenticate to the pooler: "scram-sha-256" or "md5".
-    #[serde(default = "model::default_auth_type")]
-    pub auth_type: String,
-    #[serde(default)]
-    pub enforce_ssl: bool,
-    #[serde(default)]
-    pub sni_hostname: Option<String>,
-    #[serde(default)]
-    pub upstream_ssl: bool,
-    #[serde(default)]
-    pub upstream_verify: Option<String>,
-    #[serde(default)]
-    pub upstream_tls_ca: Option<String>,
-    #[serde(default)]
-    pub allow_list: Vec<String>,
-    #[serde(default)]
-    pub client_idle_timeout: u32,
-    #[serde(default)]
-    pub idle_transaction_timeout: u32,
-    #[serde(default)]
-    pub query_timeout: u32,
-    #[serde(default)]
-    pub users: Vec<UserSpec>,
+    pub spec: TenantSpec,
+}
+
+impl<'de> Deserialize<'de> for TenantFile {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let mut table = toml::Table::deserialize(d)?;
+        let external_id = match table.remove("external_id") {
+            Some(toml::Value::String(id)) => id,
+            Some(_) => return Err(D::Error::custom("external_id must be a string")),
+            None => return Err(D::Error::missing_field("external_id")),
+        };
+        let spec = TenantSpec::deserialize(toml::Value::Table(table))
+            .map_err(|e| D::Error::custom(format!("tenant {external_id:?}: {e}")))?;
+        Ok(TenantFile { external_id, spec })
+    }
 }
 
 impl TenantFile {
     pub fn to_spec(&self) -> (String, TenantSpec) {
-        (
-            self.external_id.clone(),
-            TenantSpec {
-                db_host: self.db_host.clone(),
-                db_port: self.db_port,
-                db_database: self.db_database.clone(),
-                require_user: self.require_user,
-                auth_query: self.auth_query.clone(),
-                default_pool_size: self.default_pool_size,
-                default_max_clients: self.default_max_clients,
-                default_pool_checkout_timeout: self.default_pool_checkout_timeout,
-                auth_type: self.auth_type.clone(),
-                enforce_ssl: self.enforce_ssl,
-                sni_hostname: self.sni_hostname.clone(),
-                upstream_ssl: self.upstream_ssl,
-                upstream_verify: self.upstream_verify.clone(),
-                upstream_tls_ca: self.upstream_tls_ca.clone(),
-                allow_list: self.allow_list.clone(),
-                client_idle_timeout: self.client_idle_timeout,
-                idle_transaction_timeout: self.idle_transaction_timeout,
-                query_timeout: self.query_timeout,
-                users: self.users.clone(),
-            },
-        )
+        (self.external_id.clone(), self.spec.clone())
     }
 }
 

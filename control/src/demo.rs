@@ -4,6 +4,7 @@ use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
 
 use crate::config::{ApiFile, ConfigFile, ProxyFile, StoreFile, TenantFile};
+use crate::model::TenantSpec;
 use crate::model::UserSpec;
 use crate::pgtemp::TempPostgres;
 
@@ -25,25 +26,27 @@ pub fn run() -> Result<(), String> {
         },
         tenants: vec![TenantFile {
             external_id: "demo".into(),
-            db_host: pg.host.clone(),
-            db_port: pg.port,
-            db_database: "postgres".into(),
-            default_pool_size: 5,
-            default_max_clients: 1000,
-            default_pool_checkout_timeout: 60_000,
-            auth_type: "scram-sha-256".into(),
-            require_user: true,
-            auth_query: None,
-            users: vec![UserSpec {
-                db_user: pg.superuser.clone(),
-                db_password: Some(pg.password.clone()),
-                pool_size: Some(5),
-                mode_type: "transaction".into(),
-                max_clients: Some(1000),
-                pool_checkout_timeout: Some(60_000),
-                is_manager: true,
-            }],
-            ..TenantFile::default()
+            spec: TenantSpec {
+                db_host: pg.host.clone(),
+                db_port: pg.port,
+                db_database: "postgres".into(),
+                default_pool_size: 5,
+                default_max_clients: 1000,
+                default_pool_checkout_timeout: 60_000,
+                auth_type: "scram-sha-256".into(),
+                require_user: true,
+                auth_query: None,
+                users: vec![UserSpec {
+                    db_user: pg.superuser.clone(),
+                    db_password: Some(pg.password.clone()),
+                    pool_size: Some(5),
+                    mode_type: "transaction".into(),
+                    max_clients: Some(1000),
+                    pool_checkout_timeout: Some(60_000),
+                    is_manager: true,
+                }],
+                ..TenantSpec::default()
+            },
         }],
         ..ConfigFile::default()
     };
