@@ -368,6 +368,7 @@ fn engine_config(db: SocketAddr, shards: usize) -> Arc<Config> {
             client_startup_timeout: Duration::from_secs(10),
             tls: None,
             listen_backlog: 1024,
+            proxy_addr: None,
         },
         HashMap::from([("bench".to_string(), bench_tenant(db, 4))]),
     ))

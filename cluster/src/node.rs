@@ -162,7 +162,17 @@ impl ClusterNode {
         &self.inner.addr
     }
 
-    pub(crate) fn secret(&self) -> &[u8] {
+    /// The members (voters and learners) and their node-to-node addresses.
+    pub fn members(&self) -> BTreeMap<NodeId, String> {
+        let m = self.inner.raft.metrics().borrow().membership_config.clone();
+        m.membership()
+            .nodes()
+            .map(|(id, n)| (*id, n.addr.clone()))
+            .collect()
+    }
+
+    /// The shared cluster secret.
+    pub fn secret(&self) -> &[u8] {
         self.inner.cfg.secret.as_bytes()
     }
 

@@ -340,6 +340,7 @@ impl ProxyFile {
             client_startup_timeout: Duration::from_millis(self.client_startup_timeout.max(1)),
             tls,
             listen_backlog: self.listen_backlog,
+            proxy_addr: None,
         })
     }
 }

@@ -9,14 +9,15 @@
 //! published by a watcher of the applied index ([`Node::start_watcher`]).
 //! Reads are local.
 
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use cluster::{ClusterError, ClusterNode, Request, Response};
 use tokio::runtime::Handle;
 
-use engine::config::ProxyConfig;
+use engine::config::{ClusterHooks, ProxyConfig};
 use engine::metrics::ShardSnapshot;
 use engine::shard::{ShardHandle, ShardMsg};
 use tracing::warn;
@@ -45,6 +46,71 @@ pub struct Node {
     /// The store's applied index the shards last got (`u64::MAX`: none yet).
     published: AtomicU64,
     started: Instant,
+    /// What the shards call for pool ownership (set by `start_watcher`).
+    hooks: OnceLock<Arc<dyn ClusterHooks>>,
+}
+
+/// A node's proxy (node-to-node data plane) address: its raft address with
+/// the port plus one.
+pub fn proxy_addr_of(raft: &str) -> Option<SocketAddr> {
+    let a = raft.to_socket_addrs().ok()?.next()?;
+    Some(SocketAddr::new(a.ip(), a.port().checked_add(1)?))
+}
+
+/// Pool claims for the shards: through the log, answered once this node
+/// applied and published the claim.
+struct Hooks {
+    node: Weak<Node>,
+    cluster: ClusterNode,
+    rt: Handle,
+}
+
+impl ClusterHooks for Hooks {
+    fn claim(&self, key: String, shard: usize, token: u64) {
+        let (node, cluster) = (self.node.clone(), self.cluster.clone());
+        self.rt.spawn(async move {
+            let owner = claim_published(&node, &cluster, key).await;
+            if let Some(n) = node.upgrade() {
+                if let Some(h) = n.shards.get(shard) {
+                    let _ = h.send(ShardMsg::Claimed { token, owner });
+                }
+            }
+        });
+    }
+
+    fn lease_valid(&self) -> bool {
+        self.cluster.lease_valid()
+    }
+}
+
+async fn claim_published(node: &Weak<Node>, cluster: &ClusterNode, key: String) -> Option<u64> {
+    let req = Request::Claim {
+        key: key.clone(),
+        node: cluster.id(),
+    };
+    let (index, owner) = match cluster.write_indexed(req).await {
+        Ok((index, Response::Owner(owner))) => (index, owner),
+        Ok((_, other)) => {
+            warn!(%key, ?other, "unexpected claim response");
+            return None;
+        }
+        Err(e) => {
+            warn!(%key, error = %e, "pool claim failed");
+            return None;
+        }
+    };
+    let mut applied = cluster.subscribe();
+    tokio::time::timeout(APPLY_TIMEOUT, applied.wait_for(|i| *i >= index))
+        .await
+        .ok()?
+        .ok()?;
+    let node = node.upgrade()?;
+    match tokio::task::spawn_blocking(move || node.publish_current()).await {
+        Ok(Err(e)) => warn!(error = %e, "publishing a claim"),
+        Err(e) => warn!(error = %e, "publishing task failed"),
+        Ok(Ok(())) => {}
+    }
+    Some(owner)
 }
 
 fn view(id: &str, spec: TenantSpec) -> TenantView {
@@ -76,6 +142,7 @@ impl Node {
             writes: Mutex::new(()),
             published: AtomicU64::new(u64::MAX),
             started: Instant::now(),
+            hooks: OnceLock::new(),
         }
     }
 
@@ -113,9 +180,32 @@ impl Node {
     /// so that an API answer means the change is live.
     fn publish(&self) -> Result<(), PlaneError> {
         let proxy = self.proxy().clone();
-        let config = Arc::new(Self::engine_config(&proxy, &self.store, &self.secrets)?);
+        let config = Self::engine_config(&proxy, &self.store, &self.secrets)?;
+        let config = Arc::new(config.with_cluster(self.cluster_view()));
         self.broadcast(|| ShardMsg::Config(config.clone()))?;
         self.barrier()
+    }
+
+    /// Pool owners and proxy addresses, when this node has a proxy listener
+    /// and the cluster more than one member.
+    fn cluster_view(&self) -> Option<Arc<engine::config::ClusterView>> {
+        self.proxy().proxy_addr?;
+        let hooks = self.hooks.get()?.clone();
+        let members = self.cluster.members();
+        if members.len() < 2 {
+            return None;
+        }
+        let proxies = members
+            .iter()
+            .filter_map(|(id, addr)| Some((*id, proxy_addr_of(addr)?)))
+            .collect();
+        Some(Arc::new(engine::config::ClusterView {
+            self_node: self.cluster.id(),
+            owners: self.cluster.claims().into_iter().collect(),
+            proxies,
+            secret: Arc::from(self.cluster.secret()),
+            hooks,
+        }))
     }
 
     /// Waits until every shard has applied the messages sent before.
@@ -224,6 +314,11 @@ impl Node {
     /// at start. Stops when the node is dropped.
     pub fn start_watcher(self: &Arc<Self>) {
         let weak: Weak<Node> = Arc::downgrade(self);
+        let _ = self.hooks.set(Arc::new(Hooks {
+            node: weak.clone(),
+            cluster: self.cluster.clone(),
+            rt: self.rt.clone(),
+        }));
         let mut applied = self.cluster.subscribe();
         self.rt.spawn(async move {
             let mut published = None;
@@ -394,6 +489,7 @@ impl ControlPlane for Node {
             last_applied: st.last_applied,
             last_log: st.last_log,
             lease_valid: st.lease_valid,
+            claims: self.cluster.claims(),
             nodes: st
                 .nodes
                 .into_iter()

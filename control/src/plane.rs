@@ -76,6 +76,8 @@ pub struct ClusterView {
     /// Whether the answering node's ownership lease is valid.
     pub lease_valid: bool,
     pub nodes: Vec<ClusterNodeView>,
+    /// Pool key (`tenant/db_user/mode`) -> owning node, as applied here.
+    pub claims: std::collections::BTreeMap<String, u64>,
 }
 
 pub trait ControlPlane: Send + Sync + 'static {

@@ -228,10 +228,17 @@ pub fn run_node(
         file.store.path = p.clone();
     }
     let started = file.clone();
-    let proxy = file
+    let mut proxy = file
         .proxy
         .build(file.tls.as_ref())
         .map_err(|e| e.to_string())?;
+    if let Some(c) = &file.cluster {
+        // Proxy links between nodes: the raft port plus one.
+        proxy.proxy_addr =
+            Some(crate::node::proxy_addr_of(&c.addr).ok_or_else(|| {
+                format!("[cluster] addr {:?}: no proxy address (port + 1)", c.addr)
+            })?);
+    }
     let cluster_cfg = match &file.cluster {
         Some(c) => c
             .build(secret("CLUSTER_SECRET", &None))

@@ -2,6 +2,7 @@
 //! SSLRequest / GSSENCRequest, route a CancelRequest, read the
 //! StartupMessage, find the tenant and hand the connection to its shard.
 
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -149,11 +150,29 @@ pub fn for_log(s: &str) -> &str {
 
 pub async fn handle(shard: Rc<Shard>, tcp: TcpStream, mode: PoolMode) {
     let peer = tcp.peer_addr().ok();
+    serve(shard, Stream::Plain(tcp), mode, peer, 0).await
+}
+
+/// A connection from its first byte: a client (`hops` 0), or one proxied
+/// here by the node it connected to (`hops` 1: TLS was terminated there,
+/// `peer` is the client's address, and it is never proxied again).
+pub async fn serve(
+    shard: Rc<Shard>,
+    stream: Stream,
+    mode: PoolMode,
+    peer: Option<SocketAddr>,
+    hops: u8,
+) {
     let config = shard.config();
     let timeout = config.proxy.client_startup_timeout;
-    let mut stream = Some(Stream::Plain(tcp));
+    let tls = if hops == 0 {
+        config.proxy.tls.as_ref()
+    } else {
+        None
+    };
+    let mut stream = Some(stream);
     let first = glommio::timer::timeout(timeout, async {
-        Ok(Box::pin(read_first(&shard, &mut stream, config.proxy.tls.as_ref())).await)
+        Ok(Box::pin(read_first(&shard, &mut stream, tls)).await)
     })
     .await;
     let Some(mut stream) = stream else {
@@ -219,10 +238,63 @@ pub async fn handle(shard: Rc<Shard>, tcp: TcpStream, mode: PoolMode) {
         .await;
         return;
     }
-    if tenant.enforce_ssl && !stream.is_tls() {
+    if tenant.enforce_ssl && !stream.is_tls() && hops == 0 {
         crate::metrics::bump(&shard.refused, 1);
         refuse(&mut stream, &EngineError::Refused(Refusal::SslRequired)).await;
         return;
+    }
+    if let Some(cluster) = config.cluster.clone() {
+        let key = crate::config::pool_key(&ident.tenant, &ident.db_user, mode);
+        let owner = match cluster.owners.get(&key) {
+            Some(o) => Some(*o),
+            None => glommio::timer::timeout(timeout, async { Ok(shard.claim(key).await) })
+                .await
+                .ok()
+                .flatten(),
+        };
+        let refusal = match owner {
+            None => Some("cannot claim the pool (no cluster leader?), try again".to_string()),
+            Some(o) if o == cluster.self_node => (!cluster.hooks.lease_valid())
+                .then(|| "this node lost its lease, connect to another node".to_string()),
+            Some(o) if hops > 0 => Some(format!("the pool is owned by node {o}, try again")),
+            Some(o) => match cluster.proxies.get(&o) {
+                None => Some(format!("no proxy address of node {o}")),
+                Some(addr) => {
+                    // A tenant found by SNI only: the owner sees no SNI, so
+                    // it is named in the user.
+                    let msg = if identify(&msg).is_err() {
+                        let mut m = msg.clone();
+                        m.params.retain(|(k, _)| k != "user");
+                        m.params
+                            .push(("user".into(), format!("{}.{}", ident.db_user, ident.tenant)));
+                        m
+                    } else {
+                        msg
+                    };
+                    let sent = crate::cluster::forward(
+                        stream,
+                        &msg,
+                        &leftover,
+                        mode,
+                        peer,
+                        *addr,
+                        &cluster.secret,
+                    )
+                    .await;
+                    if let Err((mut stream, e)) = sent {
+                        debug!(node = o, error = %e, "pool owner unreachable");
+                        let why = format!("the pool owner (node {o}) is unreachable, try again");
+                        refuse(&mut stream, &EngineError::Refused(Refusal::Cluster(why))).await;
+                    }
+                    return;
+                }
+            },
+        };
+        if let Some(why) = refusal {
+            crate::metrics::bump(&shard.refused, 1);
+            refuse(&mut stream, &EngineError::Refused(Refusal::Cluster(why))).await;
+            return;
+        }
     }
     let owner = shard.owner_of(&ident.tenant);
     if owner == shard.id {

@@ -48,6 +48,9 @@ pub struct ProxyConfig {
     /// `listen()` backlog of each shard's listeners (the kernel caps it at
     /// `net.core.somaxconn`).
     pub listen_backlog: u32,
+    /// The node-to-node proxy listener (cluster with pool ownership), bound
+    /// by every shard like the client listeners.
+    pub proxy_addr: Option<SocketAddr>,
 }
 
 /// A secret fetched through a tenant's `auth_query` (`pg_authid.rolpassword`).
@@ -234,6 +237,45 @@ pub struct Config {
     pub tenants: HashMap<String, Arc<TenantConfig>>,
     /// SNI host name (lower case) -> tenant id.
     sni: HashMap<String, String>,
+    /// Pool ownership across the cluster (more than one node), else `None`.
+    pub cluster: Option<Arc<ClusterView>>,
+}
+
+/// What the control plane does for the shards in a cluster.
+pub trait ClusterHooks: Send + Sync {
+    /// Claim pool `key` for this node; the answer comes back to shard `shard`
+    /// as `ShardMsg::Claimed { token, owner }` (`None`: the claim failed).
+    fn claim(&self, key: String, shard: usize, token: u64);
+    /// Whether this node may serve the pools it owns (its liveness lease).
+    fn lease_valid(&self) -> bool;
+}
+
+/// The cluster as the shards see it, rebuilt with every applied log entry.
+pub struct ClusterView {
+    /// This node's id.
+    pub self_node: u64,
+    /// Pool key (`tenant/db_user/mode`) -> owning node.
+    pub owners: HashMap<String, u64>,
+    /// Node id -> its node-to-node proxy address.
+    pub proxies: HashMap<u64, SocketAddr>,
+    /// The cluster secret that authenticates proxy links.
+    pub secret: Arc<[u8]>,
+    pub hooks: Arc<dyn ClusterHooks>,
+}
+
+impl fmt::Debug for ClusterView {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClusterView")
+            .field("self_node", &self.self_node)
+            .field("owners", &self.owners)
+            .field("proxies", &self.proxies)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The cluster-wide key of a pool.
+pub fn pool_key(tenant: &str, db_user: &str, mode: PoolMode) -> String {
+    format!("{tenant}/{db_user}/{}", mode.as_str())
 }
 
 impl Config {
@@ -249,7 +291,14 @@ impl Config {
             proxy,
             tenants,
             sni,
+            cluster: None,
         }
+    }
+
+    /// This configuration with a cluster view.
+    pub fn with_cluster(mut self, cluster: Option<Arc<ClusterView>>) -> Config {
+        self.cluster = cluster;
+        self
     }
 
     pub fn tenant(&self, id: &str) -> Option<&Arc<TenantConfig>> {

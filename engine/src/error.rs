@@ -85,6 +85,8 @@ pub enum Refusal {
     },
     IdleTimeout,
     IdleInTransactionTimeout,
+    /// Pool ownership across the cluster: the reason.
+    Cluster(String),
 }
 
 impl std::fmt::Display for Refusal {
@@ -117,6 +119,7 @@ impl std::fmt::Display for Refusal {
                 write!(f, "terminating connection due to administrator command")
             }
             Refusal::Busy => write!(f, "the pooler is overloaded, try again"),
+            Refusal::Cluster(why) => write!(f, "cluster: {why}"),
             Refusal::SslRequired => write!(f, "SSL connection is required"),
             Refusal::AddressNotAllowed(addr) => {
                 write!(f, "address not allowed: {addr} is not in the tenant's allow_list")
@@ -205,6 +208,7 @@ impl EngineError {
                 Refusal::LoginBackoff { .. } => "28P01",
                 Refusal::IdleTimeout => "57P05",
                 Refusal::IdleInTransactionTimeout => "25P03",
+                Refusal::Cluster(_) => "08006",
             },
         }
     }

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod authquery;
 pub mod buf;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod error;
 #[doc(hidden)]

@@ -31,9 +31,15 @@ use crate::server::CancelTarget;
 const INBOX_CAPACITY: usize = 16 * 1024;
 /// Size of the per-shard scratch buffer idle clients read through.
 const SCRATCH_LEN: usize = 16 * 1024;
-/// Bits of a proxy-issued process id that count clients; the bits above
-/// carry the shard index.
-const PID_SHARD_SHIFT: u32 = 22;
+/// A process id the pooler issues is a positive i32: bits 0..18 count the
+/// shard's clients (262143 at once), bits 18..26 carry the shard index (256
+/// shards), bits 26..31 the cluster node id (1..=31; 0 outside a cluster,
+/// and for nodes with a larger id, whose cancels are not forwarded).
+const PID_SHARD_SHIFT: u32 = 18;
+const PID_NODE_SHIFT: u32 = 26;
+const PID_SHARD_MASK: u32 = (1 << (PID_NODE_SHIFT - PID_SHARD_SHIFT)) - 1;
+/// The largest node id that fits in a process id.
+pub const PID_MAX_NODE: u64 = 31;
 
 /// A connection accepted on one shard for a tenant owned by another.
 pub struct Handoff {
@@ -73,6 +79,11 @@ pub enum ShardMsg {
     /// (logged in or not).
     Connections(crossbeam_channel::Sender<usize>),
     Shutdown,
+    /// The answer to a claim this shard asked the control plane for.
+    Claimed {
+        token: u64,
+        owner: Option<u64>,
+    },
 }
 
 /// The sending end of a shard's inbox, usable from any thread.
@@ -218,6 +229,9 @@ pub struct Shard {
     /// Connection tasks alive on this shard, from accept (or handoff) to
     /// their end: logged-in clients plus those still in startup.
     connections: Cell<usize>,
+    /// Claims asked of the control plane, by token.
+    claims: RefCell<HashMap<u64, crate::oneshot::Sender<Option<u64>>>>,
+    next_token: Cell<u64>,
 }
 
 /// Counts one connection task of a shard while it lives.
@@ -374,7 +388,10 @@ impl Shard {
         let pid = loop {
             let n = self.next_pid.get() % (1 << PID_SHARD_SHIFT);
             self.next_pid.set(n + 1);
-            let pid = ((self.id as u32) << PID_SHARD_SHIFT | n.max(1)) as i32;
+            let node = self.pid_node() as u32;
+            let pid = (node << PID_NODE_SHIFT
+                | ((self.id as u32) & PID_SHARD_MASK) << PID_SHARD_SHIFT
+                | n.max(1)) as i32;
             if !clients.contains_key(&pid) {
                 break pid;
             }
@@ -416,8 +433,29 @@ impl Shard {
 
     /// The shard that issued a process id.
     pub fn shard_of_pid(&self, pid: i32) -> Option<usize> {
-        let shard = (pid as u32 >> PID_SHARD_SHIFT) as usize;
+        let shard = ((pid as u32 >> PID_SHARD_SHIFT) & PID_SHARD_MASK) as usize;
         (pid > 0 && shard < self.peers.len()).then_some(shard)
+    }
+
+    /// This node's id as process ids carry it (0: none).
+    fn pid_node(&self) -> u64 {
+        match &self.config.borrow().cluster {
+            Some(c) if c.self_node <= PID_MAX_NODE => c.self_node,
+            _ => 0,
+        }
+    }
+
+    /// Asks the control plane to claim pool `key` for this node; the owner
+    /// (this node or the one that holds it), `None` when the claim failed.
+    pub async fn claim(&self, key: String) -> Option<u64> {
+        let cluster = self.config().cluster.clone()?;
+        let token = self.next_token.get();
+        self.next_token.set(token + 1);
+        let (tx, rx) = crate::oneshot::channel();
+        self.claims.borrow_mut().insert(token, tx);
+        cluster.hooks.claim(key, self.id, token);
+        let owner = rx.await;
+        owner.flatten()
     }
 
     /// Cancels the query of the client with this key, if it holds a server.
@@ -450,6 +488,24 @@ impl Shard {
 
     /// Routes a cancel request to the shard that issued the key.
     pub fn route_cancel(&self, pid: i32, secret: Vec<u8>) {
+        let node = (pid as u32 >> PID_NODE_SHIFT) as u64;
+        if pid > 0 && node != 0 && node != self.pid_node() {
+            // Issued by another node of the cluster: forward it there.
+            let cluster = self.config().cluster.clone();
+            let target = cluster
+                .as_ref()
+                .and_then(|c| Some((*c.proxies.get(&node)?, c.secret.clone())));
+            match (target, <[u8; 4]>::try_from(secret.as_slice())) {
+                (Some((addr, key)), Ok(s)) => {
+                    glommio::spawn_local(async move {
+                        crate::cluster::forward_cancel(addr, &key, pid, s).await
+                    })
+                    .detach();
+                }
+                _ => debug!(pid, node, "cancel request for an unknown node"),
+            }
+            return;
+        }
         match self.shard_of_pid(pid) {
             Some(s) if s == self.id => self.cancel(pid, &secret),
             Some(s) => {
@@ -695,6 +751,13 @@ async fn shard_main(
             return;
         }
     };
+    let proxy_link = match config.proxy.proxy_addr.map(bind).transpose() {
+        Ok(l) => l.map(Rc::new),
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
     let shard = Rc::new(Shard {
         id,
         config: RefCell::new(config.clone()),
@@ -714,6 +777,8 @@ async fn shard_main(
         timed_clients: Cell::new(0),
         login_failures: RefCell::new(HashMap::new()),
         connections: Cell::new(0),
+        claims: RefCell::new(HashMap::new()),
+        next_token: Cell::new(1),
     });
     let mut accepting = Vec::with_capacity(2);
     for (listener, mode) in [
@@ -724,6 +789,9 @@ async fn shard_main(
         let task = glommio::spawn_local(accept_loop(shard.clone(), listener.clone(), mode));
         accepting.push((task, listener, mode));
     }
+    let mut peer_link = proxy_link
+        .as_ref()
+        .map(|l| glommio::spawn_local(peer_accept_loop(shard.clone(), l.clone())));
     let probe = glommio::spawn_local(lag_probe(shard.clone()));
     let sweep = glommio::spawn_local({
         let shard = shard.clone();
@@ -788,6 +856,9 @@ async fn shard_main(
                         // and the listener closes here.
                         drop(listener);
                     }
+                    if let Some(task) = peer_link.take() {
+                        task.cancel().await;
+                    }
                     info!(
                         shard = id,
                         from_backlog = taken,
@@ -796,6 +867,11 @@ async fn shard_main(
                     );
                 }
                 ShardMsg::Shutdown => break 'inbox,
+                ShardMsg::Claimed { token, owner } => {
+                    if let Some(tx) = shard.claims.borrow_mut().remove(&token) {
+                        let _ = tx.send(owner);
+                    }
+                }
             }
         }
     }
@@ -804,6 +880,10 @@ async fn shard_main(
     for (task, _, _) in accepting.drain(..) {
         task.cancel().await;
     }
+    if let Some(task) = peer_link.take() {
+        task.cancel().await;
+    }
+    drop(proxy_link);
     probe.cancel().await;
     sweep.cancel().await;
     shard.begin_shutdown();
@@ -879,6 +959,25 @@ fn take_backlog(shard: &Rc<Shard>, listener: &(TcpListener, RawFd), mode: PoolMo
         taken += 1;
     }
     taken
+}
+
+/// Accepts proxy links from other nodes of the cluster.
+async fn peer_accept_loop(shard: Rc<Shard>, listener: Rc<(TcpListener, RawFd)>) {
+    loop {
+        match listener.0.accept().await {
+            Ok(stream) => {
+                let guard = ConnGuard::new(&shard);
+                shard.spawn(async move {
+                    crate::cluster::accept_peer(guard.0.clone(), stream).await;
+                    drop(guard);
+                });
+            }
+            Err(e) => {
+                warn!(shard = shard.id, error = %e, "accept failed");
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
 }
 
 async fn accept_loop(shard: Rc<Shard>, listener: Rc<(TcpListener, RawFd)>, mode: PoolMode) {

@@ -55,7 +55,7 @@ impl Cluster {
         let mut members: Vec<Member> = (1..=3)
             .map(|id| Member {
                 id,
-                raft: free_addr(),
+                raft: free_pair(),
                 store: dir.path().join(format!("store{id}")),
                 pooler: None,
             })
@@ -91,6 +91,17 @@ impl Cluster {
             join,
             m.store.clone(),
         )));
+    }
+}
+
+/// A free loopback address whose port plus one (the node's proxy link) is free too.
+fn free_pair() -> SocketAddr {
+    loop {
+        let a = free_addr();
+        let next = SocketAddr::from(([127, 0, 0, 1], a.port().wrapping_add(1)));
+        if a.port() < u16::MAX && std::net::TcpListener::bind(next).is_ok() {
+            return a;
+        }
     }
 }
 
@@ -347,4 +358,290 @@ async fn leader_killed_then_restarted_catches_up() {
     let api_first = cluster.pooler(first).api;
     let s = blocking(move || status(api_first)).expect("status of the restarted node");
     assert_eq!(s["voters"], serde_json::json!([1, 2, 3]), "{s}");
+}
+
+/// A login role of its own (so that PostgreSQL's backends of this test are countable) and a
+/// tenant `id` that pools it (transaction mode, pool size 2), added through `api`.
+async fn tenant_with_role(api: SocketAddr, id: &str) -> (String, String) {
+    let role = id.to_string();
+    let password = "owner-test-pw".to_string();
+    direct()
+        .await
+        .batch_execute(&format!("CREATE ROLE {role} LOGIN PASSWORD '{password}'"))
+        .await
+        .expect("create role");
+    let pg = pg();
+    let port = pg.port.to_string();
+    let (id, r, pw) = (id.to_string(), role.clone(), password.clone());
+    let out = blocking(move || {
+        ctl(
+            api,
+            &[
+                "tenant",
+                "add",
+                &id,
+                "--db-host",
+                &pg.host,
+                "--db-port",
+                &port,
+                "--db-database",
+                "postgres",
+                "--user",
+                &r,
+                "--password",
+                &pw,
+                "--pool-size",
+                "2",
+                "--mode",
+                "transaction",
+            ],
+        )
+    });
+    assert!(out.status.success(), "tenant add: {}", text(&out));
+    (role, password)
+}
+
+/// Backends the pooler holds in PostgreSQL for `role`.
+async fn backends(role: &str) -> i64 {
+    direct()
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE usename = $1 AND application_name = 'Supavisor'",
+            &[&role],
+        )
+        .await
+        .expect("pg_stat_activity")
+        .get(0)
+}
+
+/// The claims as node `api` applied them.
+fn claims(api: SocketAddr) -> Option<serde_json::Map<String, Value>> {
+    status(api)?.get("claims")?.as_object().cloned()
+}
+
+/// Waits until every node in `apis` reports the same single owner of `key`.
+async fn agreed_owner(apis: &[SocketAddr], key: &str, not: Option<u64>) -> u64 {
+    let start = Instant::now();
+    loop {
+        let owners: Vec<Option<u64>> = apis
+            .iter()
+            .map(|&api| blocking(move || claims(api)).and_then(|c| c.get(key)?.as_u64()))
+            .collect();
+        if let Some(Some(o)) = owners.first() {
+            if owners.iter().all(|x| *x == Some(*o)) && Some(*o) != not {
+                return *o;
+            }
+        }
+        assert!(
+            start.elapsed() < CONVERGE,
+            "no agreed owner of {key}: {owners:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Clients of one tenant through all three nodes at once share one pool in the whole cluster
+/// (PostgreSQL never sees more than pool_size backends), every node names the same owner, a
+/// cancel sent through a non-owner reaches the owner's pool, and the proxy port serves nothing
+/// to a peer without the cluster secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_pool_per_key_in_the_cluster() {
+    let cluster = blocking(Cluster::start);
+    let apis: Vec<SocketAddr> = (1..=3).map(|i| cluster.pooler(i).api).collect();
+    let id = unique("cl_own");
+    let (role, password) = tenant_with_role(apis[0], &id).await;
+    let user = format!("{role}.{id}");
+    for i in 1..=3 {
+        let tx = cluster.pooler(i).transaction;
+        let (u, p) = (user.clone(), password.clone());
+        eventually("tenant usable through every node", CONVERGE, move || {
+            let (u, p) = (u.clone(), p.clone());
+            async move {
+                match try_connect(tx, &u, &p).await {
+                    Ok(c) => c.query_one("SELECT 1", &[]).await.is_ok(),
+                    Err(_) => false,
+                }
+            }
+        })
+        .await;
+    }
+    let key = format!("{id}/{role}/transaction");
+    let owner = agreed_owner(&apis, &key, None).await;
+
+    // 3 x 5 clients, each running queries that hold a server connection for a while.
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 1..=3u64 {
+        for _ in 0..5 {
+            let tx = cluster.pooler(i).transaction;
+            let (u, p) = (user.clone(), password.clone());
+            tasks.push(tokio::spawn(async move {
+                let c = try_connect(tx, &u, &p).await.expect("connect");
+                for _ in 0..4 {
+                    let r = c.query_one("SELECT pg_sleep(0.05)::text, 7", &[]).await;
+                    assert_eq!(r.expect("query").get::<_, i32>(1), 7);
+                }
+            }));
+        }
+    }
+    let mut most = 0;
+    while tasks.iter().any(|t| !t.is_finished()) {
+        most = most.max(backends(&role).await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for t in tasks {
+        t.await.expect("client task");
+    }
+    most = most.max(backends(&role).await);
+    eprintln!(
+        "cluster: 15 clients through 3 nodes done in {:?}; at most {most} backends (pool_size 2), owner node {owner}",
+        started.elapsed()
+    );
+    assert!((1..=2).contains(&most), "backends of one pool: {most}");
+    for &api in &apis {
+        let c = blocking(move || claims(api)).expect("claims");
+        let ours: Vec<_> = c.iter().filter(|(k, _)| k.starts_with(&id)).collect();
+        assert_eq!(ours.len(), 1, "{c:?}");
+        assert_eq!(ours[0].1.as_u64(), Some(owner), "{c:?}");
+    }
+
+    // Proxied path latency (one round trip) vs the owner's own port.
+    let mut rtt = Vec::new();
+    for node in [owner, (owner % 3) + 1] {
+        let c = try_connect(cluster.pooler(node).transaction, &user, &password)
+            .await
+            .expect("connect");
+        c.query_one("SELECT 1", &[]).await.expect("warm up");
+        let t = Instant::now();
+        for _ in 0..200 {
+            c.query_one("SELECT 1", &[]).await.expect("select");
+        }
+        rtt.push(t.elapsed() / 200);
+    }
+    eprintln!(
+        "cluster: SELECT 1 round trip {:?} on the owner, {:?} proxied through a non-owner",
+        rtt[0], rtt[1]
+    );
+
+    // A cancel through a non-owner node reaches the owner's pool.
+    let other = (owner % 3) + 1;
+    let c = try_connect(cluster.pooler(other).transaction, &user, &password)
+        .await
+        .expect("connect through a non-owner");
+    let token = c.cancel_token();
+    let sleeping = tokio::spawn(async move { c.query_one("SELECT pg_sleep(30)", &[]).await });
+    let r2 = role.clone();
+    eventually("pg_sleep running", CONVERGE, move || {
+        let r = r2.clone();
+        async move {
+            direct()
+                .await
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE usename = $1 \
+                     AND query = 'SELECT pg_sleep(30)' AND state = 'active'",
+                    &[&r],
+                )
+                .await
+                .map(|row| row.get::<_, i64>(0) == 1)
+                .unwrap_or(false)
+        }
+    })
+    .await;
+    let cancelled_at = Instant::now();
+    token
+        .cancel_query(tokio_postgres::NoTls)
+        .await
+        .expect("send cancel");
+    let r = within("cancelled query", sleeping).await.expect("task");
+    expect_code(r, "57014");
+    eprintln!(
+        "cluster: cancel through node {other} ended pg_sleep on owner {owner} after {:?}",
+        cancelled_at.elapsed()
+    );
+
+    // Without the cluster secret the proxy port gives a nonce and nothing else.
+    use std::io::{Read, Write};
+    let proxy = SocketAddr::from(([127, 0, 0, 1], cluster.members[0].raft.port() + 1));
+    let outcome = blocking(move || {
+        let mut s = std::net::TcpStream::connect(proxy).expect("proxy port");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut nonce = [0u8; 16];
+        s.read_exact(&mut nonce).expect("nonce");
+        // A "connect" header with a MAC that is not keyed with the secret, then a startup.
+        let mut hello = vec![1u8, 0, 1];
+        hello.resize(27 + 32, 0);
+        let _ = s.write_all(&hello);
+        let mut rest = Vec::new();
+        let r = s.read_to_end(&mut rest);
+        (r.is_ok() || rest.is_empty(), rest)
+    });
+    assert!(outcome.0, "closed");
+    assert!(
+        outcome.1.is_empty(),
+        "served without the secret: {:?}",
+        outcome.1
+    );
+}
+
+/// kill -9 of a pool's owner: once the leader released its claims (claim_timeout_ms), a client
+/// reconnecting through a survivor works, and the pool has a new owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn owner_killed_pool_moves() {
+    let mut cluster = blocking(Cluster::start);
+    let apis: Vec<SocketAddr> = (1..=3).map(|i| cluster.pooler(i).api).collect();
+    let id = unique("cl_fail");
+    let (role, password) = tenant_with_role(apis[0], &id).await;
+    let user = format!("{role}.{id}");
+    let key = format!("{id}/{role}/transaction");
+    // Claimed through node 2.
+    let tx2 = cluster.pooler(2).transaction;
+    {
+        let (u, p) = (user.clone(), password.clone());
+        eventually("tenant usable through node 2", CONVERGE, move || {
+            let (u, p) = (u.clone(), p.clone());
+            async move {
+                match try_connect(tx2, &u, &p).await {
+                    Ok(c) => c.query_one("SELECT 1", &[]).await.is_ok(),
+                    Err(_) => false,
+                }
+            }
+        })
+        .await;
+    }
+    let owner = agreed_owner(&apis, &key, None).await;
+    let killed_at = Instant::now();
+    let mut dead = cluster.members[(owner - 1) as usize]
+        .pooler
+        .take()
+        .expect("owner running");
+    dead.kill9();
+    drop(dead);
+    let survivor = (owner % 3) + 1;
+    let tx = cluster.pooler(survivor).transaction;
+    let (u, p) = (user.clone(), password.clone());
+    eventually(
+        "a client through a survivor after the owner died",
+        CONVERGE,
+        move || {
+            let (u, p) = (u.clone(), p.clone());
+            async move {
+                match try_connect(tx, &u, &p).await {
+                    Ok(c) => c.query_one("SELECT 1", &[]).await.is_ok(),
+                    Err(_) => false,
+                }
+            }
+        },
+    )
+    .await;
+    let took = killed_at.elapsed();
+    let alive: Vec<SocketAddr> = (1..=3)
+        .filter(|&i| i != owner)
+        .map(|i| cluster.pooler(i).api)
+        .collect();
+    let new_owner = agreed_owner(&alive, &key, Some(owner)).await;
+    eprintln!(
+        "cluster: owner {owner} killed; a client through node {survivor} works after {took:?} (new owner {new_owner})"
+    );
+    assert_ne!(new_owner, owner);
 }
