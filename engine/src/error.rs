@@ -171,17 +171,6 @@ impl EngineError {
         }
     }
 
-    /// May a new attempt succeed without anything changing on the client side?
-    pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            EngineError::Connect { .. }
-                | EngineError::ServerIo(_)
-                | EngineError::CheckoutTimeout(_)
-                | EngineError::Timeout(_)
-        )
-    }
-
     pub fn sqlstate(&self) -> &'static str {
         match self {
             EngineError::ClientIo(_) => "08006",

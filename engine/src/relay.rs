@@ -185,7 +185,14 @@ impl ClientSide {
 /// looked at for session resets and settings).
 fn wants_whole(rewrite: bool, tag: u8, len: usize) -> bool {
     match tag {
-        b'P' => len <= MAX_REWRITE_FRAME,
+        // Session mode only looks at the SQL text's first keywords.
+        b'P' => {
+            len <= if rewrite {
+                MAX_REWRITE_FRAME
+            } else {
+                MAX_INSPECT_QUERY
+            }
+        }
         b'B' | b'D' | b'C' => rewrite && len <= MAX_REWRITE_FRAME,
         QUERY_TAG => len <= MAX_INSPECT_QUERY,
         _ => false,
@@ -298,7 +305,7 @@ fn process_client(
                     b'P' => frontend::decode_parse(body).map(|p| p.query).ok(),
                     _ => Some(body),
                 };
-                if let Some(sql) = sql {
+                if let Some(sql) = sql.filter(|sql| needs_inspection(sql)) {
                     if Resets::of_sql(sql).settings {
                         *reset_asked = true;
                     } else if let Some(set) = set_target(sql) {

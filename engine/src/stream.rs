@@ -12,7 +12,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use futures_lite::{ready, AsyncRead, AsyncWrite, AsyncWriteExt};
+use futures_lite::{ready, AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
 
 /// Encrypted bytes read from the socket per `recv`. Reads happen only when
@@ -49,10 +49,6 @@ impl TlsStream {
             owed: 0,
             eof: false,
         }
-    }
-
-    pub fn connection(&self) -> &rustls::Connection {
-        &self.conn
     }
 
     /// The socket and the TLS session, to move to another shard. Call it
@@ -250,10 +246,6 @@ impl Stream {
         self.tcp().set_nodelay(on).map_err(io::Error::from)
     }
 
-    pub fn peer_addr(&self) -> io::Result<std::net::SocketAddr> {
-        self.tcp().peer_addr().map_err(io::Error::from)
-    }
-
     /// Reads what has arrived without waiting (`Ok(None)`: nothing yet;
     /// `Ok(Some(0))`: closed).
     pub fn try_read_now(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
@@ -273,17 +265,6 @@ impl Stream {
             .shutdown(std::net::Shutdown::Write)
             .await
             .map_err(io::Error::from)
-    }
-
-    pub async fn close(self) -> io::Result<()> {
-        match self {
-            Stream::Plain(mut s) => s.close().await,
-            Stream::Tls(mut t) => {
-                t.conn.send_close_notify();
-                let _ = futures_lite::future::poll_fn(|cx| t.poll_flush_tls(cx)).await;
-                t.tcp.close().await
-            }
-        }
     }
 }
 
