@@ -14,6 +14,7 @@ use tracing::debug;
 use wire::startup::{decode_startup, StartupMessage, StartupPacket};
 use wire::WireError;
 
+use crate::client::Admitted;
 use crate::config::PoolMode;
 use crate::error::{EngineError, Refusal};
 use crate::shard::{Handoff, Shard, ShardMsg};
@@ -163,6 +164,24 @@ pub async fn serve(
     peer: Option<SocketAddr>,
     hops: u8,
 ) {
+    // The first moments (TLS, startup, routing, proxying, handoff) run in
+    // a boxed future; an admitted client's session then gets a task of its
+    // own and this one ends: what an idle client keeps is its session's state.
+    let admitted = Box::pin(admit(&shard, stream, mode, peer, hops)).await;
+    if let Some(client) = admitted {
+        crate::client::spawn(&shard, client);
+    }
+}
+
+/// Reads the first message and routes the connection: refused, proxied to
+/// the pool's owner node, handed to the tenant's shard, or admitted here.
+async fn admit(
+    shard: &Rc<Shard>,
+    stream: Stream,
+    mode: PoolMode,
+    peer: Option<SocketAddr>,
+    hops: u8,
+) -> Option<Box<Admitted>> {
     let config = shard.config();
     let timeout = config.proxy.client_startup_timeout;
     let tls = if hops == 0 {
@@ -176,28 +195,28 @@ pub async fn serve(
     })
     .await;
     let Some(mut stream) = stream else {
-        return;
+        return None;
     };
     let (msg, leftover) = match first {
         Ok(Ok(First::Startup(msg, leftover))) => (msg, leftover),
-        Ok(Ok(First::Cancel | First::Closed)) => return,
+        Ok(Ok(First::Cancel | First::Closed)) => return None,
         Ok(Err(e)) => {
             crate::metrics::bump(&shard.refused, 1);
             debug!(?peer, error = %e, "bad startup");
             if matches!(e, EngineError::ClientProtocol(_)) {
                 refuse(&mut stream, &e).await;
             }
-            return;
+            return None;
         }
         Err(_) => {
             debug!(?peer, "startup timed out");
-            return;
+            return None;
         }
     };
     if let Some(r) = msg.get("replication") {
         if !matches!(r, "false" | "off" | "0" | "no") {
             refuse(&mut stream, &EngineError::Refused(Refusal::Replication)).await;
-            return;
+            return None;
         }
     }
     // `user.tenant` or `options=reference=` first; over TLS, else the SNI host.
@@ -216,7 +235,7 @@ pub async fn serve(
         Err(r) => {
             crate::metrics::bump(&shard.refused, 1);
             refuse(&mut stream, &EngineError::Refused(r)).await;
-            return;
+            return None;
         }
     };
     let Some(tenant) = config.tenant(&ident.tenant) else {
@@ -226,7 +245,7 @@ pub async fn serve(
             &EngineError::Refused(Refusal::UnknownTenant(ident.tenant)),
         )
         .await;
-        return;
+        return None;
     };
     if !tenant.allows(peer.map(|p| p.ip())) {
         crate::metrics::bump(&shard.refused, 1);
@@ -236,12 +255,12 @@ pub async fn serve(
             &EngineError::Refused(Refusal::AddressNotAllowed(addr)),
         )
         .await;
-        return;
+        return None;
     }
     if tenant.enforce_ssl && !stream.is_tls() && hops == 0 {
         crate::metrics::bump(&shard.refused, 1);
         refuse(&mut stream, &EngineError::Refused(Refusal::SslRequired)).await;
-        return;
+        return None;
     }
     if let Some(cluster) = config.cluster.clone() {
         let key = crate::config::pool_key(&ident.tenant, &ident.db_user, mode);
@@ -286,23 +305,26 @@ pub async fn serve(
                         let why = format!("the pool owner (node {o}) is unreachable, try again");
                         refuse(&mut stream, &EngineError::Refused(Refusal::Cluster(why))).await;
                     }
-                    return;
+                    return None;
                 }
             },
         };
         if let Some(why) = refusal {
             crate::metrics::bump(&shard.refused, 1);
             refuse(&mut stream, &EngineError::Refused(Refusal::Cluster(why))).await;
-            return;
+            return None;
         }
     }
     let owner = shard.owner_of(&ident.tenant);
     if owner == shard.id {
-        Box::pin(crate::client::run(
-            shard, stream, msg, ident, leftover, mode, peer,
-        ))
-        .await;
-        return;
+        return Some(Box::new(Admitted {
+            stream,
+            msg,
+            ident,
+            leftover,
+            mode,
+            peer,
+        }));
     }
     // Hand the socket to its owner: a duplicate of the fd travels (with the
     // TLS session, which goes on from the same state), this shard's stream
@@ -311,7 +333,7 @@ pub async fn serve(
         Stream::Plain(tcp) => (tcp, None),
         Stream::Tls(mut t) => {
             if t.flush().await.is_err() {
-                return;
+                return None;
             }
             let (tcp, conn) = t.into_parts();
             (tcp, Some(Box::new(conn)))
@@ -322,7 +344,7 @@ pub async fn serve(
     if dup < 0 {
         let mut stream = Stream::Plain(tcp);
         refuse(&mut stream, &EngineError::Refused(Refusal::Busy)).await;
-        return;
+        return None;
     }
     let fd = unsafe { OwnedFd::from_raw_fd(dup) };
     let handoff = Handoff {
@@ -352,4 +374,5 @@ pub async fn serve(
             refuse(&mut stream, &EngineError::Refused(Refusal::Busy)).await;
         }
     }
+    None
 }

@@ -20,44 +20,85 @@ use crate::error::{EngineError, Refusal};
 use crate::metrics::bump;
 use crate::pool::{ClientSlot, Pool, PoolKey, PooledConn, RESET_TIMEOUT};
 use crate::relay::{sync_params, ClientSide, Event, Relay, Shape, Tracker};
-use crate::shard::{ClientCtl, Shard};
+use crate::settings::Settings;
+use crate::shard::{ClientCtl, ConnGuard, Shard};
 
 struct Session {
     pool: Rc<Pool>,
-    /// Session settings from the startup message.
-    params: std::collections::BTreeMap<String, String>,
     _slot: ClientSlot,
     pid: i32,
     ctl: Rc<ClientCtl>,
+}
+
+/// A finished login: the session, the settings of the startup message and
+/// the bytes the client sent after its last authentication message.
+struct LoggedIn {
+    session: Session,
+    params: Settings,
     leftover: Vec<u8>,
 }
 
-pub async fn run(
-    shard: Rc<Shard>,
-    mut stream: Stream,
-    msg: StartupMessage,
-    ident: Identity,
-    leftover: Vec<u8>,
-    mode: PoolMode,
-    peer: Option<SocketAddr>,
-) {
+/// A client to serve on this shard: its socket, startup message and who it is.
+pub struct Admitted {
+    pub stream: Stream,
+    pub msg: StartupMessage,
+    pub ident: Identity,
+    pub leftover: Vec<u8>,
+    pub mode: PoolMode,
+    pub peer: Option<SocketAddr>,
+}
+
+/// Starts a client's session in a task of its own. The task holds only the
+/// session's state: what routed the connection here (TLS handshake, startup,
+/// proxying, handoff) has finished and been freed, and the login runs in a
+/// boxed future freed before the session starts. An idle client costs its
+/// session's state and little else.
+pub fn spawn(shard: &Rc<Shard>, client: Box<Admitted>) {
+    let guard = ConnGuard::new(shard);
+    shard.spawn(session(guard, client));
+}
+
+async fn session(guard: ConnGuard, client: Box<Admitted>) {
+    let shard = guard.shard().clone();
+    let mode = client.mode;
+    let Some((client, session)) = Box::pin(start(&shard, client)).await else {
+        return;
+    };
+    let pid = session.pid;
+    let pool = session.pool.clone();
+    let joined = std::time::Instant::now();
+    serve(&shard, client, session, mode).await;
+    pool.stats
+        .client_connection_duration
+        .observe(joined.elapsed());
+    shard.unregister_client(pid);
+    drop(guard);
+}
+
+/// Authentication and login under the startup timeout; a refused client
+/// gets its error here.
+async fn start(shard: &Shard, client: Box<Admitted>) -> Option<(Box<ClientSide>, Session)> {
+    let Admitted {
+        mut stream,
+        msg,
+        ident,
+        leftover,
+        mode,
+        peer,
+    } = *client;
     let _ = stream.set_nodelay(true);
     let timeout = shard.config().proxy.client_startup_timeout;
     let login = glommio::timer::timeout(timeout, async {
-        Ok(Box::pin(login(
-            &shard,
-            &mut stream,
-            &msg,
-            ident,
-            leftover,
-            mode,
-            peer,
-        ))
-        .await)
+        Ok(login(shard, &mut stream, &msg, ident, leftover, mode, peer).await)
     })
     .await;
-    let session = match login {
-        Ok(Ok(s)) => s,
+    match login {
+        Ok(Ok(l)) => {
+            // Boxed: the session's future then holds a pointer, not a copy
+            // (async fns keep their arguments and their locals apart).
+            let client = Box::new(ClientSide::new(stream, &l.leftover, l.params));
+            Some((client, l.session))
+        }
         Ok(Err(e)) => {
             match &e {
                 EngineError::ClientIo(_) => debug!(?peer, "client left during login"),
@@ -71,7 +112,7 @@ pub async fn run(
             if !matches!(e, EngineError::ClientIo(_)) {
                 refuse(&mut stream, &e).await;
             }
-            return;
+            None
         }
         Err(_) => {
             refuse(
@@ -79,17 +120,9 @@ pub async fn run(
                 &EngineError::Timeout("client startup and authentication"),
             )
             .await;
-            return;
+            None
         }
-    };
-    let pid = session.pid;
-    let pool = session.pool.clone();
-    let joined = std::time::Instant::now();
-    serve(&shard, stream, session, mode).await;
-    pool.stats
-        .client_connection_duration
-        .observe(joined.elapsed());
-    shard.unregister_client(pid);
+    }
 }
 
 async fn login(
@@ -100,7 +133,7 @@ async fn login(
     leftover: Vec<u8>,
     mode: PoolMode,
     peer: Option<SocketAddr>,
-) -> Result<Session, EngineError> {
+) -> Result<LoggedIn, EngineError> {
     let tenant: Arc<TenantConfig> = shard
         .config()
         .tenant(&ident.tenant)
@@ -190,7 +223,7 @@ async fn login(
             return Err(e);
         }
     };
-    let (pid, ctl) = shard.register_client(&key, tenant.timeouts);
+    let (pid, ctl) = shard.register_client(&pool.key, tenant.timeouts);
     let mut out = BytesMut::with_capacity(params.len() + 32);
     out.put_slice(&params);
     BackendKeyData {
@@ -204,21 +237,26 @@ async fn login(
         return Err(EngineError::ClientIo(e));
     }
     bump(&pool.stats.joins_ok, 1);
-    Ok(Session {
-        pool,
+    Ok(LoggedIn {
+        session: Session {
+            pool,
+            _slot: slot,
+            pid,
+            ctl,
+        },
         params: startup_settings(msg),
-        _slot: slot,
-        pid,
-        ctl,
         leftover: inbuf.to_vec(),
     })
 }
 
-async fn serve(shard: &Shard, stream: Stream, session: Session, mode: PoolMode) {
-    let pool = session.pool.clone();
-    let ctl = session.ctl.clone();
+async fn serve(shard: &Shard, mut client: Box<ClientSide>, session: Session, mode: PoolMode) {
+    let Session {
+        pool,
+        _slot: slot,
+        pid: _,
+        ctl,
+    } = session;
     let checkout_timeout = pool.user().checkout_timeout;
-    let mut client = ClientSide::new(stream, &session.leftover, session.params.clone());
     let mut tracker = Tracker::default();
     let mut server: Option<PooledConn> = None;
 
@@ -236,7 +274,10 @@ async fn serve(shard: &Shard, stream: Stream, session: Session, mode: PoolMode) 
         }
     }
 
-    loop {
+    // Only the relay and the checkout are awaited here; how a session ends
+    // is handled in `finish`, boxed, so that its futures take no room in
+    // the task of every idle client.
+    let end = loop {
         let event = poll_fn(|cx| {
             let mut relay = Relay {
                 client: &mut client,
@@ -261,11 +302,7 @@ async fn serve(shard: &Shard, stream: Stream, session: Session, mode: PoolMode) 
                     sync_params(&mut client, &mut c, &mut tracker);
                     server = Some(c);
                 }
-                Err(e) => {
-                    // The client's message cannot be answered: say why and close.
-                    refuse(&mut client.stream, &e).await;
-                    return;
-                }
+                Err(e) => break End::CheckoutFailed(e),
             },
             Event::Released => {
                 if let Some(c) = server.take() {
@@ -274,106 +311,139 @@ async fn serve(shard: &Shard, stream: Stream, session: Session, mode: PoolMode) 
                 }
                 client.release_buffers();
             }
-            Event::ClientGone | Event::ClientError(_) => {
-                ctl.cancel.borrow_mut().take();
-                if let Some(c) = server.take() {
-                    Box::pin(give_back(&pool, c, &tracker, mode)).await;
+            other => break End::Event(other),
+        }
+    };
+    Box::pin(finish(&pool, &ctl, client, server, tracker, mode, end)).await;
+    drop(slot);
+}
+
+/// Why a session's relay loop ended.
+enum End {
+    /// No server connection for the client's message: say why and close.
+    CheckoutFailed(EngineError),
+    Event(Event),
+}
+
+/// Ends a session: the server connection is cleaned and given back (or
+/// closed), and the client hears why it is closed when that is not its own doing.
+async fn finish(
+    pool: &Rc<Pool>,
+    ctl: &ClientCtl,
+    mut client: Box<ClientSide>,
+    mut server: Option<PooledConn>,
+    tracker: Tracker,
+    mode: PoolMode,
+    end: End,
+) {
+    let event = match end {
+        End::CheckoutFailed(e) => {
+            refuse(&mut client.stream, &e).await;
+            return;
+        }
+        End::Event(event) => event,
+    };
+    match event {
+        Event::NeedServer | Event::Released => {}
+        Event::ClientGone | Event::ClientError(_) => {
+            ctl.cancel.borrow_mut().take();
+            if let Some(c) = server.take() {
+                Box::pin(give_back(pool, c, &tracker, mode)).await;
+            }
+            return;
+        }
+        Event::ClientRefused(e) => {
+            ctl.cancel.borrow_mut().take();
+            info!(tenant = %pool.key.tenant, error = %e, "client refused");
+            // What was sent so far may be half a batch: the connection goes.
+            drop(server.take());
+            refuse(
+                &mut client.stream,
+                &EngineError::TooManyStatements(e.to_string()),
+            )
+            .await;
+            return;
+        }
+        Event::ClientProtocol(e) => {
+            ctl.cancel.borrow_mut().take();
+            debug!(error = %e, "client protocol violation");
+            refuse(&mut client.stream, &EngineError::ClientProtocol(e)).await;
+            if let Some(c) = server.take() {
+                Box::pin(give_back(pool, c, &tracker, mode)).await;
+            }
+            return;
+        }
+        Event::ServerGone(e) => {
+            ctl.cancel.borrow_mut().take();
+            let err = EngineError::ServerIo(
+                e.unwrap_or_else(|| std::io::ErrorKind::UnexpectedEof.into()),
+            );
+            info!(tenant = %pool.key.tenant, error = %err, "server connection lost");
+            // Whatever the server said before it went (a FATAL error) goes to the client first.
+            if let Some(s) = server.as_mut() {
+                let n = s.walked;
+                if n > 0 {
+                    let _ = client.stream.write_all(&s.buf.bytes()[..n]).await;
                 }
-                return;
             }
-            Event::ClientRefused(e) => {
-                ctl.cancel.borrow_mut().take();
-                info!(tenant = %pool.key.tenant, error = %e, "client refused");
-                // What was sent so far may be half a batch: the connection goes.
-                drop(server.take());
-                refuse(
-                    &mut client.stream,
-                    &EngineError::TooManyStatements(e.to_string()),
-                )
-                .await;
-                return;
+            drop(server.take());
+            refuse(&mut client.stream, &err).await;
+            return;
+        }
+        Event::ServerProtocol(e) => {
+            ctl.cancel.borrow_mut().take();
+            warn!(tenant = %pool.key.tenant, error = %e, "server protocol violation");
+            drop(server.take());
+            refuse(&mut client.stream, &EngineError::ServerProtocol(e)).await;
+            return;
+        }
+        Event::TimedOut(why) => {
+            ctl.cancel.borrow_mut().take();
+            debug!(tenant = %pool.key.tenant, reason = %why, "client timed out");
+            // An open transaction is rolled back, the connection reused.
+            if let Some(c) = server.take() {
+                Box::pin(give_back(pool, c, &tracker, mode)).await;
             }
-            Event::ClientProtocol(e) => {
-                ctl.cancel.borrow_mut().take();
-                debug!(error = %e, "client protocol violation");
-                refuse(&mut client.stream, &EngineError::ClientProtocol(e)).await;
-                if let Some(c) = server.take() {
-                    Box::pin(give_back(&pool, c, &tracker, mode)).await;
-                }
-                return;
+            refuse(&mut client.stream, &EngineError::Refused(why)).await;
+            return;
+        }
+        Event::Killed => {
+            ctl.cancel.borrow_mut().take();
+            // Mid-transaction or not, the connection goes with the pool.
+            drop(server.take());
+            refuse(
+                &mut client.stream,
+                &EngineError::Refused(Refusal::Terminated),
+            )
+            .await;
+            return;
+        }
+        Event::Shutdown => {
+            ctl.cancel.borrow_mut().take();
+            if let Some(c) = server.take() {
+                Box::pin(give_back(pool, c, &tracker, mode)).await;
             }
-            Event::ServerGone(e) => {
-                ctl.cancel.borrow_mut().take();
-                let err = EngineError::ServerIo(
-                    e.unwrap_or_else(|| std::io::ErrorKind::UnexpectedEof.into()),
-                );
-                info!(tenant = %pool.key.tenant, error = %err, "server connection lost");
-                // Whatever the server said before it went (a FATAL error) goes to the client first.
-                if let Some(s) = server.as_mut() {
-                    let n = s.walked;
-                    if n > 0 {
-                        let _ = client.stream.write_all(&s.buf.bytes()[..n]).await;
-                    }
-                }
-                drop(server.take());
-                refuse(&mut client.stream, &err).await;
-                return;
-            }
-            Event::ServerProtocol(e) => {
-                ctl.cancel.borrow_mut().take();
-                warn!(tenant = %pool.key.tenant, error = %e, "server protocol violation");
-                drop(server.take());
-                refuse(&mut client.stream, &EngineError::ServerProtocol(e)).await;
-                return;
-            }
-            Event::TimedOut(why) => {
-                ctl.cancel.borrow_mut().take();
-                debug!(tenant = %pool.key.tenant, reason = %why, "client timed out");
-                // An open transaction is rolled back, the connection reused.
-                if let Some(c) = server.take() {
-                    Box::pin(give_back(&pool, c, &tracker, mode)).await;
-                }
-                refuse(&mut client.stream, &EngineError::Refused(why)).await;
-                return;
-            }
-            Event::Killed => {
-                ctl.cancel.borrow_mut().take();
-                // Mid-transaction or not, the connection goes with the pool.
-                drop(server.take());
-                refuse(
-                    &mut client.stream,
-                    &EngineError::Refused(Refusal::Terminated),
-                )
-                .await;
-                return;
-            }
-            Event::Shutdown => {
-                ctl.cancel.borrow_mut().take();
-                if let Some(c) = server.take() {
-                    Box::pin(give_back(&pool, c, &tracker, mode)).await;
-                }
-                refuse(
-                    &mut client.stream,
-                    &EngineError::Refused(Refusal::ShuttingDown),
-                )
-                .await;
-                return;
-            }
+            refuse(
+                &mut client.stream,
+                &EngineError::Refused(Refusal::ShuttingDown),
+            )
+            .await;
+            return;
         }
     }
 }
 
 /// The settings a client's startup message asks for: its GUC parameters and
 /// the `-c name=value` / `--name=value` of `options`.
-fn startup_settings(msg: &StartupMessage) -> std::collections::BTreeMap<String, String> {
-    let mut out = std::collections::BTreeMap::new();
+fn startup_settings(msg: &StartupMessage) -> Settings {
+    let mut out = Settings::new();
     for (k, v) in &msg.params {
         if matches!(k.as_str(), "user" | "database" | "options" | "replication")
             || k.starts_with("_pq_.")
         {
             continue;
         }
-        out.insert(k.clone(), v.clone());
+        out.insert(k, v);
     }
     let tokens = msg.option_tokens();
     let mut i = 0;
@@ -390,7 +460,7 @@ fn startup_settings(msg: &StartupMessage) -> std::collections::BTreeMap<String, 
         if let Some((k, v)) = setting.and_then(|s| s.split_once('=')) {
             // `reference` names the tenant; it is not a setting.
             if k != "reference" {
-                out.insert(k.replace('-', "_"), v.to_string());
+                out.insert(&k.replace('-', "_"), v);
             }
         }
         i += 1;

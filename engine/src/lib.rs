@@ -18,6 +18,7 @@ pub mod pool;
 pub mod prepared;
 pub mod relay;
 pub mod server;
+pub mod settings;
 pub mod shard;
 pub mod stream;
 

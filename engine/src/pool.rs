@@ -36,7 +36,8 @@ pub struct PoolKey {
 }
 
 pub struct Pool {
-    pub key: PoolKey,
+    /// Shared with the control block of each of its clients.
+    pub key: Rc<PoolKey>,
     tenant: RefCell<Arc<TenantConfig>>,
     user: RefCell<Arc<UserConfig>>,
     /// Bumped when the database address changes: older connections retire.
@@ -46,11 +47,11 @@ pub struct Pool {
     pub stats: PoolStats,
     /// Named statements of the pool's clients, by query text (transaction mode).
     pub statements: RefCell<Registry>,
-    idle: RefCell<Vec<ServerConn>>,
+    idle: RefCell<Vec<Box<ServerConn>>>,
     /// Connections that exist or are being opened, idle or not.
     total: Cell<usize>,
     /// Waiters get a connection, or `None`: "a slot is free, try again".
-    waiters: RefCell<VecDeque<oneshot::Sender<Option<ServerConn>>>>,
+    waiters: RefCell<VecDeque<oneshot::Sender<Option<Box<ServerConn>>>>>,
     clients: Cell<usize>,
     /// ParameterStatus frames of the first server connection, replayed at login.
     params: RefCell<Option<Bytes>>,
@@ -62,7 +63,9 @@ pub struct Pool {
 /// A checked-out connection. Dropping it (instead of [`Pool::checkin`])
 /// frees its slot: the connection is closed.
 pub struct PooledConn {
-    conn: Option<ServerConn>,
+    /// Boxed: a client holds an `Option<PooledConn>` in its task for its
+    /// whole life, idle or not, so it should cost a pointer, not a connection.
+    conn: Option<Box<ServerConn>>,
     pool: Rc<Pool>,
 }
 
@@ -111,7 +114,7 @@ impl Drop for ClientSlot {
 impl Pool {
     pub fn new(key: PoolKey, tenant: Arc<TenantConfig>, user: Arc<UserConfig>) -> Rc<Pool> {
         Rc::new(Pool {
-            key,
+            key: Rc::new(key),
             tenant: RefCell::new(tenant),
             user: RefCell::new(user),
             generation: Cell::new(0),
@@ -294,7 +297,8 @@ impl Pool {
                 ))
                 .await
                 {
-                    Ok(mut conn) => {
+                    Ok(conn) => {
+                        let mut conn = Box::new(conn);
                         conn.generation = generation;
                         if self.params.borrow().is_none() {
                             *self.params.borrow_mut() = Some(conn.login_params.clone().freeze());
@@ -344,7 +348,7 @@ impl Pool {
         }
     }
 
-    fn take_idle(&self) -> Option<ServerConn> {
+    fn take_idle(&self) -> Option<Box<ServerConn>> {
         loop {
             let mut conn = self.idle.borrow_mut().pop()?;
             if conn.check_idle() {
@@ -431,7 +435,7 @@ impl Pool {
 
     /// Closes every idle connection (shutdown, tenant removed).
     pub fn close_idle(&self) {
-        let conns: Vec<ServerConn> = self.idle.borrow_mut().drain(..).collect();
+        let conns: Vec<Box<ServerConn>> = self.idle.borrow_mut().drain(..).collect();
         self.total.set(self.total.get() - conns.len());
         for conn in conns {
             glommio::spawn_local(conn.terminate()).detach();

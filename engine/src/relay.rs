@@ -9,9 +9,10 @@
 //! ever cancelled half-way.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
+use std::rc::Rc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -31,6 +32,7 @@ use crate::prepared::{
     MAX_REWRITE_FRAME,
 };
 use crate::server::ServerConn;
+use crate::settings::Settings;
 use crate::shard::{ClientCtl, Phase, Signal};
 
 /// Server frames up to this size are reported whole by the walker.
@@ -121,17 +123,19 @@ pub struct ClientSide {
     pub stmts: ClientStmts,
     /// Session settings the client asked for (startup, SET); applied to
     /// each server connection it gets.
-    pub params: BTreeMap<String, String>,
+    /// Shared with `startup_params` until the client changes a setting.
+    pub params: Rc<Settings>,
     /// The settings of its startup message, restored by RESET ALL / DISCARD ALL.
-    pub startup_params: BTreeMap<String, String>,
+    pub startup_params: Rc<Settings>,
 }
 
 impl ClientSide {
-    pub fn new(stream: Stream, leftover: &[u8], params: BTreeMap<String, String>) -> Self {
+    pub fn new(stream: Stream, leftover: &[u8], params: Settings) -> Self {
         let mut buf = IoBuf::new();
         if !leftover.is_empty() {
             buf.extend_from_slice(leftover);
         }
+        let params = Rc::new(params);
         ClientSide {
             stream,
             buf,
@@ -358,7 +362,7 @@ fn process_client(
             .unwrap_or(name);
         match value {
             SetValue::Value(v) => {
-                client.params.insert(key.clone(), v.clone());
+                Rc::make_mut(&mut client.params).insert(&key, &v);
                 server.params.insert(key, v);
             }
             SetValue::Default => {
@@ -367,11 +371,13 @@ fn process_client(
                 // the connection's default.
                 match client.startup_params.get(&key) {
                     Some(v) => {
-                        client.params.insert(key.clone(), v.clone());
+                        Rc::make_mut(&mut client.params).insert(&key, v);
                         restore.push(key.clone());
                     }
                     None => {
-                        client.params.remove(&key);
+                        if client.params.contains_key(&key) {
+                            Rc::make_mut(&mut client.params).remove(&key);
+                        }
                     }
                 }
                 match server.defaults.get(&key) {
@@ -452,8 +458,8 @@ fn valid_setting_name(k: &str) -> bool {
 /// client changed), as one query whose replies are swallowed.
 pub fn sync_params(client: &mut ClientSide, server: &mut ServerConn, tracker: &mut Tracker) {
     let mut calls = Vec::new();
-    for (k, v) in &client.params {
-        if server.params.get(k) != Some(v) && valid_setting_name(k) {
+    for (k, v) in client.params.iter() {
+        if server.params.get(k).map(String::as_str) != Some(v) && valid_setting_name(k) {
             calls.push(format!(
                 "pg_catalog.set_config({}, {}, false)",
                 quote_literal(k),
@@ -482,9 +488,9 @@ pub fn sync_params(client: &mut ClientSide, server: &mut ServerConn, tracker: &m
     for k in &resets {
         sql.push_str(&format!("RESET {k};"));
     }
-    for (k, v) in &client.params {
+    for (k, v) in client.params.iter() {
         if valid_setting_name(k) {
-            server.params.insert(k.clone(), v.clone());
+            server.params.insert(k.to_string(), v.to_string());
         }
     }
     for k in resets {
@@ -510,8 +516,8 @@ enum Edit {
 fn walk_server(
     server: &mut ServerConn,
     tracker: &mut Tracker,
-    client_params: &mut BTreeMap<String, String>,
-    startup_params: &BTreeMap<String, String>,
+    client_params: &mut Rc<Settings>,
+    startup_params: &Rc<Settings>,
     stats: &PoolStats,
     rewrite: bool,
 ) -> Result<(), WireError> {
@@ -583,7 +589,7 @@ fn walk_server(
                             tracker.restore_ready = false;
                             for k in tracker.restore.drain(..) {
                                 if let Some(v) = startup_params.get(&k) {
-                                    client_params.insert(k, v.clone());
+                                    Rc::make_mut(client_params).insert(&k, v);
                                 }
                             }
                             tracker.resync = !rewrite;
@@ -608,8 +614,11 @@ fn walk_server(
                     b'S' => {
                         if let Ok((k, v)) = wire::backend::decode_parameter_status(body) {
                             params.insert(k.to_string(), v.to_string());
-                            if !injected && FOLLOWED.contains(&k) {
-                                client_params.insert(k.to_string(), v.to_string());
+                            if !injected
+                                && FOLLOWED.contains(&k)
+                                && client_params.get(k) != Some(v)
+                            {
+                                Rc::make_mut(client_params).insert(k, v);
                             }
                         }
                     }

@@ -43,7 +43,7 @@ pub enum ServerLogin<'a> {
 
 impl CancelTarget {
     /// Sends a CancelRequest with the server's own key on a new connection.
-    pub async fn send(self) {
+    pub async fn send(self: std::rc::Rc<Self>) {
         let mut out = BytesMut::new();
         startup::encode_cancel_request(self.key.process_id, &self.key.secret, &mut out);
         match TcpStream::connect(self.addr).await {
@@ -103,7 +103,8 @@ pub struct ServerConn {
     pub buf: IoBuf,
     pub walked: usize,
     pub walker: Walker,
-    pub cancel: Option<CancelTarget>,
+    /// Shared (a refcount, no copy) with the client holding the connection.
+    pub cancel: Option<std::rc::Rc<CancelTarget>>,
     /// ParameterStatus frames received at login, as they came.
     pub login_params: BytesMut,
     pub created: Instant,
@@ -343,7 +344,7 @@ impl ServerConn {
                 }
                 BACKEND_KEY_DATA_TAG => {
                     let key = BackendKeyData::decode(&body).map_err(EngineError::ServerProtocol)?;
-                    cancel = Some(CancelTarget { addr, key });
+                    cancel = Some(std::rc::Rc::new(CancelTarget { addr, key }));
                 }
                 ERROR_RESPONSE_TAG => {
                     let fields = ErrorFields::decode(&body).map_err(EngineError::ServerProtocol)?;

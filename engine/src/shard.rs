@@ -130,9 +130,9 @@ pub enum Phase {
 
 /// Per-client control block: cancel key, the server it holds, signals.
 pub struct ClientCtl {
-    pub key: PoolKey,
+    pub key: Rc<PoolKey>,
     pub secret: [u8; 4],
-    pub cancel: RefCell<Option<CancelTarget>>,
+    pub cancel: RefCell<Option<Rc<CancelTarget>>>,
     signal: Cell<Signal>,
     waker: RefCell<Option<Waker>>,
     timeouts: ClientTimeouts,
@@ -241,6 +241,10 @@ impl ConnGuard {
     pub fn new(shard: &Rc<Shard>) -> ConnGuard {
         shard.connections.set(shard.connections.get() + 1);
         ConnGuard(shard.clone())
+    }
+
+    pub fn shard(&self) -> &Rc<Shard> {
+        &self.0
     }
 }
 
@@ -383,7 +387,11 @@ impl Shard {
         }
     }
 
-    pub fn register_client(&self, key: &PoolKey, timeouts: ClientTimeouts) -> (i32, Rc<ClientCtl>) {
+    pub fn register_client(
+        &self,
+        key: &Rc<PoolKey>,
+        timeouts: ClientTimeouts,
+    ) -> (i32, Rc<ClientCtl>) {
         let mut clients = self.clients.borrow_mut();
         let pid = loop {
             let n = self.next_pid.get() % (1 << PID_SHARD_SHIFT);
@@ -557,7 +565,7 @@ impl Shard {
             pool.retire();
         }
         for ctl in self.clients.borrow().values() {
-            if &ctl.key == key {
+            if *ctl.key == *key {
                 ctl.raise(Signal::Kill);
             }
         }
@@ -825,15 +833,17 @@ async fn shard_main(
                         None => Stream::Plain(tcp),
                     };
                     crate::metrics::bump(&shard.handoffs_in, 1);
-                    let guard = ConnGuard::new(&shard);
-                    shard.spawn(async move {
-                        let shard = guard.0.clone();
-                        crate::client::run(
-                            shard, stream, h.startup, h.ident, h.leftover, h.mode, h.peer,
-                        )
-                        .await;
-                        drop(guard);
-                    });
+                    crate::client::spawn(
+                        &shard,
+                        Box::new(crate::client::Admitted {
+                            stream,
+                            msg: h.startup,
+                            ident: h.ident,
+                            leftover: h.leftover,
+                            mode: h.mode,
+                            peer: h.peer,
+                        }),
+                    );
                 }
                 ShardMsg::Cancel { process_id, secret } => shard.cancel(process_id, &secret),
                 ShardMsg::Config(config) => shard.apply_config(config),
