@@ -191,12 +191,10 @@ async fn admit(
     };
     let mut stream = Some(stream);
     let first = glommio::timer::timeout(timeout, async {
-        Ok(Box::pin(read_first(&shard, &mut stream, tls)).await)
+        Ok(Box::pin(read_first(shard, &mut stream, tls)).await)
     })
     .await;
-    let Some(mut stream) = stream else {
-        return None;
-    };
+    let mut stream = stream?;
     let (msg, leftover) = match first {
         Ok(Ok(First::Startup(msg, leftover))) => (msg, leftover),
         Ok(Ok(First::Cancel | First::Closed)) => return None,

@@ -350,7 +350,6 @@ async fn finish(
             if let Some(c) = server.take() {
                 Box::pin(give_back(pool, c, &tracker, mode)).await;
             }
-            return;
         }
         Event::ClientRefused(e) => {
             ctl.cancel.borrow_mut().take();
@@ -362,7 +361,6 @@ async fn finish(
                 &EngineError::TooManyStatements(e.to_string()),
             )
             .await;
-            return;
         }
         Event::ClientProtocol(e) => {
             ctl.cancel.borrow_mut().take();
@@ -371,7 +369,6 @@ async fn finish(
             if let Some(c) = server.take() {
                 Box::pin(give_back(pool, c, &tracker, mode)).await;
             }
-            return;
         }
         Event::ServerGone(e) => {
             ctl.cancel.borrow_mut().take();
@@ -388,14 +385,12 @@ async fn finish(
             }
             drop(server.take());
             refuse(&mut client.stream, &err).await;
-            return;
         }
         Event::ServerProtocol(e) => {
             ctl.cancel.borrow_mut().take();
             warn!(tenant = %pool.key.tenant, error = %e, "server protocol violation");
             drop(server.take());
             refuse(&mut client.stream, &EngineError::ServerProtocol(e)).await;
-            return;
         }
         Event::TimedOut(why) => {
             ctl.cancel.borrow_mut().take();
@@ -405,7 +400,6 @@ async fn finish(
                 Box::pin(give_back(pool, c, &tracker, mode)).await;
             }
             refuse(&mut client.stream, &EngineError::Refused(why)).await;
-            return;
         }
         Event::Killed => {
             ctl.cancel.borrow_mut().take();
@@ -416,7 +410,6 @@ async fn finish(
                 &EngineError::Refused(Refusal::Terminated),
             )
             .await;
-            return;
         }
         Event::Shutdown => {
             ctl.cancel.borrow_mut().take();
@@ -428,7 +421,6 @@ async fn finish(
                 &EngineError::Refused(Refusal::ShuttingDown),
             )
             .await;
-            return;
         }
     }
 }

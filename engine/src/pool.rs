@@ -47,6 +47,8 @@ pub struct Pool {
     pub stats: PoolStats,
     /// Named statements of the pool's clients, by query text (transaction mode).
     pub statements: RefCell<Registry>,
+    // Boxed so that a checkout moves a pointer into the client's PooledConn.
+    #[allow(clippy::vec_box)]
     idle: RefCell<Vec<Box<ServerConn>>>,
     /// Connections that exist or are being opened, idle or not.
     total: Cell<usize>,
