@@ -230,6 +230,23 @@ impl ClusterNode {
         self.write(req).await.map(|_| ())
     }
 
+    /// Graceful leave: hand back every pool claim this node holds, in one `ReleaseNode` entry,
+    /// so that other nodes can claim them at once instead of waiting for the leader to notice
+    /// this node's silence (`claim_timeout_ms`). Returns how many claims were released (0
+    /// without writing anything when this node's applied state shows none of its own).
+    pub async fn release_own_claims(&self) -> Result<usize, ClusterError> {
+        let id = self.inner.id;
+        if !self.claims().values().any(|n| *n == id) {
+            return Ok(0);
+        }
+        match self.write(Request::ReleaseNode { node: id }).await? {
+            Response::Released(n) => Ok(n),
+            other => Err(ClusterError::Remote(format!(
+                "unexpected response {other:?}"
+            ))),
+        }
+    }
+
     /// The owner of `key` in this node's applied state.
     pub fn owner(&self, key: &str) -> Option<NodeId> {
         self.inner.view.owner(key)
@@ -238,6 +255,11 @@ impl ClusterNode {
     /// Every claim in this node's applied state.
     pub fn claims(&self) -> BTreeMap<String, NodeId> {
         self.inner.view.claims()
+    }
+
+    /// The log index this node has applied up to (every entry kind).
+    pub fn applied_index(&self) -> u64 {
+        *self.inner.applied.borrow()
     }
 
     /// The applied log index, updated after every apply (and snapshot install).

@@ -10,7 +10,6 @@
 //! Reads are local.
 
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -43,8 +42,10 @@ pub struct Node {
     /// Snapshots are built and published one at a time, so shards see
     /// them in the store's order.
     writes: Mutex<()>,
-    /// The store's applied index the shards last got (`u64::MAX`: none yet).
-    published: AtomicU64,
+    /// What the shards last got: the cluster's applied log index (tenant
+    /// writes and pool claims alike) and the store's applied index (`None`:
+    /// nothing yet).
+    published: Mutex<Option<(u64, u64)>>,
     started: Instant,
     /// What the shards call for pool ownership (set by `start_watcher`).
     hooks: OnceLock<Arc<dyn ClusterHooks>>,
@@ -140,7 +141,7 @@ impl Node {
             secrets,
             shards,
             writes: Mutex::new(()),
-            published: AtomicU64::new(u64::MAX),
+            published: Mutex::new(None),
             started: Instant::now(),
             hooks: OnceLock::new(),
         }
@@ -231,12 +232,16 @@ impl Node {
     /// it already (the writer and the watcher both ask for each write).
     fn publish_current(&self) -> Result<(), PlaneError> {
         let _guard = self.writes.lock().unwrap_or_else(|e| e.into_inner());
-        let index = self.store.applied_index();
-        if self.published.load(Ordering::Acquire) == index {
+        // Keyed on the cluster's applied index too: a claim or a release
+        // changes no tenant (the store's index stays) but must reach the
+        // shards, or they route clients to an owner that left.
+        let index = (self.cluster.applied_index(), self.store.applied_index());
+        let mut published = self.published.lock().unwrap_or_else(|e| e.into_inner());
+        if *published == Some(index) {
             return Ok(());
         }
         self.publish()?;
-        self.published.store(index, Ordering::Release);
+        *published = Some(index);
         Ok(())
     }
 

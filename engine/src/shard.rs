@@ -271,6 +271,8 @@ const LOGIN_FAILURE_WINDOW: Duration = Duration::from_secs(600);
 const MAX_LOGIN_FAILURE_ENTRIES: usize = 100_000;
 /// How often client timeouts are checked.
 const TIMEOUT_SWEEP: Duration = Duration::from_millis(500);
+/// How long a stopping shard waits for its idle server connections to close.
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
 /// Stable FNV-1a hash of a tenant id: the same shard on every node and run.
 pub fn tenant_hash(tenant: &str) -> u64 {
@@ -614,10 +616,24 @@ impl Shard {
         }
     }
 
-    fn close_pools(&self) {
-        for pool in self.pools.borrow().values() {
-            pool.close_idle();
-        }
+    /// Closes every idle server connection (Terminate, then close) and waits,
+    /// bounded, until they are closed: a node that hands its pools over after
+    /// its shards stopped leaves no backend behind for the next owner to
+    /// count against `pool_size`.
+    async fn close_pools(&self) {
+        let conns: Vec<crate::server::ServerConn> = self
+            .pools
+            .borrow()
+            .values()
+            .flat_map(|p| p.drain_idle())
+            .collect();
+        let _ = glommio::timer::timeout(CLOSE_WAIT, async {
+            for conn in conns {
+                conn.terminate().await;
+            }
+            Ok(())
+        })
+        .await;
     }
 }
 
@@ -891,7 +907,7 @@ async fn shard_main(
     while shard.client_count() > 0 && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(10)).await;
     }
-    shard.close_pools();
+    shard.close_pools().await;
     info!(shard = id, left = shard.client_count(), "shard stopped");
 }
 
