@@ -614,3 +614,157 @@ async fn rolling_restart_under_pgbench() {
         runs.iter().map(|r| r.aborts.len()).sum::<usize>(),
     );
 }
+
+/// Whether anything accepts TCP connections at `addr` (a draining node closes its listeners).
+fn listening(addr: std::net::SocketAddr) -> bool {
+    std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok()
+}
+
+/// The SQLSTATEs a client saw from its next query and from its connection's end.
+async fn codes_after(conn: Conn) -> Vec<String> {
+    let mut codes = Vec::new();
+    if let Err(e) = within(
+        "query after the drain",
+        conn.client.simple_query("SELECT 1"),
+    )
+    .await
+    {
+        codes.extend(sqlstate(&e));
+    }
+    if let Err(e) = within("connection end", conn.task).await.expect("task") {
+        codes.extend(sqlstate(&e));
+    }
+    codes
+}
+
+/// A transaction open through a non-owner when the pool's owner drains commits (the owner's drain
+/// waits for the proxied client), then that client gets 57P01; a new client through the same node
+/// works at once, on the pool's new owner. Then a non-owner drains with a transaction open through
+/// it: the transaction commits, then 57P01 (the non-owner follows the proxied conversation and
+/// ends it only between transactions).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_nodes_let_proxied_transactions_finish() {
+    let cluster = blocking(|| Cluster::start_with(CLAIM_TIMEOUT_MS));
+    let apis: Vec<std::net::SocketAddr> = (1..=3).map(|i| cluster.pooler(i).api).collect();
+    let id = unique("cl_drain");
+    let (role, password) = tenant_with_role(apis[0], &id).await;
+    let user = format!("{role}.{id}");
+    let key = format!("{id}/{role}/transaction");
+    let table = format!("{id}_t");
+    direct()
+        .await
+        .batch_execute(&format!(
+            "CREATE TABLE {table} (n int); GRANT INSERT, SELECT ON {table} TO {role}"
+        ))
+        .await
+        .expect("table");
+    for i in 1..=3 {
+        let tx = cluster.pooler(i).transaction;
+        let (u, p) = (user.clone(), password.clone());
+        eventually("tenant usable through every node", CONVERGE, move || {
+            let (u, p) = (u.clone(), p.clone());
+            async move {
+                match try_connect(tx, &u, &p).await {
+                    Ok(c) => c.query_one("SELECT 1", &[]).await.is_ok(),
+                    Err(_) => false,
+                }
+            }
+        })
+        .await;
+    }
+    let owner = agreed_owner(&apis, &key, None).await;
+    let via = owner % 3 + 1;
+    let third = via % 3 + 1;
+    let tx_via = cluster.pooler(via).transaction;
+
+    // 1. The owner drains while a client of `via` is inside a transaction.
+    let a = connect_with(&client_config(tx_via, &user, &password))
+        .await
+        .expect("connect through a non-owner");
+    within(
+        "BEGIN through a non-owner",
+        a.client
+            .batch_execute(&format!("BEGIN; INSERT INTO {table} VALUES (1)")),
+    )
+    .await
+    .expect("begin");
+    let term_at = Instant::now();
+    cluster.pooler(owner).signal_term();
+    let owner_tx = cluster.pooler(owner).transaction;
+    eventually(
+        "the owner closed its listeners",
+        CONVERGE,
+        move || async move { !blocking(move || listening(owner_tx)) },
+    )
+    .await;
+    within(
+        "COMMIT while the owner drains",
+        a.client
+            .batch_execute(&format!("INSERT INTO {table} VALUES (2); COMMIT")),
+    )
+    .await
+    .expect("the proxied transaction commits while its owner drains");
+    let codes = codes_after(a).await;
+    assert!(codes.iter().any(|c| c == "57P01"), "{codes:?}");
+    let (u, p) = (user.clone(), password.clone());
+    let c = within(
+        "a new client through the non-owner",
+        try_connect(tx_via, &u, &p),
+    )
+    .await
+    .expect("a new client through the non-owner connects");
+    within("its query", c.query_one("SELECT 1", &[]))
+        .await
+        .expect("and runs a query");
+    let moved = term_at.elapsed();
+    let survivors = [apis[(via - 1) as usize], apis[(third - 1) as usize]];
+    let new_owner = agreed_owner(&survivors, &key, Some(owner)).await;
+    eprintln!(
+        "drain: the owner (node {owner}) drained; a new client through node {via} ran a query {moved:?} \
+         after its SIGTERM, on the new owner node {new_owner}"
+    );
+    assert!(
+        moved < Duration::from_millis(CLAIM_TIMEOUT_MS / 2),
+        "{moved:?}"
+    );
+    drop(c);
+
+    // 2. A non-owner drains while a client through it is inside a transaction.
+    let x = if new_owner == via { third } else { via };
+    let tx_x = cluster.pooler(x).transaction;
+    let b = connect_with(&client_config(tx_x, &user, &password))
+        .await
+        .expect("connect through the remaining non-owner");
+    within(
+        "BEGIN through it",
+        b.client
+            .batch_execute(&format!("BEGIN; INSERT INTO {table} VALUES (3)")),
+    )
+    .await
+    .expect("begin");
+    cluster.pooler(x).signal_term();
+    eventually(
+        "the non-owner closed its listeners",
+        CONVERGE,
+        move || async move { !blocking(move || listening(tx_x)) },
+    )
+    .await;
+    within(
+        "COMMIT while the non-owner drains",
+        b.client
+            .batch_execute(&format!("INSERT INTO {table} VALUES (4); COMMIT")),
+    )
+    .await
+    .expect("the transaction through a draining non-owner commits");
+    let codes = codes_after(b).await;
+    assert!(codes.iter().any(|c| c == "57P01"), "{codes:?}");
+    let rows: Vec<i32> = direct()
+        .await
+        .query(&format!("SELECT n FROM {table} ORDER BY n"), &[])
+        .await
+        .expect("rows")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(rows, vec![1, 2, 3, 4]);
+}
