@@ -10,7 +10,6 @@
 //! Reads are local.
 
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -43,11 +42,20 @@ pub struct Node {
     /// Snapshots are built and published one at a time, so shards see
     /// them in the store's order.
     writes: Mutex<()>,
-    /// The store's applied index the shards last got (`u64::MAX`: none yet).
-    published: AtomicU64,
+    /// What the shards last got: the cluster's applied log index (tenant
+    /// writes and pool claims alike), the store's applied index, and how many
+    /// claims this process confirmed (`None`: nothing yet).
+    published: Mutex<Option<(u64, u64, usize)>>,
     started: Instant,
     /// What the shards call for pool ownership (set by `start_watcher`).
     hooks: OnceLock<Arc<dyn ClusterHooks>>,
+    /// Pools this process has claimed (or found claimed by this node) through
+    /// the log. A claim of this node's that it has not confirmed since it
+    /// started is left out of the shards' view, so the first client of such a
+    /// pool claims it again: after a restart the applied state can still name
+    /// this node as an owner whose claim has since been released and taken by
+    /// another node (a crash, or an exit before the release was applied here).
+    confirmed: Mutex<std::collections::HashSet<String>>,
 }
 
 /// A node's proxy (node-to-node data plane) address: its raft address with
@@ -105,6 +113,9 @@ async fn claim_published(node: &Weak<Node>, cluster: &ClusterNode, key: String) 
         .ok()?
         .ok()?;
     let node = node.upgrade()?;
+    if owner == cluster.id() {
+        node.confirmed().insert(key);
+    }
     match tokio::task::spawn_blocking(move || node.publish_current()).await {
         Ok(Err(e)) => warn!(error = %e, "publishing a claim"),
         Err(e) => warn!(error = %e, "publishing task failed"),
@@ -140,9 +151,10 @@ impl Node {
             secrets,
             shards,
             writes: Mutex::new(()),
-            published: AtomicU64::new(u64::MAX),
+            published: Mutex::new(None),
             started: Instant::now(),
             hooks: OnceLock::new(),
+            confirmed: Mutex::new(std::collections::HashSet::new()),
         }
     }
 
@@ -199,9 +211,18 @@ impl Node {
             .iter()
             .filter_map(|(id, addr)| Some((*id, proxy_addr_of(addr)?)))
             .collect();
+        let me = self.cluster.id();
+        let confirmed = self.confirmed();
+        let owners = self
+            .cluster
+            .claims()
+            .into_iter()
+            .filter(|(key, node)| *node != me || confirmed.contains(key))
+            .collect();
+        drop(confirmed);
         Some(Arc::new(engine::config::ClusterView {
-            self_node: self.cluster.id(),
-            owners: self.cluster.claims().into_iter().collect(),
+            self_node: me,
+            owners,
             proxies,
             secret: Arc::from(self.cluster.secret()),
             hooks,
@@ -231,12 +252,20 @@ impl Node {
     /// it already (the writer and the watcher both ask for each write).
     fn publish_current(&self) -> Result<(), PlaneError> {
         let _guard = self.writes.lock().unwrap_or_else(|e| e.into_inner());
-        let index = self.store.applied_index();
-        if self.published.load(Ordering::Acquire) == index {
+        // Keyed on the cluster's applied index too: a claim or a release
+        // changes no tenant (the store's index stays) but must reach the
+        // shards, or they route clients to an owner that left.
+        let index = (
+            self.cluster.applied_index(),
+            self.store.applied_index(),
+            self.confirmed().len(),
+        );
+        let mut published = self.published.lock().unwrap_or_else(|e| e.into_inner());
+        if *published == Some(index) {
             return Ok(());
         }
         self.publish()?;
-        self.published.store(index, Ordering::Release);
+        *published = Some(index);
         Ok(())
     }
 
@@ -247,6 +276,10 @@ impl Node {
             .block_on(write_command(&self.store, &self.cluster, cmd))?;
         self.publish_current()?;
         Ok(tenant)
+    }
+
+    fn confirmed(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        self.confirmed.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The proxy settings in force.

@@ -160,6 +160,32 @@ fn finish_handover(node: &Node) {
     }
 }
 
+/// How long a stopping node tries to hand its pool claims back through the
+/// log; without a leader it gives up and the leader (once there is one)
+/// releases them after `claim_timeout_ms` of silence.
+const RELEASE_WAIT: Duration = Duration::from_secs(5);
+
+/// Releases the pool claims this node holds (one `ReleaseNode` entry).
+fn hand_pools_over(rt: &tokio::runtime::Runtime, cluster: &cluster::ClusterNode) {
+    let started = std::time::Instant::now();
+    let released = rt
+        .block_on(async { tokio::time::timeout(RELEASE_WAIT, cluster.release_own_claims()).await });
+    match released {
+        Ok(Ok(0)) => {}
+        Ok(Ok(n)) => info!(
+            pools = n,
+            took_ms = started.elapsed().as_millis() as u64,
+            "handed the pools this node owned back to the cluster"
+        ),
+        Ok(Err(e)) => {
+            warn!(error = %e, "cannot release this node's pool claims; the leader will after claim_timeout_ms")
+        }
+        Err(_) => warn!(
+            "releasing this node's pool claims timed out; the leader will after claim_timeout_ms"
+        ),
+    }
+}
+
 /// The vault key from `VAULT_ENC_KEY`; a fixed development key (with a
 /// warning) when unset.
 fn vault_key() -> String {
@@ -298,7 +324,12 @@ pub fn run_node(
     }
 
     let secrets = SecretCache::default();
-    let config = Node::engine_config(&proxy, &store, &secrets).map_err(|e| e.to_string())?;
+    // Clustered: clients wait for the first snapshot that carries the pool
+    // claims (published right after the shards start) instead of opening a
+    // pool another node owns.
+    let config = Node::engine_config(&proxy, &store, &secrets)
+        .map_err(|e| e.to_string())?
+        .awaiting_cluster(proxy.proxy_addr.is_some());
     let tenants = config.tenants.len();
     let mut signals =
         Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR2]).map_err(|e| e.to_string())?;
@@ -409,6 +440,14 @@ pub fn run_node(
         })
         .map_err(|e| e.to_string())?;
     let result = running.join();
+    if !handed_over.load(Ordering::SeqCst) {
+        // Graceful leave: the shards have stopped (their clients drained,
+        // their server connections closed), so the pools this node owned
+        // can have a new owner now rather than after `claim_timeout_ms`.
+        // Not after a handover: the new process runs as the same node and
+        // serves these pools.
+        hand_pools_over(&rt, &cluster);
+    }
     rt.block_on(cluster.shutdown());
     drop(node);
     rt.shutdown_timeout(Duration::from_secs(2));

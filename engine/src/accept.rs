@@ -2,10 +2,12 @@
 //! SSLRequest / GSSENCRequest, route a CancelRequest, read the
 //! StartupMessage, find the tenant and hand the connection to its shard.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::{BufMut, BytesMut};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
@@ -17,6 +19,7 @@ use wire::WireError;
 use crate::client::Admitted;
 use crate::config::PoolMode;
 use crate::error::{EngineError, Refusal};
+use crate::pool::PoolKey;
 use crate::shard::{Handoff, Shard, ShardMsg};
 use crate::stream::{Stream, TlsStream};
 
@@ -124,6 +127,17 @@ pub fn refuse<'a>(
         if stream.write_all(&out).await.is_err() {
             return;
         }
+        linger_close(stream).await;
+    })
+}
+
+/// Closes a client connection gently: shut for writing, then read and drop
+/// what the client still sends until it closes (at most [`LINGER`]), so
+/// that the last bytes it was sent are not destroyed by a reset.
+pub fn linger_close(
+    stream: &mut Stream,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + '_>> {
+    Box::pin(async move {
         let _ = stream.shutdown_write().await;
         let _ = glommio::timer::timeout(LINGER, async {
             let mut sink = [0u8; 512];
@@ -217,6 +231,24 @@ async fn admit(
             return None;
         }
     }
+    let mut config = config;
+    if config.cluster_pending {
+        // The node has just started: its cluster view (who owns which pool)
+        // follows in the next snapshot, within milliseconds.
+        let waited = glommio::timer::timeout(timeout, async {
+            while shard.config().cluster_pending {
+                glommio::timer::sleep(OWNER_POLL).await;
+            }
+            Ok(())
+        })
+        .await;
+        if waited.is_err() {
+            let why = "the node is starting, try again".to_string();
+            refuse(&mut stream, &EngineError::Refused(Refusal::Cluster(why))).await;
+            return None;
+        }
+        config = shard.config();
+    }
     // `user.tenant` or `options=reference=` first; over TLS, else the SNI host.
     let ident = match identify(&msg) {
         Ok(i) => Ok(i),
@@ -260,59 +292,175 @@ async fn admit(
         refuse(&mut stream, &EngineError::Refused(Refusal::SslRequired)).await;
         return None;
     }
-    if let Some(cluster) = config.cluster.clone() {
-        let key = crate::config::pool_key(&ident.tenant, &ident.db_user, mode);
-        let owner = match cluster.owners.get(&key) {
-            Some(o) => Some(*o),
-            None => glommio::timer::timeout(timeout, async { Ok(shard.claim(key).await) })
-                .await
-                .ok()
-                .flatten(),
+    if config.cluster.is_some() {
+        let key = PoolKey {
+            tenant: ident.tenant.clone(),
+            user: ident.db_user.clone(),
+            mode,
         };
-        let refusal = match owner {
-            None => Some("cannot claim the pool (no cluster leader?), try again".to_string()),
-            Some(o) if o == cluster.self_node => (!cluster.hooks.lease_valid())
-                .then(|| "this node lost its lease, connect to another node".to_string()),
-            Some(o) if hops > 0 => Some(format!("the pool is owned by node {o}, try again")),
-            Some(o) => match cluster.proxies.get(&o) {
-                None => Some(format!("no proxy address of node {o}")),
-                Some(addr) => {
-                    // A tenant found by SNI only: the owner sees no SNI, so
-                    // it is named in the user.
-                    let msg = if identify(&msg).is_err() {
-                        let mut m = msg.clone();
-                        m.params.retain(|(k, _)| k != "user");
-                        m.params
-                            .push(("user".into(), format!("{}.{}", ident.db_user, ident.tenant)));
-                        m
-                    } else {
-                        msg
-                    };
-                    let sent = crate::cluster::forward(
-                        stream,
-                        &msg,
-                        &leftover,
-                        mode,
-                        peer,
-                        *addr,
-                        &cluster.secret,
-                    )
-                    .await;
-                    if let Err((mut stream, e)) = sent {
-                        debug!(node = o, error = %e, "pool owner unreachable");
-                        let why = format!("the pool owner (node {o}) is unreachable, try again");
-                        refuse(&mut stream, &EngineError::Refused(Refusal::Cluster(why))).await;
-                    }
-                    return None;
-                }
-            },
+        // Unreachable owners are retried as long as a client may wait for a
+        // server connection (and never past the startup timeout).
+        let checkout = tenant
+            .users
+            .get(&ident.db_user)
+            .map(|u| u.checkout_timeout)
+            .unwrap_or(tenant.default_checkout_timeout);
+        let retry_until = Instant::now() + checkout.min(timeout);
+        // A tenant found by SNI only: the owner sees no SNI, so it is named
+        // in the user.
+        let to_owner = if identify(&msg).is_err() {
+            let mut m = msg.clone();
+            m.params.retain(|(k, _)| k != "user");
+            m.params
+                .push(("user".into(), format!("{}.{}", ident.db_user, ident.tenant)));
+            Cow::Owned(m)
+        } else {
+            Cow::Borrowed(&msg)
         };
-        if let Some(why) = refusal {
-            crate::metrics::bump(&shard.refused, 1);
-            refuse(&mut stream, &EngineError::Refused(Refusal::Cluster(why))).await;
-            return None;
+        let routed = Box::pin(route(
+            shard,
+            stream,
+            &key,
+            &to_owner,
+            &leftover,
+            peer,
+            hops,
+            timeout,
+            retry_until,
+        ))
+        .await;
+        drop(to_owner);
+        match routed {
+            Routed::Local(s) => stream = s,
+            Routed::Done => return None,
         }
     }
+    serve_local(shard, stream, msg, ident, leftover, mode, peer).await
+}
+
+/// How often a client waiting for its pool's owner to change looks at the
+/// cluster view, and how often it dials an owner that did not answer.
+const OWNER_POLL: Duration = Duration::from_millis(25);
+const OWNER_REDIAL: Duration = Duration::from_millis(250);
+/// How soon a claim that failed (no leader) is asked again.
+const CLAIM_RETRY: Duration = Duration::from_millis(100);
+
+enum Routed {
+    /// This node owns the pool: serve the client here.
+    Local(Stream),
+    /// Proxied to the owner (and back), or refused.
+    Done,
+}
+
+/// Finds the owner of the client's pool and proxies the client there, or
+/// gives it back to be served here. A pool nobody owns is claimed (bounded
+/// by `startup`). An owner that cannot be reached — it is draining (its
+/// proxy listener closed), stopped, or dead — is not the end: its pools are
+/// about to be released (by itself after its drain, or by the leader after
+/// `claim_timeout_ms`), so the client waits, watching the claims each new
+/// configuration snapshot brings, and dials whoever owns the pool then (or
+/// claims it), until `retry_until`.
+#[allow(clippy::too_many_arguments)]
+async fn route(
+    shard: &Rc<Shard>,
+    stream: Stream,
+    key: &PoolKey,
+    msg: &StartupMessage,
+    leftover: &[u8],
+    peer: Option<SocketAddr>,
+    hops: u8,
+    startup: Duration,
+    retry_until: Instant,
+) -> Routed {
+    let mut stream = stream;
+    let claim_until = Instant::now() + startup;
+    let pool = crate::config::pool_key(&key.tenant, &key.user, key.mode);
+    // The owner that did not answer, and when it was dialled.
+    let mut failed: Option<(u64, Instant)> = None;
+    let why = loop {
+        let Some(cluster) = shard.config().cluster.clone() else {
+            // No cluster any more (the group shrank to this node).
+            return Routed::Local(stream);
+        };
+        let retry = Instant::now() < retry_until;
+        let owner = match cluster.owners.get(&pool) {
+            Some(o) => Some(*o),
+            None => {
+                let left = claim_until.saturating_duration_since(Instant::now());
+                glommio::timer::timeout(left, async { Ok(shard.claim(pool.clone()).await) })
+                    .await
+                    .ok()
+                    .flatten()
+            }
+        };
+        match owner {
+            None if retry => {
+                // No leader at the moment (an election): try again.
+                glommio::timer::sleep(CLAIM_RETRY).await;
+                continue;
+            }
+            None => break "cannot claim the pool (no cluster leader?), try again".to_string(),
+            Some(o) if o == cluster.self_node => {
+                if cluster.hooks.lease_valid() {
+                    return Routed::Local(stream);
+                }
+                break "this node lost its lease, connect to another node".to_string();
+            }
+            Some(o) if hops > 0 => break format!("the pool is owned by node {o}, try again"),
+            Some(o) => {
+                let Some(addr) = cluster.proxies.get(&o).copied() else {
+                    break format!("no proxy address of node {o}");
+                };
+                if let Some((f, at)) = failed {
+                    if f == o && at.elapsed() < OWNER_REDIAL && retry {
+                        // Still the owner that did not answer: wait for the
+                        // claim to move (or for the next dial).
+                        glommio::timer::sleep(OWNER_POLL).await;
+                        continue;
+                    }
+                }
+                let dialled = Instant::now();
+                let sent = crate::cluster::forward(
+                    shard,
+                    key,
+                    stream,
+                    msg,
+                    leftover,
+                    peer,
+                    addr,
+                    &cluster.secret,
+                )
+                .await;
+                match sent {
+                    Ok(()) => return Routed::Done,
+                    Err((s, e)) => {
+                        stream = s;
+                        debug!(node = o, error = %e, "pool owner unreachable");
+                        if Instant::now() >= retry_until {
+                            break format!("the pool owner (node {o}) is unreachable, try again");
+                        }
+                        failed = Some((o, dialled));
+                    }
+                }
+            }
+        }
+    };
+    crate::metrics::bump(&shard.refused, 1);
+    refuse(&mut stream, &EngineError::Refused(Refusal::Cluster(why))).await;
+    Routed::Done
+}
+
+/// Serves a client on this node: on this shard if it owns the tenant, else
+/// handed to the shard that does.
+async fn serve_local(
+    shard: &Rc<Shard>,
+    stream: Stream,
+    msg: StartupMessage,
+    ident: Identity,
+    leftover: Vec<u8>,
+    mode: PoolMode,
+    peer: Option<SocketAddr>,
+) -> Option<Box<Admitted>> {
     let owner = shard.owner_of(&ident.tenant);
     if owner == shard.id {
         return Some(Box::new(Admitted {

@@ -223,7 +223,7 @@ async fn login(
             return Err(e);
         }
     };
-    let (pid, ctl) = shard.register_client(&pool.key, tenant.timeouts);
+    let (pid, ctl) = shard.register_client(pool.key.clone(), tenant.timeouts);
     let mut out = BytesMut::with_capacity(params.len() + 32);
     out.put_slice(&params);
     BackendKeyData {

@@ -28,8 +28,11 @@ use sha2::Sha256;
 use tracing::debug;
 use wire::startup::StartupMessage;
 
-use crate::config::PoolMode;
-use crate::shard::Shard;
+use crate::accept::{linger_close, refuse};
+use crate::config::{ClientTimeouts, PoolMode};
+use crate::error::{EngineError, Refusal};
+use crate::pool::PoolKey;
+use crate::shard::{ClientCtl, Shard, Signal};
 use crate::stream::Stream;
 
 type HmacSha256 = Hmac<Sha256>;
@@ -130,18 +133,25 @@ async fn open(addr: SocketAddr, secret: &[u8], header: &Header) -> io::Result<Tc
 /// Proxies a client to the owner of its pool: replays its StartupMessage and
 /// leftover bytes, then splices until either side closes. Gives the client
 /// stream back when the owner cannot be reached (nothing was sent yet).
+///
+/// The proxied client is registered with this shard like one of its own
+/// clients (under its pool key), so that a drain (SIGTERM) waits for it and
+/// ends it between transactions with 57P01, as the owner would, and a
+/// terminated tenant ends it at once.
+#[allow(clippy::too_many_arguments)]
 pub async fn forward(
+    shard: &Rc<Shard>,
+    key: &PoolKey,
     client: Stream,
     msg: &StartupMessage,
     leftover: &[u8],
-    mode: PoolMode,
     peer: Option<SocketAddr>,
     addr: SocketAddr,
     secret: &[u8],
 ) -> Result<(), (Stream, io::Error)> {
     let header = Header {
         kind: KIND_CONNECT,
-        mode,
+        mode: key.mode,
         hops: 1,
         client_ip: peer
             .map(|p| p.ip())
@@ -166,11 +176,53 @@ pub async fn forward(
     }
     let mut client = client;
     let _ = client.set_nodelay(true);
-    if let Err(e) = splice(&mut client, &mut up).await {
-        debug!(error = %e, "proxy link ended");
+    let registered = Registered::new(shard, key);
+    let mut talk = Conversation::default();
+    talk.client_sent(leftover);
+    match splice(&mut client, &mut up, &registered.ctl, &mut talk).await {
+        Ok(Ended::Closed) => {}
+        Ok(Ended::Drained) => {
+            let _ = up.close().await;
+            refuse(&mut client, &EngineError::Refused(Refusal::ShuttingDown)).await;
+            return Ok(());
+        }
+        Ok(Ended::Killed) => {
+            let _ = up.close().await;
+            refuse(&mut client, &EngineError::Refused(Refusal::Terminated)).await;
+            return Ok(());
+        }
+        Err(e) => debug!(error = %e, "proxy link ended"),
     }
-    let _ = client.shutdown_write().await;
+    // The owner closed (its last message, e.g. a 57P01, may be on its way
+    // to the client) or the client did: no reset either way.
+    drop(registered);
+    linger_close(&mut client).await;
     Ok(())
+}
+
+/// A proxied client registered with its shard while it lives.
+struct Registered {
+    shard: Rc<Shard>,
+    pid: i32,
+    ctl: Rc<ClientCtl>,
+}
+
+impl Registered {
+    fn new(shard: &Rc<Shard>, key: &PoolKey) -> Registered {
+        // No timeouts here: the owner applies the tenant's.
+        let (pid, ctl) = shard.register_client(Rc::new(key.clone()), ClientTimeouts::default());
+        Registered {
+            shard: shard.clone(),
+            pid,
+            ctl,
+        }
+    }
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.shard.unregister_client(self.pid);
+    }
 }
 
 /// Sends a cancel request for `pid` to the node at `addr`.
@@ -233,6 +285,110 @@ pub async fn accept_peer(shard: Rc<Shard>, mut tcp: TcpStream) {
     }
 }
 
+/// Follows the frame boundaries of one direction of a proxied connection
+/// as its bytes pass, without holding any of them: the type of each frame,
+/// and the status byte of a ReadyForQuery. Lengths are not checked (the
+/// owner does that); a garbled stream only makes the drain wait longer.
+#[derive(Debug, Default)]
+struct Frames {
+    head: [u8; 5],
+    /// Header bytes collected so far.
+    have: usize,
+    /// Body bytes of the current frame still to come.
+    left: usize,
+    tag: u8,
+    /// The next body byte is a ReadyForQuery status.
+    status_next: bool,
+}
+
+impl Frames {
+    /// Walks `data`; calls `f(tag, status)` once per frame: at its header,
+    /// or for a ReadyForQuery ('Z') at its status byte.
+    fn feed(&mut self, mut data: &[u8], mut f: impl FnMut(u8, u8)) {
+        while let Some(&first) = data.first() {
+            if self.left > 0 {
+                if self.status_next {
+                    self.status_next = false;
+                    f(self.tag, first);
+                }
+                let n = self.left.min(data.len());
+                self.left -= n;
+                data = &data[n..];
+                continue;
+            }
+            let n = (self.head.len() - self.have).min(data.len());
+            self.head[self.have..self.have + n].copy_from_slice(&data[..n]);
+            self.have += n;
+            data = &data[n..];
+            if self.have == self.head.len() {
+                self.have = 0;
+                self.tag = self.head[0];
+                let len =
+                    u32::from_be_bytes([self.head[1], self.head[2], self.head[3], self.head[4]]);
+                self.left = (len as usize).saturating_sub(4);
+                if self.tag == b'Z' && self.left > 0 {
+                    self.status_next = true;
+                } else {
+                    f(self.tag, 0);
+                }
+            }
+        }
+    }
+
+    fn at_boundary(&self) -> bool {
+        self.have == 0 && self.left == 0
+    }
+}
+
+/// Where a proxied client stands, from the frames passing both ways: it is
+/// between transactions when every Query, Sync and FunctionCall it sent has
+/// had its ReadyForQuery, the last one said idle (`I`), and both directions
+/// are at a frame boundary.
+#[derive(Debug, Default)]
+struct Conversation {
+    up: Frames,
+    down: Frames,
+    /// Query, Sync and FunctionCall frames the client sent.
+    asked: u64,
+    /// ReadyForQuery frames after the one that ended the startup.
+    answered: u64,
+    /// The startup's ReadyForQuery arrived.
+    ready: bool,
+    status: u8,
+}
+
+impl Conversation {
+    fn client_sent(&mut self, data: &[u8]) {
+        let asked = &mut self.asked;
+        self.up.feed(data, |tag, _| {
+            if matches!(tag, b'Q' | b'S' | b'F') {
+                *asked += 1;
+            }
+        });
+    }
+
+    fn owner_sent(&mut self, data: &[u8]) {
+        let (ready, answered, status) = (&mut self.ready, &mut self.answered, &mut self.status);
+        self.down.feed(data, |tag, st| {
+            if tag == b'Z' {
+                if *ready {
+                    *answered += 1;
+                }
+                *ready = true;
+                *status = st;
+            }
+        });
+    }
+
+    fn between_transactions(&self) -> bool {
+        self.ready
+            && self.status == b'I'
+            && self.answered >= self.asked
+            && self.up.at_boundary()
+            && self.down.at_boundary()
+    }
+}
+
 /// One direction of a splice: a buffer and how much of it is still to write.
 struct Half {
     buf: Box<[u8]>,
@@ -253,9 +409,20 @@ impl Half {
         }
     }
 
+    /// Everything read was written and flushed.
+    fn empty(&self) -> bool {
+        self.start == self.end && !self.flush
+    }
+
     /// Moves bytes from `r` to `w` until one of them is pending; Ready(()) at
-    /// end of input (all written and flushed).
-    fn pump<R, W>(&mut self, cx: &mut Context<'_>, r: &mut R, w: &mut W) -> Poll<io::Result<()>>
+    /// end of input (all written and flushed). `seen` gets each read.
+    fn pump<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: &mut R,
+        w: &mut W,
+        mut seen: impl FnMut(&[u8]),
+    ) -> Poll<io::Result<()>>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
@@ -286,7 +453,10 @@ impl Half {
             self.end = 0;
             match Pin::new(&mut *r).poll_read(cx, &mut self.buf) {
                 Poll::Ready(Ok(0)) => self.eof = true,
-                Poll::Ready(Ok(n)) => self.end = n,
+                Poll::Ready(Ok(n)) => {
+                    self.end = n;
+                    seen(&self.buf[..n]);
+                }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => return Poll::Pending,
             }
@@ -294,20 +464,111 @@ impl Half {
     }
 }
 
-/// Copies bytes both ways until either side ends (one future, two buffers).
-pub fn splice<'a>(
+/// How a splice ended without an I/O error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    /// Either side closed.
+    Closed,
+    /// The shard drains and the client is between transactions.
+    Drained,
+    /// The client's tenant was terminated or removed.
+    Killed,
+}
+
+/// Copies bytes both ways until either side ends (one future, two buffers),
+/// or until the shard's signal ends it: a kill at once, a drain once the
+/// client is between transactions (no byte of it is read after that).
+fn splice<'a>(
     a: &'a mut Stream,
     b: &'a mut TcpStream,
-) -> impl Future<Output = io::Result<()>> + 'a {
+    ctl: &'a ClientCtl,
+    talk: &'a mut Conversation,
+) -> impl Future<Output = io::Result<Ended>> + 'a {
     let mut ab = Half::new();
     let mut ba = Half::new();
     std::future::poll_fn(move |cx| {
-        if let Poll::Ready(r) = ab.pump(cx, a, b) {
-            return Poll::Ready(r);
+        let drained = |talk: &Conversation, ab: &Half, ba: &Half| {
+            talk.between_transactions() && ab.empty() && ba.empty()
+        };
+        let draining = match ctl.signal(cx.waker()) {
+            Signal::Kill => return Poll::Ready(Ok(Ended::Killed)),
+            Signal::Drain => true,
+            _ => false,
+        };
+        if draining && drained(talk, &ab, &ba) {
+            return Poll::Ready(Ok(Ended::Drained));
         }
-        if let Poll::Ready(r) = ba.pump(cx, b, a) {
-            return Poll::Ready(r);
+        if let Poll::Ready(r) = ab.pump(cx, a, b, |d| talk.client_sent(d)) {
+            return Poll::Ready(r.map(|()| Ended::Closed));
+        }
+        if let Poll::Ready(r) = ba.pump(cx, b, a, |d| talk.owner_sent(d)) {
+            return Poll::Ready(r.map(|()| Ended::Closed));
+        }
+        // Both directions wait: the client may just have become idle.
+        if draining && drained(talk, &ab, &ba) {
+            return Poll::Ready(Ok(Ended::Drained));
         }
         Poll::Pending
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut v = vec![tag];
+        v.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+        v.extend_from_slice(body);
+        v
+    }
+
+    /// Feeds `data` one byte at a time, as the worst split of reads.
+    fn bytewise(data: &[u8], mut f: impl FnMut(&[u8])) {
+        for b in data.chunks(1) {
+            f(b);
+        }
+    }
+
+    #[test]
+    fn conversation_follows_transactions_across_reads() {
+        let mut t = Conversation::default();
+        assert!(!t.between_transactions(), "before the startup ended");
+        // Authentication and the startup's ReadyForQuery.
+        t.client_sent(&frame(b'p', b"SCRAM..."));
+        t.owner_sent(&[frame(b'R', &[0, 0, 0, 0]), frame(b'Z', b"I")].concat());
+        assert!(t.between_transactions());
+        // BEGIN sent: a request in flight.
+        bytewise(&frame(b'Q', b"BEGIN\0"), |d| t.client_sent(d));
+        assert!(!t.between_transactions());
+        t.owner_sent(&[frame(b'C', b"BEGIN\0"), frame(b'Z', b"T")].concat());
+        assert!(!t.between_transactions(), "inside a transaction");
+        // Extended protocol, pipelined: two Syncs, answered one by one.
+        let mut ext = frame(b'P', b"\0SELECT 1\0\0\0");
+        ext.extend(frame(b'B', &[0; 6]));
+        ext.extend(frame(b'E', &[0; 5]));
+        ext.extend(frame(b'S', b""));
+        ext.extend(frame(b'Q', b"COMMIT\0"));
+        t.client_sent(&ext);
+        t.owner_sent(&frame(b'Z', b"T"));
+        assert!(!t.between_transactions());
+        // The COMMIT's answer arrives split inside the header.
+        let end = [frame(b'C', b"COMMIT\0"), frame(b'Z', b"I")].concat();
+        let (x, y) = end.split_at(end.len() - 3);
+        t.owner_sent(x);
+        assert!(!t.between_transactions(), "mid-frame");
+        t.owner_sent(y);
+        assert!(t.between_transactions());
+        // Half a frame from the client is not a boundary.
+        let q = frame(b'Q', b"SELECT 1\0");
+        t.client_sent(&q[..3]);
+        assert!(!t.between_transactions());
+        t.client_sent(&q[3..]);
+        t.owner_sent(&[frame(b'T', &[0, 0]), frame(b'Z', b"I")].concat());
+        assert!(t.between_transactions());
+        // A failed transaction ('E') is not idle either.
+        t.client_sent(&frame(b'Q', b"x\0"));
+        t.owner_sent(&[frame(b'E', b"S\0"), frame(b'Z', b"E")].concat());
+        assert!(!t.between_transactions());
+    }
 }

@@ -239,6 +239,10 @@ pub struct Config {
     sni: HashMap<String, String>,
     /// Pool ownership across the cluster (more than one node), else `None`.
     pub cluster: Option<Arc<ClusterView>>,
+    /// A clustered node's first snapshot, published before its claims are:
+    /// clients wait for the next snapshot instead of opening a pool that
+    /// another node may own.
+    pub cluster_pending: bool,
 }
 
 /// What the control plane does for the shards in a cluster.
@@ -292,7 +296,15 @@ impl Config {
             tenants,
             sni,
             cluster: None,
+            cluster_pending: false,
         }
+    }
+
+    /// This configuration marked as waiting for its cluster view (see
+    /// [`Config::cluster_pending`]); any later snapshot clears it.
+    pub fn awaiting_cluster(mut self, pending: bool) -> Config {
+        self.cluster_pending = pending;
+        self
     }
 
     /// This configuration with a cluster view.

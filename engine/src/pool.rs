@@ -437,10 +437,15 @@ impl Pool {
 
     /// Closes every idle connection (shutdown, tenant removed).
     pub fn close_idle(&self) {
-        let conns: Vec<Box<ServerConn>> = self.idle.borrow_mut().drain(..).collect();
-        self.total.set(self.total.get() - conns.len());
-        for conn in conns {
+        for conn in self.drain_idle() {
             glommio::spawn_local(conn.terminate()).detach();
         }
+    }
+
+    /// Takes the idle server connections out of the pool (for the caller to close).
+    pub fn drain_idle(&self) -> Vec<Box<ServerConn>> {
+        let conns: Vec<Box<ServerConn>> = self.idle.borrow_mut().drain(..).collect();
+        self.total.set(self.total.get() - conns.len());
+        conns
     }
 }

@@ -275,6 +275,8 @@ const LOGIN_FAILURE_WINDOW: Duration = Duration::from_secs(600);
 const MAX_LOGIN_FAILURE_ENTRIES: usize = 100_000;
 /// How often client timeouts are checked.
 const TIMEOUT_SWEEP: Duration = Duration::from_millis(500);
+/// How long a stopping shard waits for its idle server connections to close.
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
 /// Stable FNV-1a hash of a tenant id: the same shard on every node and run.
 pub fn tenant_hash(tenant: &str) -> u64 {
@@ -389,7 +391,7 @@ impl Shard {
 
     pub fn register_client(
         &self,
-        key: &Rc<PoolKey>,
+        key: Rc<PoolKey>,
         timeouts: ClientTimeouts,
     ) -> (i32, Rc<ClientCtl>) {
         let mut clients = self.clients.borrow_mut();
@@ -405,7 +407,7 @@ impl Shard {
             }
         };
         let ctl = Rc::new(ClientCtl {
-            key: key.clone(),
+            key,
             secret: rand::random(),
             cancel: RefCell::new(None),
             signal: Cell::new(if self.draining.get() {
@@ -622,10 +624,24 @@ impl Shard {
         }
     }
 
-    fn close_pools(&self) {
-        for pool in self.pools.borrow().values() {
-            pool.close_idle();
-        }
+    /// Closes every idle server connection (Terminate, then close) and waits,
+    /// bounded, until they are closed: a node that hands its pools over after
+    /// its shards stopped leaves no backend behind for the next owner to
+    /// count against `pool_size`.
+    async fn close_pools(&self) {
+        let conns: Vec<Box<crate::server::ServerConn>> = self
+            .pools
+            .borrow()
+            .values()
+            .flat_map(|p| p.drain_idle())
+            .collect();
+        let _ = glommio::timer::timeout(CLOSE_WAIT, async {
+            for conn in conns {
+                conn.terminate().await;
+            }
+            Ok(())
+        })
+        .await;
     }
 }
 
@@ -901,7 +917,7 @@ async fn shard_main(
     while shard.client_count() > 0 && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(10)).await;
     }
-    shard.close_pools();
+    shard.close_pools().await;
     info!(shard = id, left = shard.client_count(), "shard stopped");
 }
 

@@ -13,17 +13,20 @@ use crate::harness::*;
 
 const CLUSTER_SECRET: &str = "test-cluster-secret-0123456789";
 /// Upper bound for the cluster to converge after a change (election, replication).
-const CONVERGE: Duration = Duration::from_secs(15);
+pub(crate) const CONVERGE: Duration = Duration::from_secs(15);
 
-struct Member {
-    id: u64,
-    raft: SocketAddr,
-    store: PathBuf,
-    pooler: Option<Pooler>,
+pub(crate) struct Member {
+    pub(crate) id: u64,
+    pub(crate) raft: SocketAddr,
+    pub(crate) store: PathBuf,
+    pub(crate) pooler: Option<Pooler>,
+    /// Session, transaction and API addresses of its first start: a restart keeps them.
+    addrs: Option<(SocketAddr, SocketAddr, SocketAddr)>,
 }
 
-struct Cluster {
-    members: Vec<Member>,
+pub(crate) struct Cluster {
+    pub(crate) members: Vec<Member>,
+    claim_timeout_ms: u64,
     _dir: tempfile::TempDir,
 }
 
@@ -32,13 +35,14 @@ fn node_config(
     raft: SocketAddr,
     join: Option<SocketAddr>,
     store: PathBuf,
+    claim_timeout_ms: u64,
 ) -> PoolerConfig {
     let mut cfg = PoolerConfig::tenants(vec![]);
     cfg.shards = 1;
     cfg.store_dir = Some(store);
     cfg.extra_toml = format!(
         "[cluster]\nnode_id = {id}\naddr = \"{raft}\"\nsecret = \"{CLUSTER_SECRET}\"\n\
-         heartbeat_ms = 200\nclaim_timeout_ms = 1000\n{}\n",
+         heartbeat_ms = 200\nclaim_timeout_ms = {claim_timeout_ms}\n{}\n",
         join.map(|j| format!("join = \"{j}\"\n"))
             .unwrap_or_default()
     );
@@ -46,8 +50,13 @@ fn node_config(
 }
 
 impl Cluster {
-    /// Starts node 1, then nodes 2 and 3 joining it.
-    fn start() -> Cluster {
+    /// Starts node 1, then nodes 2 and 3 joining it (`claim_timeout_ms` 1000).
+    pub(crate) fn start() -> Cluster {
+        Cluster::start_with(1000)
+    }
+
+    /// [`Cluster::start`] with another `claim_timeout_ms`.
+    pub(crate) fn start_with(claim_timeout_ms: u64) -> Cluster {
         let dir = tempfile::Builder::new()
             .prefix("supavisor-cluster.")
             .tempdir()
@@ -58,39 +67,53 @@ impl Cluster {
                 raft: free_pair(),
                 store: dir.path().join(format!("store{id}")),
                 pooler: None,
+                addrs: None,
             })
             .collect();
         let first = members[0].raft;
         for m in &mut members {
             let join = (m.id != 1).then_some(first);
-            m.pooler = Some(Pooler::start(&node_config(
+            let p = Pooler::start(&node_config(
                 m.id,
                 m.raft,
                 join,
                 m.store.clone(),
-            )));
+                claim_timeout_ms,
+            ));
+            m.addrs = Some((p.session, p.transaction, p.api));
+            m.pooler = Some(p);
         }
-        Cluster { members, _dir: dir }
+        Cluster {
+            members,
+            claim_timeout_ms,
+            _dir: dir,
+        }
     }
 
-    fn pooler(&self, id: u64) -> &Pooler {
+    pub(crate) fn pooler(&self, id: u64) -> &Pooler {
         self.members[(id - 1) as usize]
             .pooler
             .as_ref()
             .expect("node is running")
     }
 
-    /// Restart a stopped node with its store and raft address.
-    fn restart(&mut self, id: u64) {
+    pub(crate) fn pooler_mut(&mut self, id: u64) -> &mut Pooler {
+        self.members[(id - 1) as usize]
+            .pooler
+            .as_mut()
+            .expect("node is running")
+    }
+
+    /// Restart a stopped node with its store, raft address and client and API ports.
+    pub(crate) fn restart(&mut self, id: u64) {
         let m = &mut self.members[(id - 1) as usize];
         let join = (m.id != 1).then_some(SocketAddr::from(([127, 0, 0, 1], 1)));
         // `join` is ignored by a node that is a member already; a bogus one proves it.
-        m.pooler = Some(Pooler::start(&node_config(
-            m.id,
-            m.raft,
-            join,
-            m.store.clone(),
-        )));
+        let cfg = node_config(m.id, m.raft, join, m.store.clone(), self.claim_timeout_ms);
+        m.pooler = Some(match m.addrs {
+            Some((session, transaction, api)) => Pooler::start_on(&cfg, session, transaction, api),
+            None => Pooler::start(&cfg),
+        });
     }
 }
 
@@ -105,7 +128,7 @@ fn free_pair() -> SocketAddr {
     }
 }
 
-fn ctl(api: SocketAddr, args: &[&str]) -> Output {
+pub(crate) fn ctl(api: SocketAddr, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_supavisorctl"))
         .arg("--api")
         .arg(format!("http://{api}"))
@@ -119,7 +142,7 @@ fn ctl(api: SocketAddr, args: &[&str]) -> Output {
         .expect("run supavisorctl")
 }
 
-fn text(o: &Output) -> String {
+pub(crate) fn text(o: &Output) -> String {
     format!(
         "status {}\nstdout: {}\nstderr: {}",
         o.status,
@@ -129,7 +152,7 @@ fn text(o: &Output) -> String {
 }
 
 /// `cluster status --json` of a node, if it answers.
-fn status(api: SocketAddr) -> Option<Value> {
+pub(crate) fn status(api: SocketAddr) -> Option<Value> {
     let o = ctl(api, &["--json", "cluster", "status"]);
     if !o.status.success() {
         return None;
@@ -188,7 +211,7 @@ async fn until_usable(addr: SocketAddr, id: &str, what: &str) -> Duration {
 }
 
 /// Runs a blocking call (a CLI process, a pooler start) on this worker thread.
-fn blocking<T>(f: impl FnOnce() -> T) -> T {
+pub(crate) fn blocking<T>(f: impl FnOnce() -> T) -> T {
     tokio::task::block_in_place(f)
 }
 
@@ -362,7 +385,16 @@ async fn leader_killed_then_restarted_catches_up() {
 
 /// A login role of its own (so that PostgreSQL's backends of this test are countable) and a
 /// tenant `id` that pools it (transaction mode, pool size 2), added through `api`.
-async fn tenant_with_role(api: SocketAddr, id: &str) -> (String, String) {
+pub(crate) async fn tenant_with_role(api: SocketAddr, id: &str) -> (String, String) {
+    tenant_with_role_sized(api, id, 2).await
+}
+
+/// [`tenant_with_role`] with pool size `pool_size`.
+pub(crate) async fn tenant_with_role_sized(
+    api: SocketAddr,
+    id: &str,
+    pool_size: u32,
+) -> (String, String) {
     let role = id.to_string();
     let password = "owner-test-pw".to_string();
     direct()
@@ -373,6 +405,7 @@ async fn tenant_with_role(api: SocketAddr, id: &str) -> (String, String) {
     let pg = pg();
     let port = pg.port.to_string();
     let (id, r, pw) = (id.to_string(), role.clone(), password.clone());
+    let size = pool_size.to_string();
     let out = blocking(move || {
         ctl(
             api,
@@ -391,7 +424,7 @@ async fn tenant_with_role(api: SocketAddr, id: &str) -> (String, String) {
                 "--password",
                 &pw,
                 "--pool-size",
-                "2",
+                &size,
                 "--mode",
                 "transaction",
             ],
@@ -402,7 +435,7 @@ async fn tenant_with_role(api: SocketAddr, id: &str) -> (String, String) {
 }
 
 /// Backends the pooler holds in PostgreSQL for `role`.
-async fn backends(role: &str) -> i64 {
+pub(crate) async fn backends(role: &str) -> i64 {
     direct()
         .await
         .query_one(
@@ -416,12 +449,12 @@ async fn backends(role: &str) -> i64 {
 }
 
 /// The claims as node `api` applied them.
-fn claims(api: SocketAddr) -> Option<serde_json::Map<String, Value>> {
+pub(crate) fn claims(api: SocketAddr) -> Option<serde_json::Map<String, Value>> {
     status(api)?.get("claims")?.as_object().cloned()
 }
 
 /// Waits until every node in `apis` reports the same single owner of `key`.
-async fn agreed_owner(apis: &[SocketAddr], key: &str, not: Option<u64>) -> u64 {
+pub(crate) async fn agreed_owner(apis: &[SocketAddr], key: &str, not: Option<u64>) -> u64 {
     let start = Instant::now();
     loop {
         let owners: Vec<Option<u64>> = apis
