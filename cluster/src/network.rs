@@ -54,9 +54,12 @@ pub enum Reply {
         index: u64,
         response: Response,
     },
-    /// Heartbeat acknowledged by a leader that confirmed its quorum `quorum_age_ms` ago.
+    /// Heartbeat acknowledged by a leader that confirmed its quorum `quorum_age_ms` ago and has
+    /// applied the log up to `applied` (the sender's lease needs that much applied too).
     Alive {
         quorum_age_ms: u64,
+        #[serde(default)]
+        applied: u64,
     },
     /// Add node or leave done.
     Ack,

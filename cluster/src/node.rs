@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::ClusterConfig;
 use crate::error::ClusterError;
-use crate::liveness::Liveness;
+use crate::liveness::{Liveness, NoAck};
 use crate::log_store::LogStore;
 use crate::network::{call, NetworkFactory, Reply, Rpc};
 use crate::rpc::Client;
@@ -84,7 +84,9 @@ impl ClusterNode {
         let log_store = LogStore::open(&db)?;
         let sm = StateMachine::open(&db, app, applied_tx)?;
         let view = sm.view();
-        let client = Arc::new(Client::new(cfg.secret.as_bytes()));
+        // Outbound node-to-node connections come from the listen IP (when it is a specific one).
+        let source = listener.local_addr()?.ip();
+        let client = Arc::new(Client::new(cfg.secret.as_bytes(), Some(source)));
         let network = NetworkFactory {
             client: client.clone(),
         };
@@ -247,9 +249,22 @@ impl ClusterNode {
 
     /// Whether this node may keep serving the pools it owns (see [`crate::liveness`]).
     pub fn lease_valid(&self) -> bool {
-        self.inner
-            .liveness
-            .lease_valid(Duration::from_millis(self.inner.cfg.claim_timeout_ms))
+        self.lease_valid_at(*self.inner.applied.borrow())
+    }
+
+    /// [`ClusterNode::lease_valid`] for a node whose pools see the claims as of log index
+    /// `applied` (e.g. what it last published to its data plane): acknowledgements from a leader
+    /// that had applied more count only from there on.
+    pub fn lease_valid_at(&self, applied: u64) -> bool {
+        self.inner.liveness.lease_valid(
+            Duration::from_millis(self.inner.cfg.claim_timeout_ms),
+            applied,
+        )
+    }
+
+    /// The log index this node has applied.
+    pub fn applied_index(&self) -> u64 {
+        *self.inner.applied.borrow()
     }
 
     /// The node-to-node address of member `id`.
@@ -421,10 +436,16 @@ impl ClusterNode {
                 Err(e) => write_error(e),
             },
             Rpc::Heartbeat { node } => match i.liveness.heard_from(*node) {
-                Some(age) => Reply::Alive {
+                Ok(age) => Reply::Alive {
                     quorum_age_ms: u64::try_from(age.as_millis()).unwrap_or(u64::MAX),
+                    applied: *i.applied.borrow(),
                 },
-                None => Reply::NotLeader(self.leader_hint().filter(|(id, _)| *id != i.id)),
+                Err(NoAck::Releasing) => {
+                    Reply::Busy(format!("the claims of node {node} are being released"))
+                }
+                Err(NoAck::NotLeader) => {
+                    Reply::NotLeader(self.leader_hint().filter(|(id, _)| *id != i.id))
+                }
             },
             Rpc::AddNode { id, addr, voter } => {
                 let node = Node { addr: addr.clone() };
@@ -486,28 +507,36 @@ impl ClusterNode {
         let leading = m.current_leader == Some(i.id) && m.state == ServerState::Leader;
         i.liveness.set_leading(leading.then_some(m.current_term));
         let sent = Instant::now();
+        let timeout = Duration::from_millis(i.cfg.heartbeat_ms);
         if leading {
-            if i.raft.ensure_linearizable().await.is_ok() {
+            // A leader cut off from its quorum cannot confirm it: bounded, so that the loop goes
+            // on (and the lease lapses) instead of waiting for the partition to heal.
+            if let Ok(Ok(_)) = tokio::time::timeout(timeout, i.raft.ensure_linearizable()).await {
                 i.liveness.quorum_confirmed(sent);
-                i.liveness.heard_from(i.id);
+                let _ = i.liveness.heard_from(i.id);
             }
-            self.release_silent_owners().await;
+            self.release_silent_owners();
             return;
         }
         let Some((_, addr)) = self.leader_hint() else {
             return;
         };
-        let timeout = Duration::from_millis(i.cfg.heartbeat_ms);
         match call(&i.client, &addr, &Rpc::Heartbeat { node: i.id }, timeout).await {
-            Ok(Reply::Alive { quorum_age_ms }) => {
-                i.liveness.acked(sent, Duration::from_millis(quorum_age_ms));
+            Ok(Reply::Alive {
+                quorum_age_ms,
+                applied,
+            }) => {
+                i.liveness
+                    .acked(sent, Duration::from_millis(quorum_age_ms), applied);
             }
             Ok(other) => tracing::debug!(reply = ?other, "heartbeat not acknowledged"),
             Err(e) => tracing::debug!(error = %e, "heartbeat to leader failed"),
         }
     }
 
-    async fn release_silent_owners(&self) {
+    /// Leader: releases the claims of every owner silent for `claim_timeout_ms`, each in a task
+    /// of its own (a leader that lost its quorum cannot commit, and its loop must go on).
+    fn release_silent_owners(&self) {
         let i = &self.inner;
         let owners: BTreeSet<NodeId> = i
             .view
@@ -515,22 +544,25 @@ impl ClusterNode {
             .into_values()
             .filter(|n| *n != i.id)
             .collect();
-        let Some(seen) = i.liveness.since_seen(owners) else {
-            return;
-        };
         let timeout = Duration::from_millis(i.cfg.claim_timeout_ms);
-        for (node, since) in seen {
-            if since < timeout {
-                continue;
-            }
+        for (node, silent) in i.liveness.take_silent(owners, timeout) {
             tracing::info!(
                 node,
-                silent_ms = since.as_millis() as u64,
+                silent_ms = silent.as_millis() as u64,
                 "releasing claims of silent node"
             );
-            if let Err(e) = i.raft.client_write(Request::ReleaseNode { node }).await {
-                tracing::warn!(node, error = %e, "release of silent node failed");
-            }
+            let this = self.clone();
+            tokio::spawn(async move {
+                let i = &this.inner;
+                let limit = Duration::from_millis(i.cfg.write_timeout_ms);
+                let write = i.raft.client_write(Request::ReleaseNode { node });
+                match tokio::time::timeout(limit, write).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => tracing::warn!(node, error = %e, "release of silent node failed"),
+                    Err(_) => tracing::warn!(node, "release of silent node timed out"),
+                }
+                i.liveness.released(node);
+            });
         }
     }
 }

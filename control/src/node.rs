@@ -43,7 +43,8 @@ pub struct Node {
     /// Snapshots are built and published one at a time, so shards see
     /// them in the store's order.
     writes: Mutex<()>,
-    /// The store's applied index the shards last got (`u64::MAX`: none yet).
+    /// The cluster's applied log index the shards last got (`u64::MAX`:
+    /// none yet): their claims and tenants are at least that recent.
     published: AtomicU64,
     started: Instant,
     /// What the shards call for pool ownership (set by `start_watcher`).
@@ -79,7 +80,10 @@ impl ClusterHooks for Hooks {
     }
 
     fn lease_valid(&self) -> bool {
-        self.cluster.lease_valid()
+        match self.node.upgrade() {
+            Some(n) => n.lease_valid(),
+            None => false,
+        }
     }
 }
 
@@ -105,12 +109,19 @@ async fn claim_published(node: &Weak<Node>, cluster: &ClusterNode, key: String) 
         .ok()?
         .ok()?;
     let node = node.upgrade()?;
+    // The shards must have the claim before a pool starts on it (they drop
+    // pools their claims do not name): a claim not published fails.
     match tokio::task::spawn_blocking(move || node.publish_current()).await {
-        Ok(Err(e)) => warn!(error = %e, "publishing a claim"),
-        Err(e) => warn!(error = %e, "publishing task failed"),
-        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            warn!(error = %e, "publishing a claim");
+            None
+        }
+        Err(e) => {
+            warn!(error = %e, "publishing task failed");
+            None
+        }
+        Ok(Ok(())) => Some(owner),
     }
-    Some(owner)
 }
 
 fn view(id: &str, spec: TenantSpec) -> TenantView {
@@ -226,18 +237,29 @@ impl Node {
         Ok(())
     }
 
-    /// Publishes the store's current state (under the write lock, so that
-    /// shards see snapshots in the store's order), unless the shards have
-    /// it already (the writer and the watcher both ask for each write).
+    /// Publishes the store's current state and the claims (under the write
+    /// lock, so that shards see snapshots in the log's order), unless the
+    /// shards have the cluster's applied log index already (the writer and
+    /// the watcher both ask for each write). Keyed on the raft index, not
+    /// the store's: claims, releases and membership changes are log entries
+    /// that do not touch the store and must reach the shards too.
     fn publish_current(&self) -> Result<(), PlaneError> {
         let _guard = self.writes.lock().unwrap_or_else(|e| e.into_inner());
-        let index = self.store.applied_index();
+        let index = self.cluster.applied_index();
         if self.published.load(Ordering::Acquire) == index {
             return Ok(());
         }
         self.publish()?;
         self.published.store(index, Ordering::Release);
         Ok(())
+    }
+
+    /// Whether this node's shards may serve the pools they own: the cluster
+    /// lease, counting only acknowledgements whose log index the shards
+    /// already have (see `cluster::liveness`, "Healing").
+    pub fn lease_valid(&self) -> bool {
+        let published = self.published.load(Ordering::Acquire);
+        published != u64::MAX && self.cluster.lease_valid_at(published)
     }
 
     /// Replicates `cmd`, waits until this node applied it and published it.
@@ -488,7 +510,7 @@ impl ControlPlane for Node {
             learners: st.learners,
             last_applied: st.last_applied,
             last_log: st.last_log,
-            lease_valid: st.lease_valid,
+            lease_valid: st.lease_valid && self.lease_valid(),
             claims: self.cluster.claims(),
             nodes: st
                 .nodes

@@ -247,7 +247,7 @@ pub async fn serve(
         let key = crate::config::pool_key(&ident.tenant, &ident.db_user, mode);
         let owner = match cluster.owners.get(&key) {
             Some(o) => Some(*o),
-            None => glommio::timer::timeout(timeout, async { Ok(shard.claim(key).await) })
+            None => glommio::timer::timeout(timeout, async { Ok(shard.claim(key.clone()).await) })
                 .await
                 .ok()
                 .flatten(),
@@ -271,16 +271,28 @@ pub async fn serve(
                     } else {
                         msg
                     };
-                    let sent = crate::cluster::forward(
+                    // Cut (the client closed) if the claim moves away from `o`.
+                    let link = shard.register_link(key, o);
+                    let forwarded = crate::cluster::forward(
                         stream,
                         &msg,
                         &leftover,
                         mode,
                         peer,
                         *addr,
+                        config.proxy.proxy_addr.map(|a| a.ip()),
                         &cluster.secret,
-                    )
+                    );
+                    let sent = futures_lite::future::or(async { Some(forwarded.await) }, async {
+                        link.ctl.cut().await;
+                        None
+                    })
                     .await;
+                    drop(link);
+                    let Some(sent) = sent else {
+                        debug!(node = o, "the pool moved: proxied client closed");
+                        return;
+                    };
                     if let Err((mut stream, e)) = sent {
                         debug!(node = o, error = %e, "pool owner unreachable");
                         let why = format!("the pool owner (node {o}) is unreachable, try again");

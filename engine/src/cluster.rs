@@ -108,9 +108,43 @@ fn mac(secret: &[u8], nonce: &[u8], header: &[u8]) -> HmacSha256 {
     m
 }
 
-/// Opens an authenticated link to `addr` and sends `header`.
-async fn open(addr: SocketAddr, secret: &[u8], header: &Header) -> io::Result<TcpStream> {
-    let mut tcp = TcpStream::connect_timeout(addr, CONNECT_TIMEOUT).await?;
+/// Connects to `addr`, from `source` when that applies: this node's own
+/// proxy listener IP when it is a specific address of the same family and
+/// scope as `addr` (peers see node-to-node traffic come from the address the
+/// node listens on). glommio cannot bind before connecting, so that connect
+/// runs on the shard's blocking thread.
+async fn connect(addr: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpStream> {
+    let Some(src) = source.filter(|s| {
+        !s.is_unspecified()
+            && s.is_ipv4() == addr.is_ipv4()
+            && s.is_loopback() == addr.ip().is_loopback()
+    }) else {
+        return Ok(TcpStream::connect_timeout(addr, CONNECT_TIMEOUT).await?);
+    };
+    let fd = glommio::executor()
+        .spawn_blocking(move || -> io::Result<std::os::fd::OwnedFd> {
+            use socket2::{Domain, Protocol, Socket, Type};
+            let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+            sock.bind(&SocketAddr::new(src, 0).into())?;
+            sock.connect_timeout(&addr.into(), CONNECT_TIMEOUT)?;
+            Ok(sock.into())
+        })
+        .await?;
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    // SAFETY: a connected TCP socket we own; glommio's own connected sockets
+    // are blocking fds too (it waits through io_uring).
+    Ok(unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) })
+}
+
+/// Opens an authenticated link to `addr` (from `source`, see [`connect`]) and
+/// sends `header`.
+async fn open(
+    addr: SocketAddr,
+    source: Option<IpAddr>,
+    secret: &[u8],
+    header: &Header,
+) -> io::Result<TcpStream> {
+    let mut tcp = connect(addr, source).await?;
     let _ = tcp.set_nodelay(true);
     let header = header.encode();
     glommio::timer::timeout(HANDSHAKE_TIMEOUT, async {
@@ -137,6 +171,7 @@ pub async fn forward(
     mode: PoolMode,
     peer: Option<SocketAddr>,
     addr: SocketAddr,
+    source: Option<IpAddr>,
     secret: &[u8],
 ) -> Result<(), (Stream, io::Error)> {
     let header = Header {
@@ -149,7 +184,7 @@ pub async fn forward(
         pid: 0,
         secret: [0; 4],
     };
-    let mut up = match open(addr, secret, &header).await {
+    let mut up = match open(addr, source, secret, &header).await {
         Ok(t) => t,
         Err(e) => return Err((client, e)),
     };
@@ -173,8 +208,14 @@ pub async fn forward(
     Ok(())
 }
 
-/// Sends a cancel request for `pid` to the node at `addr`.
-pub async fn forward_cancel(addr: SocketAddr, secret: &[u8], pid: i32, key: [u8; 4]) {
+/// Sends a cancel request for `pid` to the node at `addr` (from `source`).
+pub async fn forward_cancel(
+    addr: SocketAddr,
+    source: Option<IpAddr>,
+    secret: &[u8],
+    pid: i32,
+    key: [u8; 4],
+) {
     let header = Header {
         kind: KIND_CANCEL,
         mode: PoolMode::Transaction,
@@ -183,7 +224,7 @@ pub async fn forward_cancel(addr: SocketAddr, secret: &[u8], pid: i32, key: [u8;
         pid,
         secret: key,
     };
-    match open(addr, secret, &header).await {
+    match open(addr, source, secret, &header).await {
         Ok(mut tcp) => {
             let _ = tcp.close().await;
         }

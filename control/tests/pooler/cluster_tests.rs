@@ -11,9 +11,9 @@ use serde_json::Value;
 
 use crate::harness::*;
 
-const CLUSTER_SECRET: &str = "test-cluster-secret-0123456789";
+pub(crate) const CLUSTER_SECRET: &str = "test-cluster-secret-0123456789";
 /// Upper bound for the cluster to converge after a change (election, replication).
-const CONVERGE: Duration = Duration::from_secs(15);
+pub(crate) const CONVERGE: Duration = Duration::from_secs(15);
 
 struct Member {
     id: u64,
@@ -105,7 +105,7 @@ fn free_pair() -> SocketAddr {
     }
 }
 
-fn ctl(api: SocketAddr, args: &[&str]) -> Output {
+pub(crate) fn ctl(api: SocketAddr, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_supavisorctl"))
         .arg("--api")
         .arg(format!("http://{api}"))
@@ -119,7 +119,7 @@ fn ctl(api: SocketAddr, args: &[&str]) -> Output {
         .expect("run supavisorctl")
 }
 
-fn text(o: &Output) -> String {
+pub(crate) fn text(o: &Output) -> String {
     format!(
         "status {}\nstdout: {}\nstderr: {}",
         o.status,
@@ -129,7 +129,7 @@ fn text(o: &Output) -> String {
 }
 
 /// `cluster status --json` of a node, if it answers.
-fn status(api: SocketAddr) -> Option<Value> {
+pub(crate) fn status(api: SocketAddr) -> Option<Value> {
     let o = ctl(api, &["--json", "cluster", "status"]);
     if !o.status.success() {
         return None;
@@ -188,7 +188,7 @@ async fn until_usable(addr: SocketAddr, id: &str, what: &str) -> Duration {
 }
 
 /// Runs a blocking call (a CLI process, a pooler start) on this worker thread.
-fn blocking<T>(f: impl FnOnce() -> T) -> T {
+pub(crate) fn blocking<T>(f: impl FnOnce() -> T) -> T {
     tokio::task::block_in_place(f)
 }
 
@@ -362,7 +362,7 @@ async fn leader_killed_then_restarted_catches_up() {
 
 /// A login role of its own (so that PostgreSQL's backends of this test are countable) and a
 /// tenant `id` that pools it (transaction mode, pool size 2), added through `api`.
-async fn tenant_with_role(api: SocketAddr, id: &str) -> (String, String) {
+pub(crate) async fn tenant_with_role(api: SocketAddr, id: &str) -> (String, String) {
     let role = id.to_string();
     let password = "owner-test-pw".to_string();
     direct()
@@ -402,7 +402,7 @@ async fn tenant_with_role(api: SocketAddr, id: &str) -> (String, String) {
 }
 
 /// Backends the pooler holds in PostgreSQL for `role`.
-async fn backends(role: &str) -> i64 {
+pub(crate) async fn backends(role: &str) -> i64 {
     direct()
         .await
         .query_one(
@@ -416,12 +416,12 @@ async fn backends(role: &str) -> i64 {
 }
 
 /// The claims as node `api` applied them.
-fn claims(api: SocketAddr) -> Option<serde_json::Map<String, Value>> {
+pub(crate) fn claims(api: SocketAddr) -> Option<serde_json::Map<String, Value>> {
     status(api)?.get("claims")?.as_object().cloned()
 }
 
 /// Waits until every node in `apis` reports the same single owner of `key`.
-async fn agreed_owner(apis: &[SocketAddr], key: &str, not: Option<u64>) -> u64 {
+pub(crate) async fn agreed_owner(apis: &[SocketAddr], key: &str, not: Option<u64>) -> u64 {
     let start = Instant::now();
     loop {
         let owners: Vec<Option<u64>> = apis
