@@ -41,6 +41,8 @@ pub enum Rpc {
     Leave { id: NodeId },
     /// Leader only: milliseconds since each node was last seen.
     LastSeen,
+    /// Any node: are you reachable? (answered with `Ack`; see `ClusterNode::gate_elections`).
+    Ping,
 }
 
 /// The reply to an [`Rpc`].

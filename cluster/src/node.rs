@@ -57,6 +57,17 @@ struct Inner {
     applied: watch::Receiver<u64>,
     liveness: Liveness,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// Election gate (see [`ClusterNode::gate_elections`]).
+    gate: Mutex<Gate>,
+}
+
+/// Whether this node may start elections, and since when it reaches a quorum again.
+#[derive(Debug, Default)]
+struct Gate {
+    /// Elections are off because no quorum of voters was reachable.
+    closed: bool,
+    /// While closed: since when a quorum is reachable again.
+    reachable_since: Option<Instant>,
 }
 
 /// A running cluster node; cheap to clone.
@@ -109,11 +120,13 @@ impl ClusterNode {
                 applied,
                 liveness: Liveness::default(),
                 tasks: Mutex::new(Vec::new()),
+                gate: Mutex::new(Gate::default()),
             }),
         };
         let serve = tokio::spawn(crate::server::serve(node.clone(), listener));
         let beat = tokio::spawn(heartbeat_loop(node.clone()));
-        node.lock_tasks().extend([serve, beat]);
+        let gate = tokio::spawn(gate_loop(node.clone()));
+        node.lock_tasks().extend([serve, beat, gate]);
         node.bootstrap().await?;
         Ok(node)
     }
@@ -304,10 +317,13 @@ impl ClusterNode {
         let m = i.raft.metrics().borrow().clone();
         let membership = m.membership_config.membership();
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
-        let seen: BTreeMap<NodeId, u64> = match self.leader_call_once(&Rpc::LastSeen).await {
-            Ok(Reply::LastSeen(s)) => s,
-            _ => BTreeMap::new(),
-        };
+        // Bounded by a heartbeat: a node cut off from the leader still answers at once.
+        let patience = Duration::from_millis(i.cfg.heartbeat_ms.max(100));
+        let seen: BTreeMap<NodeId, u64> =
+            match tokio::time::timeout(patience, self.leader_call_once(&Rpc::LastSeen)).await {
+                Ok(Ok(Reply::LastSeen(s))) => s,
+                _ => BTreeMap::new(),
+            };
         let nodes = membership
             .nodes()
             .map(|(id, n)| {
@@ -494,6 +510,7 @@ impl ClusterNode {
                     None => Reply::NotLeader(self.leader_hint().filter(|(id, _)| *id != i.id)),
                 }
             }
+            Rpc::Ping => Reply::Ack,
             Rpc::Append(_) | Rpc::Vote(_) | Rpc::Snapshot(_) => {
                 Reply::Error("raft message sent as a leader call".into())
             }
@@ -531,6 +548,81 @@ impl ClusterNode {
             }
             Ok(other) => tracing::debug!(reply = ?other, "heartbeat not acknowledged"),
             Err(e) => tracing::debug!(error = %e, "heartbeat to leader failed"),
+        }
+    }
+
+    /// Pre-vote by hand (openraft 0.9 has none): a voter that cannot reach a quorum of voters
+    /// (itself included) does not start elections. Cut off, it would otherwise raise its term
+    /// with every election timeout, and on its return force the working leader to step down: a
+    /// needless election during which every owner's lease can lapse. Elections come back once
+    /// a quorum has been reachable for `election_timeout_max_ms`, by when the leader's
+    /// heartbeats have reached this node and reset its election timer. Checked every
+    /// [`gate_every`] (a quarter of the shortest election timeout), so that a cut-off node closes
+    /// the gate before its election timer can fire.
+    async fn gate_elections(&self) {
+        let i = &self.inner;
+        let (voters, total) = {
+            let m = i.raft.metrics().borrow().membership_config.clone();
+            let ids: BTreeSet<NodeId> = m.membership().voter_ids().collect();
+            if !ids.contains(&i.id) {
+                return;
+            }
+            let others: Vec<String> = ids
+                .iter()
+                .filter(|id| **id != i.id)
+                .filter_map(|id| m.membership().get_node(id).map(|n| n.addr.clone()))
+                .collect();
+            (others, ids.len())
+        };
+        let timeout = gate_every(&i.cfg);
+        let mut pings = tokio::task::JoinSet::new();
+        for addr in voters {
+            let client = i.client.clone();
+            pings.spawn(async move { call(&client, &addr, &Rpc::Ping, timeout).await.is_ok() });
+        }
+        let mut reached = 1;
+        while let Some(r) = pings.join_next().await {
+            if matches!(r, Ok(true)) {
+                reached += 1;
+            }
+        }
+        let quorum = reached * 2 > total;
+        let window = Duration::from_millis(i.cfg.election_timeout_max_ms);
+        let change = {
+            let mut g = i.gate.lock().unwrap_or_else(|p| p.into_inner());
+            match (g.closed, quorum) {
+                (false, true) => None,
+                (false, false) => {
+                    g.closed = true;
+                    g.reachable_since = None;
+                    Some(false)
+                }
+                (true, false) => {
+                    g.reachable_since = None;
+                    None
+                }
+                (true, true) => {
+                    let since = *g.reachable_since.get_or_insert_with(Instant::now);
+                    (since.elapsed() >= window).then(|| {
+                        g.closed = false;
+                        g.reachable_since = None;
+                        true
+                    })
+                }
+            }
+        };
+        if let Some(on) = change {
+            tracing::info!(
+                reached,
+                voters = total,
+                "{}",
+                if on {
+                    "a quorum of voters is reachable again: elections on"
+                } else {
+                    "no quorum of voters reachable: elections off"
+                }
+            );
+            i.raft.runtime_config().elect(on);
         }
     }
 
@@ -581,6 +673,20 @@ fn write_error(e: RaftError<NodeId, ClientWriteError<NodeId, Node>>) -> Reply {
 
 fn unexpected(reply: Reply) -> ClusterError {
     ClusterError::Remote(format!("unexpected reply {reply:?}"))
+}
+
+/// How often (and how patiently) [`ClusterNode::gate_elections`] pings the voters.
+fn gate_every(cfg: &ClusterConfig) -> Duration {
+    Duration::from_millis((cfg.election_timeout_min_ms / 4).max(10))
+}
+
+async fn gate_loop(node: ClusterNode) {
+    let mut every = tokio::time::interval(gate_every(&node.inner.cfg));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        node.gate_elections().await;
+    }
 }
 
 async fn heartbeat_loop(node: ClusterNode) {

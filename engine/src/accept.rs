@@ -279,9 +279,11 @@ pub async fn serve(
                         &leftover,
                         mode,
                         peer,
-                        *addr,
-                        config.proxy.proxy_addr.map(|a| a.ip()),
-                        &cluster.secret,
+                        crate::cluster::LinkTarget {
+                            addr: *addr,
+                            source: config.proxy.proxy_addr.map(|a| a.ip()),
+                            secret: &cluster.secret,
+                        },
                     );
                     let sent = futures_lite::future::or(async { Some(forwarded.await) }, async {
                         link.ctl.cut().await;

@@ -136,15 +136,21 @@ async fn connect(addr: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpStre
     Ok(unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) })
 }
 
-/// Opens an authenticated link to `addr` (from `source`, see [`connect`]) and
-/// sends `header`.
-async fn open(
-    addr: SocketAddr,
-    source: Option<IpAddr>,
-    secret: &[u8],
-    header: &Header,
-) -> io::Result<TcpStream> {
-    let mut tcp = connect(addr, source).await?;
+/// Where a proxy link goes and how it is opened.
+#[derive(Debug, Clone, Copy)]
+pub struct LinkTarget<'a> {
+    /// The other node's proxy address.
+    pub addr: SocketAddr,
+    /// The address to connect from, when it applies (see [`connect`]).
+    pub source: Option<IpAddr>,
+    /// The cluster secret that authenticates the link.
+    pub secret: &'a [u8],
+}
+
+/// Opens an authenticated link to `to` and sends `header`.
+async fn open(to: LinkTarget<'_>, header: &Header) -> io::Result<TcpStream> {
+    let (addr, secret) = (to.addr, to.secret);
+    let mut tcp = connect(addr, to.source).await?;
     let _ = tcp.set_nodelay(true);
     let header = header.encode();
     glommio::timer::timeout(HANDSHAKE_TIMEOUT, async {
@@ -170,9 +176,7 @@ pub async fn forward(
     leftover: &[u8],
     mode: PoolMode,
     peer: Option<SocketAddr>,
-    addr: SocketAddr,
-    source: Option<IpAddr>,
-    secret: &[u8],
+    to: LinkTarget<'_>,
 ) -> Result<(), (Stream, io::Error)> {
     let header = Header {
         kind: KIND_CONNECT,
@@ -184,7 +188,7 @@ pub async fn forward(
         pid: 0,
         secret: [0; 4],
     };
-    let mut up = match open(addr, source, secret, &header).await {
+    let mut up = match open(to, &header).await {
         Ok(t) => t,
         Err(e) => return Err((client, e)),
     };
@@ -208,14 +212,8 @@ pub async fn forward(
     Ok(())
 }
 
-/// Sends a cancel request for `pid` to the node at `addr` (from `source`).
-pub async fn forward_cancel(
-    addr: SocketAddr,
-    source: Option<IpAddr>,
-    secret: &[u8],
-    pid: i32,
-    key: [u8; 4],
-) {
+/// Sends a cancel request for `pid` to the node at `to`.
+pub async fn forward_cancel(to: LinkTarget<'_>, pid: i32, key: [u8; 4]) {
     let header = Header {
         kind: KIND_CANCEL,
         mode: PoolMode::Transaction,
@@ -224,11 +222,11 @@ pub async fn forward_cancel(
         pid,
         secret: key,
     };
-    match open(addr, source, secret, &header).await {
+    match open(to, &header).await {
         Ok(mut tcp) => {
             let _ = tcp.close().await;
         }
-        Err(e) => debug!(%addr, error = %e, "cannot forward a cancel request"),
+        Err(e) => debug!(addr = %to.addr, error = %e, "cannot forward a cancel request"),
     }
 }
 

@@ -559,7 +559,12 @@ impl Shard {
             match (target, <[u8; 4]>::try_from(secret.as_slice())) {
                 (Some((addr, key)), Ok(s)) => {
                     glommio::spawn_local(async move {
-                        crate::cluster::forward_cancel(addr, source, &key, pid, s).await
+                        let to = crate::cluster::LinkTarget {
+                            addr,
+                            source,
+                            secret: &key,
+                        };
+                        crate::cluster::forward_cancel(to, pid, s).await
                     })
                     .detach();
                 }
