@@ -7,8 +7,8 @@
 //!
 //! **How the partition is made.** Node N listens (raft port P, proxy link P + 1) on its own
 //! loopback address 127.0.0.(10+N) and binds its outbound node-to-node connections (raft and
-//! proxy links) to that address. It advertises a forwarder of this test (127.0.0.1:Q, Q + 1 →
-//! P, P + 1), so every connection another node opens to it passes the forwarder, which sees the
+//! proxy links) to that address. It advertises a forwarder of this test (127.0.0.(20+N):Q, Q + 1
+//! → P, P + 1), so every connection another node opens to it passes the forwarder, which sees the
 //! connecting node in the source address. Cutting the pair (A, B) blackholes their connections
 //! in both directions, like a real partition: bytes already accepted are held (not dropped, so
 //! TCP's retransmission after a heal is what happens here too), new connections are accepted but
@@ -40,6 +40,15 @@ const POOL_SIZE: i64 = 2;
 fn node_ip(id: u64) -> Ipv4Addr {
     Ipv4Addr::new(127, 0, 0, 10 + id as u8)
 }
+
+/// The loopback address of node `id`'s forwarder. The forwarders stay off 127.0.0.1 (and connect
+/// from 127.0.0.20), so that their ports never collide with the ports other tests running at the
+/// same time pick there.
+fn forwarder_ip(id: u64) -> Ipv4Addr {
+    Ipv4Addr::new(127, 0, 0, 20 + id as u8)
+}
+
+const FORWARDER_SOURCE: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 20);
 
 /// The node a connection comes from, by its source address (0: not a node).
 fn node_of(ip: IpAddr) -> u64 {
@@ -106,13 +115,14 @@ struct Forwarder {
 
 impl Forwarder {
     async fn start(net: &Net, node: u64, target: SocketAddr) -> Forwarder {
+        let ip = forwarder_ip(node);
         loop {
-            let a = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let a = TcpListener::bind((ip, 0)).await.expect("bind");
             let port = a.local_addr().expect("local addr").port();
             if port == u16::MAX {
                 continue;
             }
-            let Ok(b) = TcpListener::bind(("127.0.0.1", port + 1)).await else {
+            let Ok(b) = TcpListener::bind((ip, port + 1)).await else {
                 continue;
             };
             let link = SocketAddr::new(target.ip(), target.port() + 1);
@@ -120,7 +130,7 @@ impl Forwarder {
             tasks.spawn(accept_loop(a, net.clone(), node, target));
             tasks.spawn(accept_loop(b, net.clone(), node, link));
             return Forwarder {
-                addr: SocketAddr::from(([127, 0, 0, 1], port)),
+                addr: SocketAddr::from((ip, port)),
                 _tasks: tasks,
             };
         }
@@ -150,7 +160,12 @@ async fn relay(
     target: SocketAddr,
 ) {
     wait_open(&mut cuts, p).await;
-    let Ok(up) = TcpStream::connect(target).await else {
+    let connected = async {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind(SocketAddr::from((FORWARDER_SOURCE, 0)))?;
+        socket.connect(target).await
+    };
+    let Ok(up) = connected.await else {
         return;
     };
     let _ = up.set_nodelay(true);
