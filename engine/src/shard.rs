@@ -698,7 +698,11 @@ impl Shard {
     fn drop_pool_with(&self, key: &PoolKey, signal: Signal) {
         let pool = self.pools.borrow_mut().remove(key);
         if let Some(pool) = pool {
-            pool.retire();
+            if signal == Signal::Fenced {
+                pool.retire_fenced();
+            } else {
+                pool.retire();
+            }
         }
         for ctl in self.clients.borrow().values() {
             if &ctl.key == key {
