@@ -41,6 +41,8 @@ pub enum Rpc {
     Leave { id: NodeId },
     /// Leader only: milliseconds since each node was last seen.
     LastSeen,
+    /// Any node: are you reachable? (answered with `Ack`; see `ClusterNode::gate_elections`).
+    Ping,
 }
 
 /// The reply to an [`Rpc`].
@@ -54,9 +56,12 @@ pub enum Reply {
         index: u64,
         response: Response,
     },
-    /// Heartbeat acknowledged by a leader that confirmed its quorum `quorum_age_ms` ago.
+    /// Heartbeat acknowledged by a leader that confirmed its quorum `quorum_age_ms` ago and has
+    /// applied the log up to `applied` (the sender's lease needs that much applied too).
     Alive {
         quorum_age_ms: u64,
+        #[serde(default)]
+        applied: u64,
     },
     /// Add node or leave done.
     Ack,

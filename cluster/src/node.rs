@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::ClusterConfig;
 use crate::error::ClusterError;
-use crate::liveness::Liveness;
+use crate::liveness::{Liveness, NoAck};
 use crate::log_store::LogStore;
 use crate::network::{call, NetworkFactory, Reply, Rpc};
 use crate::rpc::Client;
@@ -57,6 +57,17 @@ struct Inner {
     applied: watch::Receiver<u64>,
     liveness: Liveness,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// Election gate (see [`ClusterNode::gate_elections`]).
+    gate: Mutex<Gate>,
+}
+
+/// Whether this node may start elections, and since when it reaches a quorum again.
+#[derive(Debug, Default)]
+struct Gate {
+    /// Elections are off because no quorum of voters was reachable.
+    closed: bool,
+    /// While closed: since when a quorum is reachable again.
+    reachable_since: Option<Instant>,
 }
 
 /// A running cluster node; cheap to clone.
@@ -84,7 +95,9 @@ impl ClusterNode {
         let log_store = LogStore::open(&db)?;
         let sm = StateMachine::open(&db, app, applied_tx)?;
         let view = sm.view();
-        let client = Arc::new(Client::new(cfg.secret.as_bytes()));
+        // Outbound node-to-node connections come from the listen IP (when it is a specific one).
+        let source = listener.local_addr()?.ip();
+        let client = Arc::new(Client::new(cfg.secret.as_bytes(), Some(source)));
         let network = NetworkFactory {
             client: client.clone(),
         };
@@ -107,11 +120,13 @@ impl ClusterNode {
                 applied,
                 liveness: Liveness::default(),
                 tasks: Mutex::new(Vec::new()),
+                gate: Mutex::new(Gate::default()),
             }),
         };
         let serve = tokio::spawn(crate::server::serve(node.clone(), listener));
         let beat = tokio::spawn(heartbeat_loop(node.clone()));
-        node.lock_tasks().extend([serve, beat]);
+        let gate = tokio::spawn(gate_loop(node.clone()));
+        node.lock_tasks().extend([serve, beat, gate]);
         node.bootstrap().await?;
         Ok(node)
     }
@@ -280,9 +295,17 @@ impl ClusterNode {
 
     /// Whether this node may keep serving the pools it owns (see [`crate::liveness`]).
     pub fn lease_valid(&self) -> bool {
-        self.inner
-            .liveness
-            .lease_valid(Duration::from_millis(self.inner.cfg.claim_timeout_ms))
+        self.lease_valid_at(*self.inner.applied.borrow())
+    }
+
+    /// [`ClusterNode::lease_valid`] for a node whose pools see the claims as of log index
+    /// `applied` (e.g. what it last published to its data plane): acknowledgements from a leader
+    /// that had applied more count only from there on.
+    pub fn lease_valid_at(&self, applied: u64) -> bool {
+        self.inner.liveness.lease_valid(
+            Duration::from_millis(self.inner.cfg.claim_timeout_ms),
+            applied,
+        )
     }
 
     /// The node-to-node address of member `id`.
@@ -322,10 +345,13 @@ impl ClusterNode {
         let m = i.raft.metrics().borrow().clone();
         let membership = m.membership_config.membership();
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
-        let seen: BTreeMap<NodeId, u64> = match self.leader_call_once(&Rpc::LastSeen).await {
-            Ok(Reply::LastSeen(s)) => s,
-            _ => BTreeMap::new(),
-        };
+        // Bounded by a heartbeat: a node cut off from the leader still answers at once.
+        let patience = Duration::from_millis(i.cfg.heartbeat_ms.max(100));
+        let seen: BTreeMap<NodeId, u64> =
+            match tokio::time::timeout(patience, self.leader_call_once(&Rpc::LastSeen)).await {
+                Ok(Ok(Reply::LastSeen(s))) => s,
+                _ => BTreeMap::new(),
+            };
         let nodes = membership
             .nodes()
             .map(|(id, n)| {
@@ -454,10 +480,16 @@ impl ClusterNode {
                 Err(e) => write_error(e),
             },
             Rpc::Heartbeat { node } => match i.liveness.heard_from(*node) {
-                Some(age) => Reply::Alive {
+                Ok(age) => Reply::Alive {
                     quorum_age_ms: u64::try_from(age.as_millis()).unwrap_or(u64::MAX),
+                    applied: *i.applied.borrow(),
                 },
-                None => Reply::NotLeader(self.leader_hint().filter(|(id, _)| *id != i.id)),
+                Err(NoAck::Releasing) => {
+                    Reply::Busy(format!("the claims of node {node} are being released"))
+                }
+                Err(NoAck::NotLeader) => {
+                    Reply::NotLeader(self.leader_hint().filter(|(id, _)| *id != i.id))
+                }
             },
             Rpc::AddNode { id, addr, voter } => {
                 let node = Node { addr: addr.clone() };
@@ -506,6 +538,7 @@ impl ClusterNode {
                     None => Reply::NotLeader(self.leader_hint().filter(|(id, _)| *id != i.id)),
                 }
             }
+            Rpc::Ping => Reply::Ack,
             Rpc::Append(_) | Rpc::Vote(_) | Rpc::Snapshot(_) => {
                 Reply::Error("raft message sent as a leader call".into())
             }
@@ -519,28 +552,111 @@ impl ClusterNode {
         let leading = m.current_leader == Some(i.id) && m.state == ServerState::Leader;
         i.liveness.set_leading(leading.then_some(m.current_term));
         let sent = Instant::now();
+        let timeout = Duration::from_millis(i.cfg.heartbeat_ms);
         if leading {
-            if i.raft.ensure_linearizable().await.is_ok() {
+            // A leader cut off from its quorum cannot confirm it: bounded, so that the loop goes
+            // on (and the lease lapses) instead of waiting for the partition to heal.
+            if let Ok(Ok(_)) = tokio::time::timeout(timeout, i.raft.ensure_linearizable()).await {
                 i.liveness.quorum_confirmed(sent);
-                i.liveness.heard_from(i.id);
+                let _ = i.liveness.heard_from(i.id);
             }
-            self.release_silent_owners().await;
+            self.release_silent_owners();
             return;
         }
         let Some((_, addr)) = self.leader_hint() else {
             return;
         };
-        let timeout = Duration::from_millis(i.cfg.heartbeat_ms);
         match call(&i.client, &addr, &Rpc::Heartbeat { node: i.id }, timeout).await {
-            Ok(Reply::Alive { quorum_age_ms }) => {
-                i.liveness.acked(sent, Duration::from_millis(quorum_age_ms));
+            Ok(Reply::Alive {
+                quorum_age_ms,
+                applied,
+            }) => {
+                i.liveness
+                    .acked(sent, Duration::from_millis(quorum_age_ms), applied);
             }
             Ok(other) => tracing::debug!(reply = ?other, "heartbeat not acknowledged"),
             Err(e) => tracing::debug!(error = %e, "heartbeat to leader failed"),
         }
     }
 
-    async fn release_silent_owners(&self) {
+    /// Pre-vote by hand (openraft 0.9 has none): a voter that cannot reach a quorum of voters
+    /// (itself included) does not start elections. Cut off, it would otherwise raise its term
+    /// with every election timeout, and on its return force the working leader to step down: a
+    /// needless election during which every owner's lease can lapse. Elections come back once
+    /// a quorum has been reachable for `election_timeout_max_ms`, by when the leader's
+    /// heartbeats have reached this node and reset its election timer. Checked every
+    /// [`gate_every`] (a quarter of the shortest election timeout), so that a cut-off node closes
+    /// the gate before its election timer can fire.
+    async fn gate_elections(&self) {
+        let i = &self.inner;
+        let (voters, total) = {
+            let m = i.raft.metrics().borrow().membership_config.clone();
+            let ids: BTreeSet<NodeId> = m.membership().voter_ids().collect();
+            if !ids.contains(&i.id) {
+                return;
+            }
+            let others: Vec<String> = ids
+                .iter()
+                .filter(|id| **id != i.id)
+                .filter_map(|id| m.membership().get_node(id).map(|n| n.addr.clone()))
+                .collect();
+            (others, ids.len())
+        };
+        let timeout = gate_every(&i.cfg);
+        let mut pings = tokio::task::JoinSet::new();
+        for addr in voters {
+            let client = i.client.clone();
+            pings.spawn(async move { call(&client, &addr, &Rpc::Ping, timeout).await.is_ok() });
+        }
+        let mut reached = 1;
+        while let Some(r) = pings.join_next().await {
+            if matches!(r, Ok(true)) {
+                reached += 1;
+            }
+        }
+        let quorum = reached * 2 > total;
+        let window = Duration::from_millis(i.cfg.election_timeout_max_ms);
+        let change = {
+            let mut g = i.gate.lock().unwrap_or_else(|p| p.into_inner());
+            match (g.closed, quorum) {
+                (false, true) => None,
+                (false, false) => {
+                    g.closed = true;
+                    g.reachable_since = None;
+                    Some(false)
+                }
+                (true, false) => {
+                    g.reachable_since = None;
+                    None
+                }
+                (true, true) => {
+                    let since = *g.reachable_since.get_or_insert_with(Instant::now);
+                    (since.elapsed() >= window).then(|| {
+                        g.closed = false;
+                        g.reachable_since = None;
+                        true
+                    })
+                }
+            }
+        };
+        if let Some(on) = change {
+            tracing::info!(
+                reached,
+                voters = total,
+                "{}",
+                if on {
+                    "a quorum of voters is reachable again: elections on"
+                } else {
+                    "no quorum of voters reachable: elections off"
+                }
+            );
+            i.raft.runtime_config().elect(on);
+        }
+    }
+
+    /// Leader: releases the claims of every owner silent for `claim_timeout_ms`, each in a task
+    /// of its own (a leader that lost its quorum cannot commit, and its loop must go on).
+    fn release_silent_owners(&self) {
         let i = &self.inner;
         let owners: BTreeSet<NodeId> = i
             .view
@@ -548,22 +664,25 @@ impl ClusterNode {
             .into_values()
             .filter(|n| *n != i.id)
             .collect();
-        let Some(seen) = i.liveness.since_seen(owners) else {
-            return;
-        };
         let timeout = Duration::from_millis(i.cfg.claim_timeout_ms);
-        for (node, since) in seen {
-            if since < timeout {
-                continue;
-            }
+        for (node, silent) in i.liveness.take_silent(owners, timeout) {
             tracing::info!(
                 node,
-                silent_ms = since.as_millis() as u64,
+                silent_ms = silent.as_millis() as u64,
                 "releasing claims of silent node"
             );
-            if let Err(e) = i.raft.client_write(Request::ReleaseNode { node }).await {
-                tracing::warn!(node, error = %e, "release of silent node failed");
-            }
+            let this = self.clone();
+            tokio::spawn(async move {
+                let i = &this.inner;
+                let limit = Duration::from_millis(i.cfg.write_timeout_ms);
+                let write = i.raft.client_write(Request::ReleaseNode { node });
+                match tokio::time::timeout(limit, write).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => tracing::warn!(node, error = %e, "release of silent node failed"),
+                    Err(_) => tracing::warn!(node, "release of silent node timed out"),
+                }
+                i.liveness.released(node);
+            });
         }
     }
 }
@@ -582,6 +701,20 @@ fn write_error(e: RaftError<NodeId, ClientWriteError<NodeId, Node>>) -> Reply {
 
 fn unexpected(reply: Reply) -> ClusterError {
     ClusterError::Remote(format!("unexpected reply {reply:?}"))
+}
+
+/// How often (and how patiently) [`ClusterNode::gate_elections`] pings the voters.
+fn gate_every(cfg: &ClusterConfig) -> Duration {
+    Duration::from_millis((cfg.election_timeout_min_ms / 4).max(10))
+}
+
+async fn gate_loop(node: ClusterNode) {
+    let mut every = tokio::time::interval(gate_every(&node.inner.cfg));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        node.gate_elections().await;
+    }
 }
 
 async fn heartbeat_loop(node: ClusterNode) {

@@ -8,13 +8,14 @@
 //! connection before its body is looked at.
 
 use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 
 use crate::error::ClusterError;
 
@@ -57,9 +58,10 @@ impl Session {
         })
     }
 
-    /// Client side: connect and read the server's nonce.
-    pub async fn connect(addr: &str) -> Result<Self, ClusterError> {
-        let mut stream = TcpStream::connect(addr).await?;
+    /// Client side: connect (from `source` when it applies, see [`source_for`]) and read the
+    /// server's nonce.
+    pub async fn connect(addr: &str, source: Option<IpAddr>) -> Result<Self, ClusterError> {
+        let mut stream = connect_from(addr, source).await?;
         stream.set_nodelay(true)?;
         let mut nonce = [0u8; NONCE_LEN];
         stream.read_exact(&mut nonce).await?;
@@ -149,17 +151,61 @@ impl Session {
     }
 }
 
+/// The source address an outbound node-to-node connection to `dest` binds: this node's own
+/// listen IP when it is a specific address of the same family and the same scope (loopback or
+/// not) as `dest`, so that peers (and firewalls) see node-to-node traffic come from the address
+/// the node listens on; `None` (the kernel chooses) otherwise, e.g. for a `0.0.0.0` listener.
+pub fn source_for(own: Option<IpAddr>, dest: IpAddr) -> Option<IpAddr> {
+    let own = own?;
+    (!own.is_unspecified()
+        && own.is_ipv4() == dest.is_ipv4()
+        && own.is_loopback() == dest.is_loopback())
+    .then_some(own)
+}
+
+/// Connect to `addr` (host:port), from `source` (see [`source_for`]) when it applies.
+async fn connect_from(addr: &str, source: Option<IpAddr>) -> std::io::Result<TcpStream> {
+    let mut last = None;
+    for dest in tokio::net::lookup_host(addr).await? {
+        let attempt = match source_for(source, dest.ip()) {
+            Some(src) => {
+                let socket = if dest.is_ipv4() {
+                    TcpSocket::new_v4()?
+                } else {
+                    TcpSocket::new_v6()?
+                };
+                socket.bind(SocketAddr::new(src, 0))?;
+                socket.connect(dest).await
+            }
+            None => TcpStream::connect(dest).await,
+        };
+        match attempt {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::AddrNotAvailable,
+            format!("{addr}: no address"),
+        )
+    }))
+}
+
 /// A client with a small pool of idle connections per peer address.
 pub struct Client {
     secret: Vec<u8>,
+    /// The IP outbound connections bind to, when it applies (see [`source_for`]).
+    source: Option<IpAddr>,
     idle: Mutex<HashMap<String, Vec<Session>>>,
 }
 
 impl Client {
-    /// A client signing with `secret`.
-    pub fn new(secret: &[u8]) -> Self {
+    /// A client signing with `secret`, connecting from `source` where it applies.
+    pub fn new(secret: &[u8], source: Option<IpAddr>) -> Self {
         Self {
             secret: secret.to_vec(),
+            source,
             idle: Mutex::new(HashMap::new()),
         }
     }
@@ -192,7 +238,7 @@ impl Client {
                     return Ok(reply);
                 }
             }
-            let mut s = Session::connect(addr).await?;
+            let mut s = Session::connect(addr, self.source).await?;
             let reply = s.call(&self.secret, body).await?;
             self.put_idle(addr, s);
             Ok(reply)
@@ -200,5 +246,43 @@ impl Client {
         tokio::time::timeout(timeout, fut)
             .await
             .map_err(|_| ClusterError::Timeout)?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outbound_connections_bind_only_a_specific_matching_address() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let own = Some(ip("10.0.0.1"));
+        assert_eq!(source_for(own, ip("10.0.0.2")), own);
+        assert_eq!(source_for(Some(ip("0.0.0.0")), ip("10.0.0.2")), None);
+        assert_eq!(source_for(None, ip("10.0.0.2")), None);
+        // Another family, or loopback to a routed address and back: the kernel chooses.
+        assert_eq!(source_for(own, ip("fd00::2")), None);
+        assert_eq!(source_for(Some(ip("127.0.0.11")), ip("10.0.0.2")), None);
+        assert_eq!(source_for(own, ip("127.0.0.1")), None);
+        assert_eq!(
+            source_for(Some(ip("127.0.0.11")), ip("127.0.0.1")),
+            Some(ip("127.0.0.11"))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_session_connects_from_the_source_address() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let accept = tokio::spawn(async move {
+            let (s, peer) = listener.accept().await.unwrap();
+            let _session = Session::accept(s).await.unwrap();
+            peer
+        });
+        let _client = Session::connect(&addr, Some("127.0.0.3".parse().unwrap()))
+            .await
+            .unwrap();
+        let peer = accept.await.unwrap();
+        assert_eq!(peer.ip().to_string(), "127.0.0.3");
     }
 }

@@ -73,6 +73,7 @@ async fn dispatch(node: &ClusterNode, rpc: Rpc) -> Reply {
         Rpc::Append(r) => Reply::Append(raft.append_entries(r).await),
         Rpc::Vote(r) => Reply::Vote(raft.vote(r).await),
         Rpc::Snapshot(r) => Reply::Snapshot(raft.install_snapshot(r).await),
+        Rpc::Ping => Reply::Ack,
         other => node.handle_leader(&other).await,
     }
 }

@@ -10,6 +10,7 @@
 //! Reads are local.
 
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -46,6 +47,9 @@ pub struct Node {
     /// writes and pool claims alike), the store's applied index, and how many
     /// claims this process confirmed (`None`: nothing yet).
     published: Mutex<Option<(u64, u64, usize)>>,
+    /// The cluster's applied log index the shards last got (`u64::MAX`:
+    /// none yet): their claims and tenants are at least that recent.
+    published_index: AtomicU64,
     started: Instant,
     /// What the shards call for pool ownership (set by `start_watcher`).
     hooks: OnceLock<Arc<dyn ClusterHooks>>,
@@ -87,7 +91,10 @@ impl ClusterHooks for Hooks {
     }
 
     fn lease_valid(&self) -> bool {
-        self.cluster.lease_valid()
+        match self.node.upgrade() {
+            Some(n) => n.lease_valid(),
+            None => false,
+        }
     }
 }
 
@@ -116,12 +123,19 @@ async fn claim_published(node: &Weak<Node>, cluster: &ClusterNode, key: String) 
     if owner == cluster.id() {
         node.confirmed().insert(key);
     }
+    // The shards must have the claim before a pool starts on it (they drop
+    // pools their claims do not name): a claim not published fails.
     match tokio::task::spawn_blocking(move || node.publish_current()).await {
-        Ok(Err(e)) => warn!(error = %e, "publishing a claim"),
-        Err(e) => warn!(error = %e, "publishing task failed"),
-        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            warn!(error = %e, "publishing a claim");
+            None
+        }
+        Err(e) => {
+            warn!(error = %e, "publishing task failed");
+            None
+        }
+        Ok(Ok(())) => Some(owner),
     }
-    Some(owner)
 }
 
 fn view(id: &str, spec: TenantSpec) -> TenantView {
@@ -152,6 +166,7 @@ impl Node {
             shards,
             writes: Mutex::new(()),
             published: Mutex::new(None),
+            published_index: AtomicU64::new(u64::MAX),
             started: Instant::now(),
             hooks: OnceLock::new(),
             confirmed: Mutex::new(std::collections::HashSet::new()),
@@ -247,9 +262,12 @@ impl Node {
         Ok(())
     }
 
-    /// Publishes the store's current state (under the write lock, so that
-    /// shards see snapshots in the store's order), unless the shards have
-    /// it already (the writer and the watcher both ask for each write).
+    /// Publishes the store's current state and the claims (under the write
+    /// lock, so that shards see snapshots in the log's order), unless the
+    /// shards have the cluster's applied log index already (the writer and
+    /// the watcher both ask for each write). Keyed on the raft index, not
+    /// the store's: claims, releases and membership changes are log entries
+    /// that do not touch the store and must reach the shards too.
     fn publish_current(&self) -> Result<(), PlaneError> {
         let _guard = self.writes.lock().unwrap_or_else(|e| e.into_inner());
         // Keyed on the cluster's applied index too: a claim or a release
@@ -266,7 +284,16 @@ impl Node {
         }
         self.publish()?;
         *published = Some(index);
+        self.published_index.store(index.0, Ordering::Release);
         Ok(())
+    }
+
+    /// Whether this node's shards may serve the pools they own: the cluster
+    /// lease, counting only acknowledgements whose log index the shards
+    /// already have (see `cluster::liveness`, "Healing").
+    pub fn lease_valid(&self) -> bool {
+        let published = self.published_index.load(Ordering::Acquire);
+        published != u64::MAX && self.cluster.lease_valid_at(published)
     }
 
     /// Replicates `cmd`, waits until this node applied it and published it.
@@ -521,7 +548,7 @@ impl ControlPlane for Node {
             learners: st.learners,
             last_applied: st.last_applied,
             last_log: st.last_log,
-            lease_valid: st.lease_valid,
+            lease_valid: st.lease_valid && self.lease_valid(),
             claims: self.cluster.claims(),
             nodes: st
                 .nodes

@@ -420,17 +420,32 @@ async fn route(
                     }
                 }
                 let dialled = Instant::now();
-                let sent = crate::cluster::forward(
+                // Cut (the client closed) if the claim moves away from `o`.
+                let link = shard.register_link(pool.clone(), o);
+                let source = shard.config().proxy.proxy_addr.map(|a| a.ip());
+                let forwarded = crate::cluster::forward(
                     shard,
                     key,
                     stream,
                     msg,
                     leftover,
                     peer,
-                    addr,
-                    &cluster.secret,
-                )
+                    crate::cluster::LinkTarget {
+                        addr,
+                        source,
+                        secret: &cluster.secret,
+                    },
+                );
+                let sent = futures_lite::future::or(async { Some(forwarded.await) }, async {
+                    link.ctl.cut().await;
+                    None
+                })
                 .await;
+                drop(link);
+                let Some(sent) = sent else {
+                    debug!(node = o, "the pool moved: proxied client closed");
+                    return Routed::Done;
+                };
                 match sent {
                     Ok(()) => return Routed::Done,
                     Err((s, e)) => {

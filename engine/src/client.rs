@@ -401,15 +401,20 @@ async fn finish(
             }
             refuse(&mut client.stream, &EngineError::Refused(why)).await;
         }
-        Event::Killed => {
+        Event::Killed(why) => {
             ctl.cancel.borrow_mut().take();
-            // Mid-transaction or not, the connection goes with the pool.
-            drop(server.take());
-            refuse(
-                &mut client.stream,
-                &EngineError::Refused(Refusal::Terminated),
-            )
-            .await;
+            // Mid-transaction or not, the connection goes with the pool; a
+            // running query is cancelled too, or its backend would run it
+            // to the end (and stay in PostgreSQL) for nobody.
+            if let Some(c) = server.take() {
+                if tracker.pending > 0 {
+                    if let Some(target) = c.cancel.clone() {
+                        glommio::spawn_local(target.send()).detach();
+                    }
+                }
+                drop(c);
+            }
+            refuse(&mut client.stream, &EngineError::Refused(why)).await;
         }
         Event::Shutdown => {
             ctl.cancel.borrow_mut().take();

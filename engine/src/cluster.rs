@@ -111,9 +111,49 @@ fn mac(secret: &[u8], nonce: &[u8], header: &[u8]) -> HmacSha256 {
     m
 }
 
-/// Opens an authenticated link to `addr` and sends `header`.
-async fn open(addr: SocketAddr, secret: &[u8], header: &Header) -> io::Result<TcpStream> {
-    let mut tcp = TcpStream::connect_timeout(addr, CONNECT_TIMEOUT).await?;
+/// Connects to `addr`, from `source` when that applies: this node's own
+/// proxy listener IP when it is a specific address of the same family and
+/// scope as `addr` (peers see node-to-node traffic come from the address the
+/// node listens on). glommio cannot bind before connecting, so that connect
+/// runs on the shard's blocking thread.
+async fn connect(addr: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpStream> {
+    let Some(src) = source.filter(|s| {
+        !s.is_unspecified()
+            && s.is_ipv4() == addr.is_ipv4()
+            && s.is_loopback() == addr.ip().is_loopback()
+    }) else {
+        return Ok(TcpStream::connect_timeout(addr, CONNECT_TIMEOUT).await?);
+    };
+    let fd = glommio::executor()
+        .spawn_blocking(move || -> io::Result<std::os::fd::OwnedFd> {
+            use socket2::{Domain, Protocol, Socket, Type};
+            let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+            sock.bind(&SocketAddr::new(src, 0).into())?;
+            sock.connect_timeout(&addr.into(), CONNECT_TIMEOUT)?;
+            Ok(sock.into())
+        })
+        .await?;
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    // SAFETY: a connected TCP socket we own; glommio's own connected sockets
+    // are blocking fds too (it waits through io_uring).
+    Ok(unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) })
+}
+
+/// Where a proxy link goes and how it is opened.
+#[derive(Debug, Clone, Copy)]
+pub struct LinkTarget<'a> {
+    /// The other node's proxy address.
+    pub addr: SocketAddr,
+    /// The address to connect from, when it applies (see [`connect`]).
+    pub source: Option<IpAddr>,
+    /// The cluster secret that authenticates the link.
+    pub secret: &'a [u8],
+}
+
+/// Opens an authenticated link to `to` and sends `header`.
+async fn open(to: LinkTarget<'_>, header: &Header) -> io::Result<TcpStream> {
+    let (addr, secret) = (to.addr, to.secret);
+    let mut tcp = connect(addr, to.source).await?;
     let _ = tcp.set_nodelay(true);
     let header = header.encode();
     glommio::timer::timeout(HANDSHAKE_TIMEOUT, async {
@@ -146,8 +186,7 @@ pub async fn forward(
     msg: &StartupMessage,
     leftover: &[u8],
     peer: Option<SocketAddr>,
-    addr: SocketAddr,
-    secret: &[u8],
+    to: LinkTarget<'_>,
 ) -> Result<(), (Stream, io::Error)> {
     let header = Header {
         kind: KIND_CONNECT,
@@ -159,7 +198,7 @@ pub async fn forward(
         pid: 0,
         secret: [0; 4],
     };
-    let mut up = match open(addr, secret, &header).await {
+    let mut up = match open(to, &header).await {
         Ok(t) => t,
         Err(e) => return Err((client, e)),
     };
@@ -225,8 +264,8 @@ impl Drop for Registered {
     }
 }
 
-/// Sends a cancel request for `pid` to the node at `addr`.
-pub async fn forward_cancel(addr: SocketAddr, secret: &[u8], pid: i32, key: [u8; 4]) {
+/// Sends a cancel request for `pid` to the node at `to`.
+pub async fn forward_cancel(to: LinkTarget<'_>, pid: i32, key: [u8; 4]) {
     let header = Header {
         kind: KIND_CANCEL,
         mode: PoolMode::Transaction,
@@ -235,11 +274,11 @@ pub async fn forward_cancel(addr: SocketAddr, secret: &[u8], pid: i32, key: [u8;
         pid,
         secret: key,
     };
-    match open(addr, secret, &header).await {
+    match open(to, &header).await {
         Ok(mut tcp) => {
             let _ = tcp.close().await;
         }
-        Err(e) => debug!(%addr, error = %e, "cannot forward a cancel request"),
+        Err(e) => debug!(addr = %to.addr, error = %e, "cannot forward a cancel request"),
     }
 }
 

@@ -50,6 +50,10 @@ pub enum EngineError {
     TooManyStatements(String),
 }
 
+/// Why a fenced node's clients are closed (with [`Refusal::Cluster`], 08006).
+pub const FENCED: &str =
+    "this node no longer serves the pool (cluster lease lost or pool moved), reconnect";
+
 /// A login the pooler refuses on its own account.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {

@@ -44,6 +44,9 @@ pub struct Pool {
     generation: Cell<u64>,
     /// Set when the pool is dropped from its shard: connections given back close.
     retired: Cell<bool>,
+    /// Set when retired by fencing: what a client still asking for a
+    /// connection is told (else "shutting down").
+    fenced: Cell<bool>,
     pub stats: PoolStats,
     /// Named statements of the pool's clients, by query text (transaction mode).
     pub statements: RefCell<Registry>,
@@ -121,6 +124,7 @@ impl Pool {
             user: RefCell::new(user),
             generation: Cell::new(0),
             retired: Cell::new(false),
+            fenced: Cell::new(false),
             stats: PoolStats::default(),
             statements: RefCell::new(Registry::default()),
             idle: RefCell::new(Vec::new()),
@@ -209,6 +213,13 @@ impl Pool {
         }
     }
 
+    /// [`Pool::retire`] because this node may no longer serve the pool
+    /// (cluster fencing): clients still waiting are told so (08006).
+    pub fn retire_fenced(&self) {
+        self.fenced.set(true);
+        self.retire();
+    }
+
     pub fn is_retired(&self) -> bool {
         self.retired.get()
     }
@@ -267,7 +278,11 @@ impl Pool {
                 });
             }
             if self.retired.get() {
-                return Err(EngineError::Refused(Refusal::ShuttingDown));
+                return Err(EngineError::Refused(if self.fenced.get() {
+                    Refusal::Cluster(crate::error::FENCED.to_string())
+                } else {
+                    Refusal::ShuttingDown
+                }));
             }
             if self.total.get() < self.size() {
                 self.total.set(self.total.get() + 1);

@@ -58,8 +58,9 @@ pub enum Event {
     ServerProtocol(WireError),
     /// Shutdown asked and the client is between transactions.
     Shutdown,
-    /// The client's tenant was removed or terminated: leave now.
-    Killed,
+    /// The client's tenant was removed or terminated, or this node may no
+    /// longer serve its pool: leave now, telling the client why.
+    Killed(Refusal),
     /// A client timeout passed (idle, or idle in a transaction).
     TimedOut(Refusal),
 }
@@ -690,7 +691,12 @@ impl Relay<'_> {
         loop {
             let mut progress = false;
             let draining = match self.ctl.signal(cx.waker()) {
-                Signal::Kill => return Poll::Ready(Event::Killed),
+                Signal::Kill => return Poll::Ready(Event::Killed(Refusal::Terminated)),
+                Signal::Fenced => {
+                    return Poll::Ready(Event::Killed(Refusal::Cluster(
+                        crate::error::FENCED.to_string(),
+                    )))
+                }
                 Signal::IdleTimeout => return Poll::Ready(Event::TimedOut(Refusal::IdleTimeout)),
                 Signal::IdleInTransactionTimeout => {
                     return Poll::Ready(Event::TimedOut(Refusal::IdleInTransactionTimeout))

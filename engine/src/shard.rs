@@ -111,6 +111,11 @@ pub enum Signal {
     Drain,
     /// Leave now (57P01), even mid-transaction: the tenant was removed or terminated.
     Kill,
+    /// Leave now (08006), even mid-transaction: this node no longer serves
+    /// the pool (its cluster lease lapsed, or the pool's claim moved to
+    /// another node), so its server connections must close before another
+    /// node opens its own.
+    Fenced,
     /// `client_idle_timeout` passed with no transaction open (57P05).
     IdleTimeout,
     /// `idle_transaction_timeout` passed inside a transaction (25P03).
@@ -196,6 +201,9 @@ impl ClientCtl {
         if signal == Signal::Drain && self.signal.get() != Signal::None {
             return;
         }
+        if self.signal.get() == signal {
+            return;
+        }
         self.signal.set(signal);
         if let Some(w) = self.waker.borrow_mut().take() {
             w.wake();
@@ -232,6 +240,53 @@ pub struct Shard {
     /// Claims asked of the control plane, by token.
     claims: RefCell<HashMap<u64, crate::oneshot::Sender<Option<u64>>>>,
     next_token: Cell<u64>,
+    /// Clients proxied to other nodes, by a per-shard id.
+    links: RefCell<HashMap<u64, Rc<LinkCtl>>>,
+}
+
+/// A client this node proxies to the owner of its pool: cut when this node's
+/// applied claims stop naming that owner (released, or moved), because the
+/// owner no longer serves the pool — a link into a partition would otherwise
+/// hang until TCP gives up.
+pub struct LinkCtl {
+    claim: String,
+    owner: u64,
+    cut: Cell<bool>,
+    waker: RefCell<Option<Waker>>,
+}
+
+impl LinkCtl {
+    /// Resolves once the link is cut.
+    pub async fn cut(&self) {
+        std::future::poll_fn(|cx| {
+            if self.cut.get() {
+                return std::task::Poll::Ready(());
+            }
+            *self.waker.borrow_mut() = Some(cx.waker().clone());
+            std::task::Poll::Pending
+        })
+        .await
+    }
+
+    fn raise(&self) {
+        self.cut.set(true);
+        if let Some(w) = self.waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+}
+
+/// Registration of a [`LinkCtl`] with its shard, undone on drop.
+pub struct LinkGuard {
+    shard: Rc<Shard>,
+    id: u64,
+    pub ctl: Rc<LinkCtl>,
+}
+
+impl Drop for LinkGuard {
+    fn drop(&mut self) {
+        self.shard.links.borrow_mut().remove(&self.id);
+    }
 }
 
 /// Counts one connection task of a shard while it lives.
@@ -277,6 +332,10 @@ const MAX_LOGIN_FAILURE_ENTRIES: usize = 100_000;
 const TIMEOUT_SWEEP: Duration = Duration::from_millis(500);
 /// How long a stopping shard waits for its idle server connections to close.
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
+/// How often a cluster node's shards check that they may still serve their
+/// pools (the lease lapses at half `claim_timeout_ms`; the leader releases
+/// the claims at the earliest at the full timeout).
+const FENCE_CHECK: Duration = Duration::from_millis(50);
 
 /// Stable FNV-1a hash of a tenant id: the same shard on every node and run.
 pub fn tenant_hash(tenant: &str) -> u64 {
@@ -501,14 +560,21 @@ impl Shard {
         let node = (pid as u32 >> PID_NODE_SHIFT) as u64;
         if pid > 0 && node != 0 && node != self.pid_node() {
             // Issued by another node of the cluster: forward it there.
-            let cluster = self.config().cluster.clone();
-            let target = cluster
+            let config = self.config();
+            let source = config.proxy.proxy_addr.map(|a| a.ip());
+            let target = config
+                .cluster
                 .as_ref()
                 .and_then(|c| Some((*c.proxies.get(&node)?, c.secret.clone())));
             match (target, <[u8; 4]>::try_from(secret.as_slice())) {
                 (Some((addr, key)), Ok(s)) => {
                     glommio::spawn_local(async move {
-                        crate::cluster::forward_cancel(addr, &key, pid, s).await
+                        let to = crate::cluster::LinkTarget {
+                            addr,
+                            source,
+                            secret: &key,
+                        };
+                        crate::cluster::forward_cancel(to, pid, s).await
                     })
                     .detach();
                 }
@@ -535,9 +601,81 @@ impl Shard {
         }
     }
 
+    /// Fencing (cluster only): every pool this node may no longer serve —
+    /// its lease lapsed, or the claim is not (or no longer) this node's — is
+    /// dropped, its clients leave at once with 08006 and its server
+    /// connections close, so that the node that takes the pool over never
+    /// finds them still open. Runs on every configuration and every
+    /// [`FENCE_CHECK`].
+    fn fence(&self) {
+        let Some(cluster) = self.config.borrow().cluster.clone() else {
+            return;
+        };
+        if self.pools.borrow().is_empty() {
+            return;
+        }
+        let lease = cluster.hooks.lease_valid();
+        let gone: Vec<PoolKey> = self
+            .pools
+            .borrow()
+            .keys()
+            .filter(|k| {
+                let claim = crate::config::pool_key(&k.tenant, &k.user, k.mode);
+                !lease || cluster.owners.get(&claim) != Some(&cluster.self_node)
+            })
+            .cloned()
+            .collect();
+        for key in gone {
+            warn!(
+                shard = self.id,
+                tenant = %key.tenant,
+                user = %key.user,
+                mode = key.mode.as_str(),
+                lease,
+                "cluster: fencing a pool this node may no longer serve"
+            );
+            self.drop_pool_with(&key, Signal::Fenced);
+        }
+    }
+
+    /// Registers a client proxied to `owner` for pool `claim` (see [`LinkCtl`]).
+    pub fn register_link(self: &Rc<Self>, claim: String, owner: u64) -> LinkGuard {
+        let id = self.next_token.get();
+        self.next_token.set(id + 1);
+        let ctl = Rc::new(LinkCtl {
+            claim,
+            owner,
+            cut: Cell::new(false),
+            waker: RefCell::new(None),
+        });
+        self.links.borrow_mut().insert(id, ctl.clone());
+        // The configuration may have changed while the client was starting up.
+        self.cut_moved_links();
+        LinkGuard {
+            shard: self.clone(),
+            id,
+            ctl,
+        }
+    }
+
+    /// Cuts the proxied clients whose owner the applied claims no longer name.
+    fn cut_moved_links(&self) {
+        let Some(cluster) = self.config.borrow().cluster.clone() else {
+            return;
+        };
+        for link in self.links.borrow().values() {
+            if !link.cut.get() && cluster.owners.get(&link.claim) != Some(&link.owner) {
+                debug!(claim = %link.claim, owner = link.owner, "cluster: the pool moved, cutting a proxied client");
+                link.raise();
+            }
+        }
+    }
+
     /// Applies a new configuration snapshot.
     fn apply_config(&self, config: Arc<Config>) {
         *self.config.borrow_mut() = config.clone();
+        self.fence();
+        self.cut_moved_links();
         let mut gone = Vec::new();
         for (key, pool) in self.pools.borrow().iter() {
             let Some(t) = config.tenant(&key.tenant) else {
@@ -563,12 +701,22 @@ impl Shard {
 
     /// Kills the pool's clients and retires it.
     fn drop_pool(&self, key: &PoolKey) {
-        if let Some(pool) = self.pools.borrow_mut().remove(key) {
-            pool.retire();
+        self.drop_pool_with(key, Signal::Kill)
+    }
+
+    /// Retires the pool and sends its clients `signal` (a kind of kill).
+    fn drop_pool_with(&self, key: &PoolKey, signal: Signal) {
+        let pool = self.pools.borrow_mut().remove(key);
+        if let Some(pool) = pool {
+            if signal == Signal::Fenced {
+                pool.retire_fenced();
+            } else {
+                pool.retire();
+            }
         }
         for ctl in self.clients.borrow().values() {
             if *ctl.key == *key {
-                ctl.raise(Signal::Kill);
+                ctl.raise(signal);
             }
         }
     }
@@ -803,6 +951,7 @@ async fn shard_main(
         connections: Cell::new(0),
         claims: RefCell::new(HashMap::new()),
         next_token: Cell::new(1),
+        links: RefCell::new(HashMap::new()),
     });
     let mut accepting = Vec::with_capacity(2);
     for (listener, mode) in [
@@ -823,6 +972,15 @@ async fn shard_main(
             loop {
                 glommio::timer::sleep(TIMEOUT_SWEEP).await;
                 shard.sweep_timeouts();
+            }
+        }
+    });
+    let fencing = glommio::spawn_local({
+        let shard = shard.clone();
+        async move {
+            loop {
+                glommio::timer::sleep(FENCE_CHECK).await;
+                shard.fence();
             }
         }
     });
@@ -912,6 +1070,7 @@ async fn shard_main(
     drop(proxy_link);
     probe.cancel().await;
     sweep.cancel().await;
+    fencing.cancel().await;
     shard.begin_shutdown();
     let deadline = Instant::now() + shard.config().proxy.shutdown_timeout;
     while shard.client_count() > 0 && Instant::now() < deadline {

@@ -351,14 +351,14 @@ async fn wrong_secret_is_refused_and_nothing_applied() {
     .await;
     m.node.claim("warmup").await.expect("claim");
     let before = *m.node.subscribe().borrow();
-    let intruder = Client::new(b"not-the-secret");
+    let intruder = Client::new(b"not-the-secret", None);
     let rpc = Rpc::Write(Request::Claim {
         key: "t/u/session".into(),
         node: 66,
     });
     let r = call(&intruder, m.node.addr(), &rpc, Duration::from_secs(2)).await;
     assert!(r.is_err(), "{r:?}");
-    let honest = Client::new(SECRET.as_bytes());
+    let honest = Client::new(SECRET.as_bytes(), None);
     let r = call(
         &honest,
         m.node.addr(),

@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use crate::harness::*;
 
-const CLUSTER_SECRET: &str = "test-cluster-secret-0123456789";
+pub(crate) const CLUSTER_SECRET: &str = "test-cluster-secret-0123456789";
 /// Upper bound for the cluster to converge after a change (election, replication).
 pub(crate) const CONVERGE: Duration = Duration::from_secs(15);
 

@@ -7,6 +7,7 @@ mod auth;
 mod authquery_tests;
 mod basic;
 mod cli_tests;
+mod cluster_partition;
 mod cluster_rolling;
 mod cluster_tests;
 mod drivers;
