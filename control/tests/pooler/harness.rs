@@ -334,8 +334,21 @@ pub fn free_addr() -> SocketAddr {
 }
 
 impl Pooler {
+    /// Starts a pooler on free ports. A port found free can be taken by another test before
+    /// the pooler binds it: a start that fails with "Address already in use" is retried on
+    /// other ports.
     pub fn start(cfg: &PoolerConfig) -> Pooler {
-        Pooler::start_on(cfg, free_addr(), free_addr(), free_addr())
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match Pooler::try_start_on(cfg, free_addr(), free_addr(), free_addr()) {
+                Ok(p) => return p,
+                Err(e) if attempt < 5 && e.contains("Address already in use") => {
+                    eprintln!("pooler start: a port was taken meanwhile, retrying");
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
     }
 
     /// Starts a pooler on given addresses (a second pooler on the ports of a first one, for a
@@ -347,6 +360,15 @@ impl Pooler {
         transaction: SocketAddr,
         api: SocketAddr,
     ) -> Pooler {
+        Pooler::try_start_on(cfg, session, transaction, api).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn try_start_on(
+        cfg: &PoolerConfig,
+        session: SocketAddr,
+        transaction: SocketAddr,
+        api: SocketAddr,
+    ) -> Result<Pooler, String> {
         pg();
         let dir = tempfile::Builder::new()
             .prefix("supavisor-test.")
@@ -416,10 +438,12 @@ impl Pooler {
         };
         let line = match rx.recv_timeout(READY_DEADLINE) {
             Ok(Ok(line)) => line,
-            Ok(Err(e)) => pooler.fail(&format!("pooler did not become ready: {e}")),
-            Err(_) => pooler.fail(&format!(
-                "pooler printed no ready line within {READY_DEADLINE:?}"
-            )),
+            Ok(Err(e)) => return Err(pooler.failure(&format!("pooler did not become ready: {e}"))),
+            Err(_) => {
+                return Err(pooler.failure(&format!(
+                    "pooler printed no ready line within {READY_DEADLINE:?}"
+                )))
+            }
         };
         let addr_of = |key: &str| -> Option<SocketAddr> {
             line.split_whitespace()
@@ -431,17 +455,19 @@ impl Pooler {
                 pooler.session = s;
                 pooler.transaction = t;
             }
-            _ => pooler.fail(&format!("unparseable ready line: {line:?}")),
+            _ => return Err(pooler.failure(&format!("unparseable ready line: {line:?}"))),
         }
-        pooler
+        Ok(pooler)
     }
 
-    fn fail(&mut self, why: &str) -> ! {
-        let status = self.child.try_wait().ok().flatten();
-        panic!(
+    /// Why a start failed, with the pooler's stderr; the process is gone after it.
+    fn failure(&mut self, why: &str) -> String {
+        let _ = self.child.kill();
+        let status = self.child.wait().ok();
+        format!(
             "{why} (exit status: {status:?})\n--- supavisor stderr ---\n{}",
             self.stderr()
-        );
+        )
     }
 
     /// Both client-facing addresses, labelled.
