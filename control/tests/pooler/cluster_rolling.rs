@@ -569,11 +569,29 @@ async fn rolling_restart_under_pgbench() {
         }
         at_commit += aborts.iter().filter(|(_, a)| a.command == Some(3)).count() as i64;
         for run in &no_connect {
-            assert_eq!(
-                run.node, r.node,
-                "restart of node {}: a run through node {} could not connect: {run:?}",
-                r.node, run.node
-            );
+            // Through another node only when the restarting node owned the pool: a login that
+            // was being proxied to the owner when it left is closed (the link ends before the
+            // login did; see README "Rolling restart"). One per other loop at most.
+            if run.node != r.node {
+                assert!(
+                    r.was_owner
+                        && run
+                            .no_connect
+                            .as_deref()
+                            .unwrap_or("")
+                            .contains("closed the connection unexpectedly"),
+                    "restart of node {}: a run through node {} could not connect: {run:?}",
+                    r.node,
+                    run.node
+                );
+                let through = no_connect.iter().filter(|x| x.node == run.node).count();
+                assert!(
+                    through <= 1,
+                    "restart of node {}: {through} runs through node {} could not connect",
+                    r.node,
+                    run.node
+                );
+            }
             // While its node was away; never refused by a routing decision.
             assert!(
                 !run.no_connect.as_deref().unwrap_or("").contains("cluster:"),
