@@ -316,17 +316,12 @@ async fn rolling_restart_under_pgbench() {
     .await
     .expect("tables");
     for i in 1..=3 {
-        let tx = cluster.pooler(i).transaction;
-        let (u, p) = (user.clone(), password.clone());
-        eventually("tenant usable through every node", CONVERGE, move || {
-            let (u, p) = (u.clone(), p.clone());
-            async move {
-                match try_connect(tx, &u, &p).await {
-                    Ok(c) => c.query_one("SELECT 1", &[]).await.is_ok(),
-                    Err(_) => false,
-                }
-            }
-        })
+        until_serves(
+            cluster.pooler(i).transaction,
+            &user,
+            &password,
+            "every node",
+        )
         .await;
     }
     agreed_owner(&apis, &key, None).await;
@@ -677,17 +672,12 @@ async fn draining_nodes_let_proxied_transactions_finish() {
         .await
         .expect("table");
     for i in 1..=3 {
-        let tx = cluster.pooler(i).transaction;
-        let (u, p) = (user.clone(), password.clone());
-        eventually("tenant usable through every node", CONVERGE, move || {
-            let (u, p) = (u.clone(), p.clone());
-            async move {
-                match try_connect(tx, &u, &p).await {
-                    Ok(c) => c.query_one("SELECT 1", &[]).await.is_ok(),
-                    Err(_) => false,
-                }
-            }
-        })
+        until_serves(
+            cluster.pooler(i).transaction,
+            &user,
+            &password,
+            "every node",
+        )
         .await;
     }
     let owner = agreed_owner(&apis, &key, None).await;

@@ -383,6 +383,25 @@ async fn leader_killed_then_restarted_catches_up() {
     assert_eq!(s["voters"], serde_json::json!([1, 2, 3]), "{s}");
 }
 
+/// Polls until `user` can log in through `addr` and run a query (`what` names the node).
+pub(crate) async fn until_serves(addr: SocketAddr, user: &str, password: &str, what: &str) {
+    let (u, p) = (user.to_string(), password.to_string());
+    eventually(
+        &format!("tenant usable through {what}"),
+        CONVERGE,
+        move || {
+            let (u, p) = (u.clone(), p.clone());
+            async move {
+                match try_connect(addr, &u, &p).await {
+                    Ok(c) => c.query_one("SELECT 1", &[]).await.is_ok(),
+                    Err(_) => false,
+                }
+            }
+        },
+    )
+    .await;
+}
+
 /// A login role of its own (so that PostgreSQL's backends of this test are countable) and a
 /// tenant `id` that pools it (transaction mode, pool size 2), added through `api`.
 pub(crate) async fn tenant_with_role(api: SocketAddr, id: &str) -> (String, String) {
@@ -486,17 +505,12 @@ async fn one_pool_per_key_in_the_cluster() {
     let (role, password) = tenant_with_role(apis[0], &id).await;
     let user = format!("{role}.{id}");
     for i in 1..=3 {
-        let tx = cluster.pooler(i).transaction;
-        let (u, p) = (user.clone(), password.clone());
-        eventually("tenant usable through every node", CONVERGE, move || {
-            let (u, p) = (u.clone(), p.clone());
-            async move {
-                match try_connect(tx, &u, &p).await {
-                    Ok(c) => c.query_one("SELECT 1", &[]).await.is_ok(),
-                    Err(_) => false,
-                }
-            }
-        })
+        until_serves(
+            cluster.pooler(i).transaction,
+            &user,
+            &password,
+            "every node",
+        )
         .await;
     }
     let key = format!("{id}/{role}/transaction");
@@ -629,19 +643,7 @@ async fn owner_killed_pool_moves() {
     let key = format!("{id}/{role}/transaction");
     // Claimed through node 2.
     let tx2 = cluster.pooler(2).transaction;
-    {
-        let (u, p) = (user.clone(), password.clone());
-        eventually("tenant usable through node 2", CONVERGE, move || {
-            let (u, p) = (u.clone(), p.clone());
-            async move {
-                match try_connect(tx2, &u, &p).await {
-                    Ok(c) => c.query_one("SELECT 1", &[]).await.is_ok(),
-                    Err(_) => false,
-                }
-            }
-        })
-        .await;
-    }
+    until_serves(tx2, &user, &password, "node 2").await;
     let owner = agreed_owner(&apis, &key, None).await;
     let killed_at = Instant::now();
     let mut dead = cluster.members[(owner - 1) as usize]
