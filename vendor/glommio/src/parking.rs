@@ -27,14 +27,10 @@
 use std::{
     fmt, io,
     panic::{RefUnwindSafe, UnwindSafe},
-    rc::Rc,
-    time::Duration,
 };
 
 /// Waits for a notification.
-pub(crate) struct Parker {
-    inner: Rc<Inner>,
-}
+pub(crate) struct Parker {}
 
 impl UnwindSafe for Parker {}
 impl RefUnwindSafe for Parker {}
@@ -44,23 +40,17 @@ impl Parker {
     pub(crate) fn new() -> Parker {
         // Ensure `Reactor` is initialized now to prevent it from being initialized in
         // `Drop`.
-        Parker {
-            inner: Rc::new(Inner {}),
-        }
+        Parker {}
     }
 
-    /// Blocks until notified and then goes back into sleeping state.
-    pub(crate) fn park(&self) -> io::Result<bool> {
-        self.inner.park(|| None)
+    /// Sleeps until there is work (see `Reactor::park`).
+    pub(crate) fn park(&self) -> io::Result<()> {
+        crate::executor().reactor().park()
     }
 
-    /// Performs non-sleepable poll and installs a preemption timeout into the
-    /// ring with `Duration`. A value of zero means we are not interested in
-    /// installing a preemption timer. Tasks executing in the CPU right after
-    /// this will be able to check if the timer has elapsed and yield the
-    /// CPU if that is the case.
-    pub(crate) fn poll_io(&self, timeout: impl Fn() -> Option<Duration>) -> io::Result<bool> {
-        self.inner.park(timeout)
+    /// Processes what is ready without sleeping.
+    pub(crate) fn poll_io(&self) -> io::Result<()> {
+        crate::executor().reactor().poll()
     }
 }
 
@@ -79,10 +69,5 @@ impl fmt::Debug for Parker {
         f.pad("Parker { .. }")
     }
 }
-struct Inner {}
 
-impl Inner {
-    fn park(&self, timeout: impl Fn() -> Option<Duration>) -> io::Result<bool> {
-        crate::executor().reactor().react(timeout)
-    }
-}
+

@@ -6,7 +6,7 @@
 //!
 
 use std::{
-    cell::RefCell,
+    cell::{Cell, RefCell},
     collections::BTreeMap,
     ffi::CString,
     fmt,
@@ -15,10 +15,7 @@ use std::{
     os::unix::{ffi::OsStrExt, io::RawFd},
     path::Path,
     rc::Rc,
-    sync::{
-        atomic::{AtomicU32, Ordering},
-        Arc,
-    },
+    sync::Arc,
     task::Waker,
     time::{Duration, Instant},
 };
@@ -161,18 +158,11 @@ pub(crate) struct Reactor {
     io_scheduler: Rc<IoScheduler>,
     record_io_latencies: bool,
 
-    /// Whether there are events in the latency ring.
-    ///
-    /// There will be events if the head and tail of the CQ ring are different.
-    /// `liburing` has an inline function in its header to do this, but it
-    /// becomes a function call if I use through `uring-sys`. This is quite
-    /// critical and already more expensive than it should be (see comments
-    /// for need_preempt()), so implement this ourselves.
-    ///
-    /// Also, we don't want to acquire these addresses (which are behind a
-    /// refcell) every time. Acquire during initialization
-    preempt_ptr_head: *const u32,
-    preempt_ptr_tail: *const AtomicU32,
+    /// When the task queue that runs now should yield the CPU
+    /// ([`Reactor::need_preempt`]). Set when the executor starts running
+    /// tasks; a clock read replaces the timer requests glommio used to arm
+    /// and cancel in a latency ring at every turn of the executor.
+    preempt_deadline: Cell<Instant>,
 }
 
 impl Reactor {
@@ -184,15 +174,13 @@ impl Reactor {
         blocking_thread: BlockingThreadPool,
     ) -> io::Result<Reactor> {
         let sys = sys::Reactor::new(notifier, io_memory, ring_depth, blocking_thread)?;
-        let (preempt_ptr_head, preempt_ptr_tail) = sys.preempt_pointers();
         Ok(Reactor {
             sys,
             timers: RefCell::new(Timers::new()),
             shared_channels: RefCell::new(SharedChannels::new()),
             io_scheduler: Rc::new(IoScheduler::new()),
             record_io_latencies,
-            preempt_ptr_head,
-            preempt_ptr_tail: preempt_ptr_tail as _,
+            preempt_deadline: Cell::new(Instant::now()),
         })
     }
 
@@ -206,7 +194,12 @@ impl Reactor {
 
     #[inline(always)]
     pub(crate) fn need_preempt(&self) -> bool {
-        unsafe { *self.preempt_ptr_head != (*self.preempt_ptr_tail).load(Ordering::Acquire) }
+        Instant::now() >= self.preempt_deadline.get()
+    }
+
+    /// Tasks start running now; they should yield after `slice`.
+    pub(crate) fn start_preempt_window(&self, slice: Duration) {
+        self.preempt_deadline.set(Instant::now() + slice);
     }
 
     pub(crate) fn id(&self) -> usize {
@@ -524,6 +517,27 @@ impl Reactor {
         self.sys.recv(&source, size, MsgFlags::empty());
         self.rush_dispatch(&source)?;
         Ok(source)
+    }
+
+    /// Whether sockets can receive into provided buffers ([`Self::recv_select`]).
+    pub(crate) fn has_buf_ring(&self) -> bool {
+        self.sys.has_buf_ring()
+    }
+
+    /// A receive through the ring into a provided buffer, submitted with the
+    /// next `io_uring_enter`.
+    pub(crate) fn recv_select(&self, fd: RawFd) -> Source {
+        let source = self.new_source(fd, SourceType::SockRecvSelect(None), None);
+        self.sys.recv_select(&source);
+        source
+    }
+
+    /// A send of `buf` through the ring, submitted with the next
+    /// `io_uring_enter`; it completes when every byte is sent, or fails.
+    pub(crate) fn send_all(&self, fd: RawFd, buf: Vec<u8>) -> Source {
+        let source = self.new_source(fd, SourceType::SockSendOwned(buf), None);
+        self.sys.send_all(&source);
+        source
     }
 
     pub(crate) fn recv(&self, fd: RawFd, size: usize, flags: MsgFlags) -> Source {
@@ -864,27 +878,29 @@ impl Reactor {
         (next_timer, woke)
     }
 
-    /// Processes new events, blocking until the first event or the timeout.
-    pub(crate) fn react(&self, timeout: impl Fn() -> Option<Duration>) -> io::Result<bool> {
-        // Process ready timers.
+    /// Processes what is ready without sleeping: timers, shared channels,
+    /// completions; submits queued I/O. For an executor whose tasks were
+    /// preempted with work left to run.
+    pub(crate) fn poll(&self) -> io::Result<()> {
+        let mut woke = 0;
+        self.sys.poll_io(&mut woke)?;
+        self.process_external_events();
+        Ok(())
+    }
+
+    /// Sleeps until there is work: I/O that wakes a task, the next timer, a
+    /// remote executor or a blocking thread. One `io_uring_enter`.
+    pub(crate) fn park(&self) -> io::Result<()> {
         let (next_timer, woke) = self.process_external_events();
-
-        // Block on I/O events.
-        match self
-            .sys
-            .wait(timeout, next_timer, woke, || self.process_shared_channels())
-        {
-            // Don't wait for the next loop to process timers or shared channels
-            Ok(true) => {
-                self.process_external_events();
-                Ok(true)
-            }
-
-            Ok(false) => Ok(false),
-
-            // An actual error occurred.
-            Err(err) => Err(err),
+        if woke > 0 {
+            let mut woke = 0;
+            return self.sys.poll_io(&mut woke);
         }
+        self.sys
+            .park(next_timer, || self.process_shared_channels())?;
+        // Don't wait for the next loop to process timers or shared channels
+        self.process_external_events();
+        Ok(())
     }
 
     pub(crate) fn io_scheduler(&self) -> &Rc<IoScheduler> {

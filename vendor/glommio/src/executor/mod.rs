@@ -1307,6 +1307,11 @@ impl LocalExecutor {
         Ok(ex.spawn_and_schedule(id, tq, future))
     }
 
+    /// Some task queue has tasks ready to run.
+    fn has_runnable_tasks(&self) -> bool {
+        !self.queues.borrow().active_executors.is_empty()
+    }
+
     fn preempt_timer_duration(&self) -> Duration {
         self.queues.borrow().preempt_timer_duration
     }
@@ -1322,8 +1327,9 @@ impl LocalExecutor {
 
     fn run_task_queues(&self) -> bool {
         let mut ran = false;
+        self.reactor
+            .start_preempt_window(self.preempt_timer_duration());
         loop {
-            self.reactor.sys.install_eventfd();
             if self.need_preempt() {
                 break;
             }
@@ -1470,42 +1476,46 @@ impl LocalExecutor {
                     break t.unwrap();
                 }
 
-                // We want to do I/O before we call run_task_queues,
-                // for the benefit of the latency ring. If there are pending
-                // requests that are latency sensitive we want them out of the
-                // ring ASAP (before we run the task queues). We will also use
-                // the opportunity to install the timer.
-                this.parker
-                    .poll_io(|| Some(this.preempt_timer_duration()))
-                    .expect("Failed to poll io! This is actually pretty bad!");
-
                 // run user code
-                let run = this.run_task_queues();
+                this.run_task_queues();
 
                 // account for runtime and poll/sleep if possible
                 let cur_time = Instant::now();
                 this.queues.borrow_mut().stats.total_runtime += cur_time - pre_time;
                 pre_time = cur_time;
-                if !run {
-                    if let Poll::Ready(t) = future.as_mut().poll(cx) {
-                        // It may be that we just became ready now that the task queue
-                        // is exhausted. But if we sleep (park) we'll never know so we
-                        // test again here. We can't test *just* here because the main
-                        // future is probably the one setting up the task queues and etc.
-                        break t.unwrap();
-                    } else {
-                        while !this.reactor.spin_poll_io().unwrap() {
-                            if pre_time.elapsed() > spin_before_park {
-                                this.parker
-                                    .park()
-                                    .expect("Failed to park! This is actually pretty bad!");
-                                break;
-                            }
-                        }
-                        // reset the timer for deduct spin loop time
-                        pre_time = Instant::now();
-                    }
+                if this.has_runnable_tasks() {
+                    // Preempted with work left: take in what I/O completed and
+                    // submit what is queued, then run again. No sleep.
+                    this.parker
+                        .poll_io()
+                        .expect("Failed to poll io! This is actually pretty bad!");
+                    continue;
                 }
+                if let Poll::Ready(t) = future.as_mut().poll(cx) {
+                    // It may be that we just became ready now that the task queue
+                    // is exhausted. But if we sleep (park) we'll never know so we
+                    // test again here. We can't test *just* here because the main
+                    // future is probably the one setting up the task queues and etc.
+                    break t.unwrap();
+                }
+                // Nothing to run: submit what the tasks queued and sleep, in one
+                // io_uring_enter (optionally after spinning for a while).
+                if spin_before_park > Duration::ZERO {
+                    while !this.reactor.spin_poll_io().unwrap() {
+                        if pre_time.elapsed() > spin_before_park {
+                            this.parker
+                                .park()
+                                .expect("Failed to park! This is actually pretty bad!");
+                            break;
+                        }
+                    }
+                } else {
+                    this.parker
+                        .park()
+                        .expect("Failed to park! This is actually pretty bad!");
+                }
+                // reset the timer for deduct spin loop time
+                pre_time = Instant::now();
             }
         };
 

@@ -160,6 +160,33 @@ impl IoUring {
     }
 
     /// Returns the `SubmissionQueue` part of the `IoUring`.
+    /// Sets up a ring with raw `io_uring_setup` flags (and `cq_entries` when
+    /// `IORING_SETUP_CQSIZE` is among them); returns the kernel's feature
+    /// bits with it.
+    pub fn new_with_raw_flags(
+        entries: u32,
+        flags: u32,
+        cq_entries: u32,
+    ) -> io::Result<(IoUring, u32)> {
+        unsafe {
+            let mut params: uring_sys::io_uring_params = mem::zeroed();
+            params.flags = flags;
+            params.cq_entries = cq_entries;
+            let mut ring = MaybeUninit::uninit();
+            resultify(uring_sys::io_uring_queue_init_params(
+                entries as _,
+                ring.as_mut_ptr(),
+                &mut params,
+            ))?;
+            Ok((
+                IoUring {
+                    ring: ring.assume_init(),
+                },
+                params.features,
+            ))
+        }
+    }
+
     pub fn sq(&self) -> SubmissionQueue<'_> {
         SubmissionQueue::new(self)
     }

@@ -20,6 +20,7 @@ use std::{
 };
 
 pub(super) mod blocking;
+pub(crate) mod buf_ring;
 pub(crate) mod hardware_topology;
 
 macro_rules! syscall {
@@ -172,7 +173,6 @@ pub(crate) fn sendmsg_syscall(
 }
 
 mod dma_buffer;
-mod membarrier;
 pub(crate) mod source;
 pub(crate) mod sysfs;
 mod uring;
@@ -306,6 +306,11 @@ impl SleepNotifier {
     }
 
     pub(crate) fn notify(&self, force: bool) {
+        // Pairs with the fence in `prepare_to_sleep`: either this thread sees
+        // `should_notify` set, or the sleeper sees what was queued before
+        // this call (a Dekker pattern with a full fence on each side, instead
+        // of the sleeper's `membarrier`, which interrupted every other core).
+        std::sync::atomic::fence(Ordering::SeqCst);
         if self
             .should_notify
             .compare_exchange(true, false, Ordering::Relaxed, Ordering::Relaxed)
@@ -344,6 +349,10 @@ impl SleepNotifier {
         // for the placeholder (disconnected) case.
         assert_ne!(self.id, usize::MAX);
         self.should_notify.store(true, Ordering::Relaxed);
+        // Pairs with the fence in `notify`: the queues checked after this
+        // call hold everything a remote producer pushed before it read
+        // `should_notify` as false.
+        std::sync::atomic::fence(Ordering::SeqCst);
     }
 
     pub(super) fn wake_up(&self) {

@@ -34,7 +34,13 @@ pub(crate) enum SourceType {
     Read(PollableStatus, Option<IoBuffer>),
     PollAdd,
     SockSend(DmaBuffer),
+    /// A send of bytes the stream copied in; the buffer lives until the send
+    /// completes.
+    SockSendOwned(Vec<u8>),
     SockRecv(Option<DmaBuffer>),
+    /// A receive into a buffer the kernel picks from the executor's ring of
+    /// provided buffers when bytes arrive.
+    SockRecvSelect(Option<crate::sys::buf_ring::ProvidedBuf>),
     SockRecvMsg(
         Option<DmaBuffer>,
         libc::iovec,
@@ -52,7 +58,6 @@ pub(crate) enum SourceType {
     Fallocate,
     Truncate,
     Close,
-    LinkRings,
     ForeignNotifier(u64, bool),
     Statx(CString, Box<RefCell<Statx>>),
     Timeout(TimeSpec64, u32),
@@ -193,7 +198,7 @@ impl Source {
         Ref::map(self.inner.borrow(), |x| &x.timeout)
     }
 
-    pub(super) fn source_type(&self) -> Ref<'_, SourceType> {
+    pub(crate) fn source_type(&self) -> Ref<'_, SourceType> {
         Ref::map(self.inner.borrow(), |x| &x.source_type)
     }
 
@@ -296,6 +301,18 @@ impl Source {
 
     pub(super) fn raw(&self) -> RawFd {
         self.inner.borrow().raw
+    }
+
+    /// Queued and not handed to the kernel yet (dropping it now means the
+    /// kernel never sees it).
+    pub(crate) fn is_queued(&self) -> bool {
+        matches!(
+            self.inner.borrow().enqueued,
+            Some(EnqueuedSource {
+                status: EnqueuedStatus::Enqueued,
+                ..
+            })
+        )
     }
 
     pub(crate) fn stats_collection(&self) -> Option<StatsCollection> {

@@ -36,8 +36,9 @@ use crate::{
     sys::{
         self,
         blocking::{BlockingThreadOp, BlockingThreadPool},
+        buf_ring::BufRing,
         dma_buffer::{BufferStorage, DmaBuffer},
-        membarrier, DirectIo, EnqueuedSource, EnqueuedStatus, InnerSource, IoBuffer,
+        DirectIo, EnqueuedSource, EnqueuedStatus, InnerSource, IoBuffer,
         PollableStatus, Source, SourceType, Statx, TimeSpec64,
     },
     uring_sys::{self, IoRingOp},
@@ -52,6 +53,13 @@ use nix::sys::{
 use smallvec::SmallVec;
 
 const MSG_ZEROCOPY: i32 = 0x4000000;
+const IOSQE_BUFFER_SELECT: u8 = 1 << 5;
+const IORING_CQE_F_BUFFER: u32 = 1 << 0;
+const IORING_CQE_BUFFER_SHIFT: u32 = 16;
+/// The provided-buffer ring of the main ring: this many buffers of this
+/// size per executor (4 MiB), buffer group 0.
+const BUF_RING_ENTRIES: u16 = 256;
+const BUF_RING_SIZE: usize = 16 * 1024;
 
 #[allow(dead_code)]
 #[derive(Debug)]
@@ -74,8 +82,12 @@ enum UringOpDescriptor {
     Timeout(*const uring_sys::__kernel_timespec, u32),
     TimeoutRemove(u64),
     SockSend(*const u8, usize, i32),
+    /// A send that completes only once every byte is sent (or fails).
+    SockSendAll(*const u8, usize),
     SockSendMsg(*mut libc::msghdr, i32),
     SockRecv(usize, i32),
+    /// `len`, buffer group.
+    SockRecvSelect(usize, u16),
     SockRecvMsg(usize, i32),
     Nop,
 }
@@ -384,6 +396,15 @@ fn fill_sqe<F>(
                 sqe.prep_send(op.fd, buf, MsgFlags::from_bits_retain(flags | MSG_ZEROCOPY));
             }
 
+            UringOpDescriptor::SockSendAll(ptr, len) => {
+                let buf = std::slice::from_raw_parts(ptr, len);
+                sqe.prep_send(
+                    op.fd,
+                    buf,
+                    MsgFlags::MSG_WAITALL | MsgFlags::MSG_NOSIGNAL,
+                );
+            }
+
             UringOpDescriptor::SockSendMsg(hdr, flags) => {
                 sqe.prep_sendmsg(op.fd, hdr, MsgFlags::from_bits_retain(flags | MSG_ZEROCOPY));
             }
@@ -400,6 +421,15 @@ fn fill_sqe<F>(
                         _ => unreachable!(),
                     };
                 });
+            }
+
+            UringOpDescriptor::SockRecvSelect(len, bgid) => {
+                // No buffer now: the kernel takes one from group `bgid` when
+                // bytes arrive.
+                let raw = sqe.raw_mut();
+                uring_sys::io_uring_prep_recv(raw, op.fd, ptr::null_mut(), len, 0);
+                raw.flags |= IOSQE_BUFFER_SELECT;
+                raw.buf_index.buf_index.index_or_group = bgid;
             }
 
             UringOpDescriptor::SockRecvMsg(len, flags) => {
@@ -540,7 +570,7 @@ fn process_one_event<F, R>(
 ) -> Option<bool>
 where
     F: FnOnce(Ref<'_, InnerSource>) -> Option<()>,
-    R: FnOnce(RefMut<'_, InnerSource>, io::Result<usize>) -> io::Result<usize>,
+    R: FnOnce(RefMut<'_, InnerSource>, io::Result<usize>, u32) -> io::Result<usize>,
 {
     if let Some(value) = cqe {
         // No user data is `POLL_REMOVE` or `CANCEL`, we won't process.
@@ -556,7 +586,11 @@ where
 
         let mut woke = false;
         if try_process(src.borrow()).is_none() {
-            let res = Some(post_process(src.borrow_mut(), transmute_error(result)));
+            let res = Some(post_process(
+                src.borrow_mut(),
+                transmute_error(result),
+                value.raw_flags(),
+            ));
             let mut inner_source = src.borrow_mut();
             inner_source.wakers.result = res;
             woke = inner_source.wakers.wake_waiters();
@@ -637,7 +671,6 @@ pub(crate) trait UringCommon {
     fn submission_queue(&mut self) -> ReactorQueue;
     fn submit_sqes(&mut self) -> io::Result<usize>;
     fn waiting_kernel_submission(&self) -> usize;
-    fn in_kernel(&self) -> usize;
     fn waiting_kernel_collection(&self) -> usize;
     fn needs_kernel_enter(&self) -> bool;
     fn can_sleep(&self) -> bool;
@@ -648,7 +681,6 @@ pub(crate) trait UringCommon {
     /// Return `None` if no event is completed, `Some(true)` for a task is woken
     /// up and `Some(false)` for not.
     fn consume_one_event(&mut self) -> Option<bool>;
-    fn name(&self) -> &'static str;
     fn io_stats_mut(&mut self) -> &mut RingIoStats;
     fn io_stats_for_task_queue_mut(&mut self, handle: TaskQueueHandle) -> &mut RingIoStats;
     fn registrar(&self) -> iou::Registrar<'_>;
@@ -708,31 +740,6 @@ pub(crate) trait UringCommon {
         completed
     }
 
-    /// It is important to process cancellations as soon as we see them,
-    /// which is why they go into a separate queue. The reason is that
-    /// cancellations can be racy if they are left to their own devices.
-    ///
-    /// Imagine that you have a write request to fd 3 and wants to cancel it.
-    /// But before the cancellation is run fd 3 gets closed and another file
-    /// is opened with the same fd.
-    fn flush_cancellations(&mut self, woke: &mut usize) {
-        let mut cnt = 0;
-        loop {
-            if self.consume_cancellation_queue().is_ok() {
-                break;
-            }
-            self.consume_completion_queue(woke);
-            cnt += 1;
-            if cnt > 1_000_000 {
-                panic!(
-                    "i tried literally a million times but couldn't flush to the {} ring",
-                    self.name()
-                );
-            }
-        }
-        self.consume_completion_queue(woke);
-    }
-
     fn poll(&mut self, woke: &mut usize) -> io::Result<()> {
         self.consume_cancellation_queue()
             .or_else(Reactor::busy_ok)
@@ -787,10 +794,6 @@ impl PollRing {
 }
 
 impl UringCommon for PollRing {
-    fn name(&self) -> &'static str {
-        "poll"
-    }
-
     fn io_stats_mut(&mut self) -> &mut RingIoStats {
         &mut self.stats
     }
@@ -818,10 +821,6 @@ impl UringCommon for PollRing {
         self.ring.sq().ready() as usize
     }
 
-    fn in_kernel(&self) -> usize {
-        self.in_kernel
-    }
-
     fn waiting_kernel_collection(&self) -> usize {
         self.ring.cq().ready() as usize
     }
@@ -841,7 +840,7 @@ impl UringCommon for PollRing {
         process_one_event(
             self.ring.peek_for_cqe(),
             |_| None,
-            |mut src, res| {
+            |mut src, res, _| {
                 record_stats(self, &mut src, &res);
                 res
             },
@@ -883,48 +882,82 @@ impl UringCommon for PollRing {
     }
 }
 
+/// The ring the reactor sleeps on. Every request that is not polled I/O
+/// goes here, network I/O included, so that one `io_uring_enter` submits
+/// everything queued and waits (see [`Reactor::park`]).
 struct SleepableRing {
     ring: iou::IoUring,
     size: usize,
     submission_queue: ReactorQueue,
-    name: &'static str,
     allocator: Rc<UringBufferAllocator>,
     stats: RingIoStats,
     task_queue_stats: AHashMap<TaskQueueHandle, RingIoStats>,
     source_map: Rc<RefCell<SourceMap>>,
     in_kernel: usize,
+    /// Completions are posted only when this thread enters the kernel
+    /// (`IORING_SETUP_DEFER_TASKRUN`): no task-work interrupts while tasks
+    /// run, and the kernel flags pending completions (`IORING_SQ_TASKRUN`).
+    defer_taskrun: bool,
+    /// `io_uring_enter` takes a timeout (`IORING_FEAT_EXT_ARG`, 5.11), so a
+    /// sleep with a timer due needs no timeout request.
+    ext_arg: bool,
+    /// Provided buffers for socket receives (5.19); `None` on older kernels.
+    buf_ring: Option<Rc<BufRing>>,
+    /// `io_uring_enter` calls made on this ring, for tests.
+    enters: u64,
 }
+
+/// What the main ring is set up with, best first; a kernel that refuses a
+/// set gets the next one. DEFER_TASKRUN needs 6.1, SUBMIT_ALL 5.18.
+const MAIN_RING_SETUPS: &[u32] = &[
+    uring_sys::IORING_SETUP_SINGLE_ISSUER
+        | uring_sys::IORING_SETUP_DEFER_TASKRUN
+        | uring_sys::IORING_SETUP_TASKRUN_FLAG
+        | uring_sys::IORING_SETUP_SUBMIT_ALL,
+    0,
+];
+
+/// The main ring carries every socket of the executor: its submission queue
+/// is at least this deep, so that a park with many sockets' requests
+/// queued still submits them in one `io_uring_enter`.
+const MAIN_RING_MIN_DEPTH: usize = 1024;
 
 impl SleepableRing {
     fn new(
         size: usize,
-        name: &'static str,
         allocator: Rc<UringBufferAllocator>,
         source_map: Rc<RefCell<SourceMap>>,
     ) -> io::Result<Self> {
         assert!(*IO_URING_RECENT_ENOUGH);
-        Ok(SleepableRing {
-            ring: iou::IoUring::new(size as _)?,
-            size,
-            submission_queue: UringQueueState::with_capacity(size * 4),
-            name,
-            allocator,
-            stats: RingIoStats::default(),
-            task_queue_stats: AHashMap::new(),
-            source_map,
-            in_kernel: 0,
-        })
+        let mut last_err = None;
+        for &flags in MAIN_RING_SETUPS {
+            let flags = flags | uring_sys::IORING_SETUP_CQSIZE;
+            match iou::IoUring::new_with_raw_flags(size as _, flags, (size * 4) as _) {
+                Ok((ring, features)) => {
+                    return Ok(SleepableRing {
+                        ring,
+                        size,
+                        submission_queue: UringQueueState::with_capacity(size * 4),
+                        allocator,
+                        stats: RingIoStats::default(),
+                        task_queue_stats: AHashMap::new(),
+                        source_map,
+                        in_kernel: 0,
+                        defer_taskrun: flags & uring_sys::IORING_SETUP_DEFER_TASKRUN != 0,
+                        ext_arg: features & uring_sys::IORING_FEAT_EXT_ARG != 0,
+                        buf_ring: None,
+                        enters: 0,
+                    })
+                }
+                Err(e) => last_err = Some(e),
+            }
+        }
+        Err(last_err.expect("at least one ring setup was tried"))
     }
 
-    fn ring_fd(&self) -> RawFd {
-        self.ring.raw().ring_fd
-    }
-
-    /// This function prepares a timer that fires unconditionally after a
-    /// certain duration. The timer is added at the front of the queue such
-    /// that it will be the first SQE submitted the next time we enter the
-    /// latency ring
-    fn prepare_latency_preemption_timer(&mut self, d: Duration) -> Source {
+    /// A timeout request that completes after `d`: how a sleep is bounded
+    /// when the kernel cannot take a timeout in `io_uring_enter` itself.
+    fn prepare_timeout(&mut self, d: Duration) -> Source {
         let source = Source::new(
             IoRequirements::default(),
             -1,
@@ -938,11 +971,10 @@ impl SleepableRing {
             }
             _ => unreachable!(),
         };
-
         self.submission_queue()
             .borrow_mut()
             .submissions
-            .push_front(UringDescriptor {
+            .push_back(UringDescriptor {
                 args: op,
                 fd: -1,
                 flags: SubmissionFlags::empty(),
@@ -955,163 +987,161 @@ impl SleepableRing {
         source
     }
 
-    /// This function prepares a timer that fires only after a given number of
-    /// CQEs are available on the main ring. This timer is linked with a write
-    /// to the latency ring's event fd such that this timer triggers a
-    /// preemption via the latency ring.
-    fn prepare_throughput_preemption_timer(&mut self, min_events: u32, event_fd: RawFd) -> Source {
-        assert!(min_events >= 1, "min_events should be at least 1");
-        let timer_source = Source::new(
-            IoRequirements::default(),
-            -1,
-            SourceType::Timeout(TimeSpec64::MAX, min_events),
-            None,
-            None,
-        );
-
-        const EVENTFD_WAKEUP: &[u64; 1] = &[1u64; 1];
-        let write_op = UringDescriptor {
-            fd: event_fd,
+    /// Puts a read of the executor's `eventfd` in the submission queue, so
+    /// that a remote executor can wake this one while it sleeps. It is
+    /// submitted with the next `io_uring_enter`; false if the submission
+    /// queue is full.
+    fn install_eventfd(&mut self, eventfd_src: &Source) -> bool {
+        if eventfd_src.is_installed().unwrap() {
+            return true;
+        }
+        let mut sq = self.ring.sq();
+        let Some(mut sqe) = sq.prepare_sqe() else {
+            return false;
+        };
+        let op = UringDescriptor {
+            fd: eventfd_src.raw(),
             flags: SubmissionFlags::empty(),
-            user_data: 0,
-            args: UringOpDescriptor::Write(EVENTFD_WAKEUP as *const u64 as _, 8, 0),
-        };
-
-        let op = match &*timer_source.source_type() {
-            SourceType::Timeout(ts, events) => {
-                UringOpDescriptor::Timeout(&ts.raw as *const _, *events)
-            }
-            _ => unreachable!(),
-        };
-        let queue = self.submission_queue();
-        queue.borrow_mut().submissions.push_front(write_op);
-        queue.borrow_mut().submissions.push_front(UringDescriptor {
-            args: op,
-            fd: -1,
-            flags: SubmissionFlags::IO_LINK,
             user_data: to_user_data(
                 self.source_map
                     .borrow_mut()
-                    .add_source(&timer_source, queue.clone()),
+                    .add_source(eventfd_src, self.submission_queue.clone()),
             ),
-        });
-        timer_source
-    }
-
-    fn install_eventfd(&mut self, eventfd_src: &Source) -> bool {
-        if let Some(mut sqe) = self.ring.sq().prepare_sqe() {
-            // Now must wait on the `eventfd` in case someone wants to wake us up.
-            // If we can't then we can't sleep and will just bail immediately
-            let op = UringDescriptor {
-                fd: eventfd_src.raw(),
-                flags: SubmissionFlags::empty(),
-                user_data: to_user_data(
-                    self.source_map
-                        .borrow_mut()
-                        .add_source(eventfd_src, self.submission_queue.clone()),
-                ),
-                args: UringOpDescriptor::Read(0, 8),
-            };
-
-            let buffer_ptr = {
-                match &mut *eventfd_src.source_type_mut() {
-                    SourceType::ForeignNotifier(result, _) => result as *mut _ as _,
-                    _ => unreachable!("Expected ForeignNotifier source type"),
-                }
-            };
-
-            fill_sqe(
-                &mut sqe,
-                &op,
-                |size| {
-                    Some(DmaBuffer::with_storage(
-                        size,
-                        BufferStorage::EventFd(buffer_ptr),
-                    ))
-                },
-                &mut self.source_map.borrow_mut(),
-            );
-
-            match &mut *eventfd_src.source_type_mut() {
-                SourceType::ForeignNotifier(_, installed) => {
-                    *installed = self.submit_sqes().is_ok();
-                    *installed
-                }
-                _ => unreachable!("Expected ForeignNotifier source type"),
-            }
-        } else {
-            false
-        }
-    }
-
-    fn sleep(&mut self, link: &Source) -> io::Result<usize> {
-        assert_eq!(
-            self.waiting_kernel_submission(),
-            0,
-            "sleeping with pending SQEs"
+            args: UringOpDescriptor::Read(0, 8),
+        };
+        let buffer_ptr = match &mut *eventfd_src.source_type_mut() {
+            SourceType::ForeignNotifier(result, _) => result as *mut _ as _,
+            _ => unreachable!("Expected ForeignNotifier source type"),
+        };
+        fill_sqe(
+            &mut sqe,
+            &op,
+            |size| {
+                Some(DmaBuffer::with_storage(
+                    size,
+                    BufferStorage::EventFd(buffer_ptr),
+                ))
+            },
+            &mut self.source_map.borrow_mut(),
         );
-        if let Some(mut sqe) = self.ring.sq().prepare_sqe() {
-            let sqe_ptr = unsafe { sqe.raw_mut() as *mut _ };
-            let op = UringDescriptor {
-                fd: link.raw(),
-                flags: SubmissionFlags::empty(),
-                user_data: to_user_data(
-                    self.source_map
-                        .borrow_mut()
-                        .add_source(link, self.submission_queue.clone()),
-                ),
-                args: UringOpDescriptor::PollAdd(common_flags() | read_flags()),
-            };
-            fill_sqe(
-                &mut sqe,
-                &op,
-                DmaBuffer::new,
-                &mut self.source_map.borrow_mut(),
-            );
+        match &mut *eventfd_src.source_type_mut() {
+            SourceType::ForeignNotifier(_, installed) => *installed = true,
+            _ => unreachable!("Expected ForeignNotifier source type"),
+        }
+        true
+    }
 
-            // We have now prepared the SQE that links the two rings. We now need to submit
-            // it successfully to be able to safely sleep.
-
-            if self
-                .submit_sqes()
-                .or_else(Reactor::busy_ok)
-                .or_else(Reactor::again_ok)
-                .or_else(Reactor::intr_ok)?
-                != 1
-            {
-                // We failed to submit the `SQE` that links the rings. Just can't sleep.
-                // Waiting here is unsafe because we could end up waiting much longer than
-                // needed.
-                // We make the SQE a no-op and return
-                unsafe { crate::uring_sys::io_uring_prep_nop(sqe_ptr) };
-                Err(io::Error::from_raw_os_error(libc::EBUSY))
-            } else {
-                // The rings are linked. Goodnight!
-                self.ring
-                    .cq()
-                    .wait(1)
-                    .map(|_| 1)
-                    .or_else(Reactor::busy_ok)
-                    .or_else(Reactor::again_ok)
-                    .or_else(Reactor::intr_ok)
+    /// Moves queued requests into the submission queue, without entering the
+    /// kernel unless the submission queue fills up.
+    ///
+    /// Cancellations go first: a cancellation left behind could be racy.
+    /// Imagine a write request to fd 3 that is to be cancelled, but before
+    /// the cancellation runs fd 3 gets closed and another file is opened
+    /// with the same fd.
+    fn fill_sq(&mut self) -> io::Result<()> {
+        let q = self.submission_queue();
+        let mut queue = q.borrow_mut();
+        let UringQueueState {
+            submissions,
+            cancellations,
+        } = &mut *queue;
+        for queue in [cancellations, submissions] {
+            loop {
+                match self.submit_one_event(queue) {
+                    Some(true) => {}
+                    Some(false) => break,
+                    None => {
+                        // Full: hand what is there to the kernel and go on.
+                        self.enter(0, None)?;
+                        if self.ring.sq().space_left() == 0 {
+                            return Ok(());
+                        }
+                    }
+                }
             }
-        } else {
-            // Can't link rings because we ran out of `CQE`s. Just can't sleep.
-            // Submit what we have, once we're out of here we'll consume them
-            // and at some point will be able to sleep again.
-            self.submit_sqes()
-                .or_else(Reactor::busy_ok)
-                .or_else(Reactor::again_ok)
-                .or_else(Reactor::intr_ok)
+        }
+        Ok(())
+    }
+
+    /// Completions are waiting in the kernel to be posted (DEFER_TASKRUN).
+    fn taskrun_pending(&self) -> bool {
+        if !self.defer_taskrun {
+            return false;
+        }
+        // SAFETY: `kflags` points into the ring's shared memory, which lives
+        // as long as the ring.
+        let flags = unsafe {
+            (*(self.ring.raw().sq.kflags as *const std::sync::atomic::AtomicU32))
+                .load(std::sync::atomic::Ordering::Acquire)
+        };
+        flags & uring_sys::IORING_SQ_TASKRUN != 0
+    }
+
+    /// One `io_uring_enter`: submits every prepared request and, with
+    /// `wait_nr` > 0, waits until that many completions are posted or
+    /// `timeout` passes. Interruptions, timeouts and a busy kernel are not
+    /// errors: the caller looks at what completed.
+    fn enter(&mut self, wait_nr: u32, timeout: Option<Duration>) -> io::Result<()> {
+        // SAFETY: the ring is ours and alive; flushing publishes SQEs that
+        // `prepare_sqe` handed out and `fill_sqe` filled.
+        let raw = unsafe { self.ring.raw_mut() };
+        let to_submit = unsafe { uring_sys::__io_uring_flush_sq(raw) }.max(0) as u32;
+        let mut flags = 0;
+        if wait_nr > 0 || self.defer_taskrun {
+            flags |= uring_sys::IORING_ENTER_GETEVENTS;
+        }
+        let ts;
+        let arg;
+        let (argp, argsz) = match timeout {
+            Some(d) if wait_nr > 0 && self.ext_arg => {
+                ts = uring_sys::__kernel_timespec {
+                    tv_sec: d.as_secs() as _,
+                    tv_nsec: d.subsec_nanos() as _,
+                };
+                arg = uring_sys::io_uring_getevents_arg {
+                    sigmask: 0,
+                    sigmask_sz: 8,
+                    pad: 0,
+                    ts: &ts as *const _ as u64,
+                };
+                flags |= uring_sys::IORING_ENTER_EXT_ARG;
+                (
+                    &arg as *const _ as *const libc::c_void,
+                    std::mem::size_of::<uring_sys::io_uring_getevents_arg>(),
+                )
+            }
+            _ => (ptr::null(), 0),
+        };
+        if to_submit == 0 && flags == 0 {
+            return Ok(());
+        }
+        self.enters += 1;
+        // SAFETY: io_uring_enter on our ring fd; `argp` is null or points to
+        // `arg`, alive until the call returns.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_io_uring_enter,
+                raw.ring_fd,
+                to_submit,
+                wait_nr,
+                flags,
+                argp,
+                argsz,
+            )
+        };
+        if ret >= 0 {
+            self.in_kernel += ret as usize;
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::ETIME | libc::EINTR | libc::EAGAIN | libc::EBUSY) => Ok(()),
+            _ => Err(err),
         }
     }
 }
 
 impl UringCommon for SleepableRing {
-    fn name(&self) -> &'static str {
-        self.name
-    }
-
     fn io_stats_mut(&mut self) -> &mut RingIoStats {
         &mut self.stats
     }
@@ -1144,10 +1174,6 @@ impl UringCommon for SleepableRing {
         self.ring.sq().ready() as usize
     }
 
-    fn in_kernel(&self) -> usize {
-        self.in_kernel
-    }
-
     fn waiting_kernel_collection(&self) -> usize {
         self.ring.cq().ready() as usize
     }
@@ -1164,16 +1190,23 @@ impl UringCommon for SleepableRing {
 
     fn consume_one_event(&mut self) -> Option<bool> {
         let source_map = self.source_map.clone();
+        let buf_ring = self.buf_ring.clone();
         process_one_event(
             self.ring.peek_for_cqe(),
-            |source| match source.source_type {
-                SourceType::LinkRings => Some(()),
-                _ => None,
-            },
-            |mut src, res| {
+            |_| None,
+            |mut src, res, flags| {
                 record_stats(self, &mut src, &res);
-                if let SourceType::ForeignNotifier(_, installed) = &mut src.source_type {
-                    *installed = false;
+                match &mut src.source_type {
+                    SourceType::ForeignNotifier(_, installed) => *installed = false,
+                    SourceType::SockRecvSelect(slot) if flags & IORING_CQE_F_BUFFER != 0 => {
+                        // The buffer is the reader's now (or back in the ring
+                        // when the source is dropped).
+                        if let (Some(ring), Ok(len)) = (&buf_ring, &res) {
+                            let bid = (flags >> IORING_CQE_BUFFER_SHIFT) as u16;
+                            *slot = Some(ring.take(bid, *len));
+                        }
+                    }
+                    _ => {}
                 }
                 res
             },
@@ -1218,13 +1251,10 @@ impl UringCommon for SleepableRing {
 pub(crate) struct Reactor {
     // FIXME: it is starting to feel we should clean this up to a Inner pattern
     main_ring: RefCell<SleepableRing>,
-    latency_ring: RefCell<SleepableRing>,
     poll_ring: RefCell<PollRing>,
 
-    latency_preemption_timeout_src: Cell<Option<Source>>,
-    throughput_preemption_timeout_src: Cell<Option<Source>>,
-
-    link_fd: RawFd,
+    /// Bounds a sleep when the kernel has no `IORING_FEAT_EXT_ARG`.
+    timeout_src: Cell<Option<Source>>,
 
     // This keeps the `eventfd` alive. Drop will close it when we're done
     notifier: Arc<sys::SleepNotifier>,
@@ -1258,27 +1288,6 @@ macro_rules! consume_rings {
         consumed
     }}
 }
-macro_rules! flush_cancellations {
-    (into $output:expr; $( $ring:expr ),+ ) => {{
-        $(
-            $ring.flush_cancellations($output);
-        )*
-    }}
-}
-
-macro_rules! flush_rings {
-    ($( $ring:expr ),+ ) => {{
-        let mut ret = 0;
-        $(
-            ret += $ring.consume_submission_queue()
-                .or_else(Reactor::busy_ok)
-                .or_else(Reactor::again_ok)
-                .or_else(Reactor::intr_ok)?;
-        )*
-        io::Result::Ok(ret)
-    }}
-}
-
 fn align_up(v: usize, align: usize) -> usize {
     (v + align - 1) & !(align - 1)
 }
@@ -1306,11 +1315,12 @@ impl Reactor {
         let allocator = Rc::new(UringBufferAllocator::new(io_memory));
         let registry = vec![allocator.as_bytes()];
 
-        let main_ring =
-            SleepableRing::new(ring_depth, "main", allocator.clone(), source_map.clone())?;
+        let mut main_ring = SleepableRing::new(
+            ring_depth.max(MAIN_RING_MIN_DEPTH),
+            allocator.clone(),
+            source_map.clone(),
+        )?;
         let poll_ring = PollRing::new(ring_depth, allocator.clone(), source_map.clone())?;
-        let mut latency_ring =
-            SleepableRing::new(ring_depth, "latency", allocator.clone(), source_map.clone())?;
 
         match main_ring.registrar().register_buffers_by_ref(&registry) {
             Err(x) => warn!("Error: registering buffers in the main ring. Skipping{x:#?}"),
@@ -1320,21 +1330,10 @@ impl Reactor {
                     main_ring.registrar().unregister_buffers().unwrap();
                 }
                 Ok(_) => {
-                    match latency_ring.registrar().register_buffers_by_ref(&registry) {
-                        Err(x) => {
-                            warn!("Error: registering buffers in the poll ring. Skipping{x:#?}");
-                            poll_ring.registrar().unregister_buffers().unwrap();
-                            main_ring.registrar().unregister_buffers().unwrap();
-                        }
-                        Ok(_) => {
-                            allocator.activate_registered_buffers(0);
-                        }
-                    };
+                    allocator.activate_registered_buffers(0);
                 }
             },
         }
-
-        let link_fd = latency_ring.ring_fd();
 
         let eventfd_src = Source::new(
             IoRequirements::default(),
@@ -1343,19 +1342,22 @@ impl Reactor {
             None,
             None,
         );
-
-        if !eventfd_src.is_installed().unwrap() {
-            latency_ring.install_eventfd(&eventfd_src);
-        }
+        main_ring.install_eventfd(&eventfd_src);
+        let ring_fd = main_ring.ring.raw_fd();
+        main_ring.buf_ring = match BufRing::register(ring_fd, 0, BUF_RING_ENTRIES, BUF_RING_SIZE)
+        {
+            Ok(ring) => Some(ring),
+            Err(e) => {
+                warn!("no ring of provided buffers ({e}): sockets read with recv(2)");
+                None
+            }
+        };
 
         Ok(Reactor {
             main_ring: RefCell::new(main_ring),
-            latency_ring: RefCell::new(latency_ring),
             poll_ring: RefCell::new(poll_ring),
-            latency_preemption_timeout_src: Cell::new(None),
-            throughput_preemption_timeout_src: Cell::new(None),
+            timeout_src: Cell::new(None),
             blocking_thread,
-            link_fd,
             notifier,
             eventfd_src,
             source_map,
@@ -1369,14 +1371,6 @@ impl Reactor {
 
     pub(crate) fn ring_depth(&self) -> usize {
         self.rings_depth
-    }
-
-    pub(crate) fn install_eventfd(&self) {
-        if !self.eventfd_src.is_installed().unwrap() {
-            self.latency_ring
-                .borrow_mut()
-                .install_eventfd(&self.eventfd_src);
-        }
     }
 
     pub(crate) fn process_foreign_wakes(&self) -> usize {
@@ -1482,6 +1476,46 @@ impl Reactor {
 
                 UringOpDescriptor::SockSendMsg(hdr, flags.bits())
             }
+            _ => unreachable!(),
+        };
+        queue_request_into_ring(
+            &mut *self.ring_for_source(source),
+            source,
+            op,
+            &mut self.source_map.borrow_mut(),
+        );
+    }
+
+    /// `io_uring_enter` calls the main ring has made (those that submit
+    /// through liburing's own calls aside), for tests.
+    #[cfg(test)]
+    pub(crate) fn enters(&self) -> u64 {
+        self.main_ring.borrow().enters
+    }
+
+    /// The ring of provided buffers socket receives take theirs from.
+    pub(crate) fn has_buf_ring(&self) -> bool {
+        self.main_ring.borrow().buf_ring.is_some()
+    }
+
+    /// Queues a receive into a provided buffer (see [`BufRing`]).
+    pub(crate) fn recv_select(&self, source: &Source) {
+        let (len, bgid) = match &self.main_ring.borrow().buf_ring {
+            Some(ring) => (ring.buf_size(), ring.bgid()),
+            None => unreachable!("recv_select without a ring of provided buffers"),
+        };
+        queue_request_into_ring(
+            &mut *self.ring_for_source(source),
+            source,
+            UringOpDescriptor::SockRecvSelect(len, bgid),
+            &mut self.source_map.borrow_mut(),
+        );
+    }
+
+    /// Queues a send of the source's own bytes, complete or failed.
+    pub(crate) fn send_all(&self, source: &Source) {
+        let op = match &*source.source_type() {
+            SourceType::SockSendOwned(buf) => UringOpDescriptor::SockSendAll(buf.as_ptr(), buf.len()),
             _ => unreachable!(),
         };
         queue_request_into_ring(
@@ -1718,28 +1752,19 @@ impl Reactor {
         }
     }
 
-    /// We want to go to sleep, but we can only go to sleep in one of the rings,
-    /// as we only have one thread. There are more than one sleepable rings, so
-    /// what we do is we take advantage of the fact that the ring's `ring_fd` is
-    /// pollable and register a `POLL_ADD` event into the ring we will wait on.
+    /// Reaps completions and submits what is queued, without sleeping.
     ///
-    /// We may not be able to register an `SQE` at this point, so we return an
-    /// Error and will just not sleep.
-    fn link_rings_and_sleep(&self, ring: &mut SleepableRing) -> io::Result<()> {
-        let link_rings = Source::new(
-            IoRequirements::default(),
-            self.link_fd,
-            SourceType::LinkRings,
-            None,
-            None,
-        );
-        ring.sleep(&link_rings).or_else(Self::busy_ok).map(|_| {})
-    }
-
+    /// Enters the kernel only when there is something to submit or the
+    /// kernel holds completions it has not posted yet.
     pub(crate) fn poll_io(&self, woke: &mut usize) -> io::Result<()> {
         self.poll_ring.borrow_mut().poll(woke)?;
-        self.main_ring.borrow_mut().poll(woke)?;
-        self.latency_ring.borrow_mut().poll(woke)?;
+        let mut main_ring = self.main_ring.borrow_mut();
+        main_ring.consume_completion_queue(woke);
+        main_ring.fill_sq()?;
+        if main_ring.waiting_kernel_submission() > 0 || main_ring.taskrun_pending() {
+            main_ring.enter(0, None)?;
+            main_ring.consume_completion_queue(woke);
+        }
         *woke += self.flush_syscall_thread();
         Ok(())
     }
@@ -1753,156 +1778,83 @@ impl Reactor {
         }
     }
 
-    /// This function can be passed two timers. Because they play different
-    /// roles we keep them separate instead of overloading the same
-    /// parameter.
+    /// Sleeps until a task is woken (by I/O, a remote executor or a blocking
+    /// thread) or `user_timer` passes, with one `io_uring_enter` that also
+    /// submits everything queued.
     ///
-    /// * The first is the preempt timer. It is designed to take the current
-    ///   task queue out of the cpu. If nothing else fires in the latency ring
-    ///   the preempt timer will, making need_preempt return true. Currently, we
-    ///   always install a preempt timer in the upper layers but from the point
-    ///   of view of the io_uring implementation it is optional: it is perfectly
-    ///   valid not to have one. Preempt timers are installed by Glommio
-    ///   executor runtime.
+    /// Nothing is armed and cancelled per sleep: no timeout request (the
+    /// timeout goes in `io_uring_enter` itself), no preemption timer (there
+    /// is nothing else to run), no second ring to link, and no
+    /// `membarrier` (remote producers fence themselves, see
+    /// [`sys::SleepNotifier::notify`]). Completions that wake no task (a
+    /// send finishing, a cancellation) do not end the sleep.
     ///
-    /// * The second is the user timer. It is installed per a user request when
-    ///   the user creates a `Timer` (or `TimerAction`).
-    ///
-    /// At some level, those are both just timers and can be coalesced. And they
-    /// certainly are: if there is a user timer that needs to fire in 1ms, and
-    /// we want the preempt_timer to also fire around 1ms, there is no need
-    /// to register two timers. At the end of the day, all that matters is
-    /// that the latency ring flares and that we leave the CPU. That is
-    /// because unlike I/O, we don't have one Source per timer, and
-    /// parking.rs just keeps them on a wheel and just tell us about what is
-    /// the next expiration.
-    ///
-    /// However, they are also different. The main source of difference is sleep
-    /// and wake behavior:
-    ///
-    /// * When there is no more work to do, and we go to sleep, we do not want
-    ///   to register the preempt timer: it is designed to fire periodically to
-    ///   take us out of the CPU and if there is no task queue running, we don't
-    ///   want to wake up and spend power just for that. However, if there is a
-    ///   user timer that needs to fire in the future we must register it.
-    ///   Otherwise, we will sleep and never wake up.
-    ///
-    /// * The user timer point of expiration never changes. So once we register
-    ///   it we don't need to rearm it until it fires. But the preempt timer has
-    ///   to be rearmed every time. Moreover, it needs to give every task queue
-    ///   a fair shot at running. So it needs to be rearmed as close as possible
-    ///   to the point where we *leave* this method. For instance: if we spin
-    ///   here for 3ms and the preempt timer is 10ms that would leave the next
-    ///   task queue just 7ms to run.
-    pub(crate) fn wait<Preempt, F>(
+    /// It does not sleep if there is already something to do, or while
+    /// polled I/O (O_DIRECT files on the poll ring) is in flight.
+    pub(crate) fn park<F>(
         &self,
-        preempt_timer: Preempt,
         user_timer: Option<Duration>,
-        mut woke: usize,
         process_remote_channels: F,
-    ) -> io::Result<bool>
+    ) -> io::Result<()>
     where
-        Preempt: Fn() -> Option<Duration>,
         F: Fn() -> usize,
     {
-        woke += self.flush_syscall_thread();
-
+        let mut woke = self.flush_syscall_thread();
         let mut poll_ring = self.poll_ring.borrow_mut();
         let mut main_ring = self.main_ring.borrow_mut();
-        let mut lat_ring = self.latency_ring.borrow_mut();
+        consume_rings!(into &mut woke; poll_ring, main_ring);
+        poll_ring.poll(&mut woke)?;
+        main_ring.fill_sq()?;
 
-        // consume all events from the rings
-        consume_rings!(into &mut woke; lat_ring, poll_ring, main_ring);
-
-        // Cancel the old timer regardless of whether we can sleep:
-        // if we won't sleep, we will register the new timer with its new
-        // value.
-        //
-        // But if we will sleep, there might be a timer registered that needs
-        // to be removed otherwise we'll wake up when it expires.
-        drop(self.latency_preemption_timeout_src.take());
-
-        // Schedule the throughput-based timeout immediately: it won't matter if we end
-        // up sleeping.
-        self.throughput_preemption_timeout_src.replace(Some(
-            main_ring.prepare_throughput_preemption_timer(
-                self.ring_depth() as u32,
-                self.eventfd_src.raw(),
-            ),
-        ));
-
-        // This will only dispatch if we run out of sqes. Which means until
-        // flush_rings! nothing is really send to the kernel...
-        flush_cancellations!(into &mut woke; lat_ring, poll_ring, main_ring);
-        // ... which happens right here. If you ever reorder this code just
-        // be careful about this dependency.
-        flush_rings!(lat_ring, poll_ring, main_ring)?;
-        // pick up the results of any cancellations
-        consume_rings!(into &mut woke; lat_ring, poll_ring, main_ring);
-
-        // If we generated any event so far, we can't sleep. Need to handle them.
-        let should_sleep = preempt_timer().is_none()
-            && (woke == 0)
+        let can_sleep = woke == 0
             && poll_ring.can_sleep()
-            && main_ring.can_sleep()
-            && lat_ring.can_sleep();
-
-        if should_sleep {
-            // We are about to go to sleep. It's ok to sleep, but if there
-            // is a timer set, we need to make sure we wake up to handle it.
-            if let Some(dur) = user_timer {
-                self.latency_preemption_timeout_src
-                    .set(Some(lat_ring.prepare_latency_preemption_timer(dur)));
-                assert!(flush_rings!(lat_ring)? > 0);
-            }
-            // From this moment on the remote executors are aware that we are sleeping
-            // We have to sweep the remote channels function once more because since
-            // last time until now it could be that something happened in a remote executor
-            // that opened up room. If it did we bail on sleep and go process it.
+            && main_ring.submission_queue.borrow().is_empty()
+            && main_ring.install_eventfd(&self.eventfd_src);
+        if can_sleep {
+            // From this moment on remote executors write to our eventfd. What
+            // they queued before that is found here.
             self.notifier.prepare_to_sleep();
-            // See https://www.scylladb.com/2018/02/15/memory-barriers-seastar-linux/ for
-            // details. This translates to `sys_membarrier()` /
-            // `MEMBARRIER_CMD_PRIVATE_EXPEDITED`
-            membarrier::heavy();
-            let events = process_remote_channels() + self.flush_syscall_thread();
-            if events == 0 {
-                if self.eventfd_src.is_installed().unwrap() {
-                    self.link_rings_and_sleep(&mut main_ring)
-                        .expect("some error");
-                    // May have new cancellations related to the link ring fd.
-                    flush_cancellations!(into &mut 0; lat_ring, poll_ring, main_ring);
-                    flush_rings!(lat_ring, poll_ring, main_ring)?;
-                    consume_rings!(into &mut 0; lat_ring, poll_ring, main_ring);
-                }
-                // Woke up, so no need to notify us anymore.
+            if process_remote_channels() + self.flush_syscall_thread() == 0 {
+                self.sleep(&mut main_ring, user_timer)?;
                 self.notifier.wake_up();
+                return Ok(());
+            }
+            self.notifier.wake_up();
+        }
+        main_ring.enter(0, None)?;
+        main_ring.consume_completion_queue(&mut 0);
+        Ok(())
+    }
+
+    fn sleep(&self, main_ring: &mut SleepableRing, user_timer: Option<Duration>) -> io::Result<()> {
+        let deadline = user_timer.map(|d| Instant::now() + d);
+        if let (false, Some(d)) = (main_ring.ext_arg, user_timer) {
+            self.timeout_src.set(Some(main_ring.prepare_timeout(d)));
+            main_ring.fill_sq()?;
+        }
+        loop {
+            let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            if timeout == Some(Duration::ZERO) {
+                main_ring.enter(0, None)?;
+                main_ring.consume_completion_queue(&mut 0);
+                break;
+            }
+            main_ring.enter(1, timeout)?;
+            let mut woke = 0;
+            main_ring.consume_completion_queue(&mut woke);
+            let foreign = !self.eventfd_src.is_installed().unwrap();
+            let due = deadline.is_some_and(|d| Instant::now() >= d);
+            if woke > 0 || foreign || due {
+                break;
             }
         }
-
-        if let Some(preempt) = preempt_timer() {
-            self.latency_preemption_timeout_src
-                .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
-            flush_rings!(lat_ring, main_ring)?;
-        }
-
-        // A Note about `need_preempt`:
-        //
-        // If in the last call to consume_rings! some events completed, the tail and
-        // head would have moved to match. So it does not matter that events were
-        // generated after we registered the timer: since we consumed them here,
-        // need_preempt() should be false at this point. As soon as the next event
-        // in the preempt ring completes, though, then it will be true.
-        Ok(should_sleep)
+        // A fallback timer that did not fire is cancelled.
+        drop(self.timeout_src.take());
+        Ok(())
     }
 
     pub(crate) fn flush_syscall_thread(&self) -> usize {
         self.blocking_thread.flush()
-    }
-
-    pub(crate) fn preempt_pointers(&self) -> (*const u32, *const u32) {
-        let mut lat_ring = self.latency_ring.borrow_mut();
-        let cq = unsafe { &lat_ring.ring.raw_mut().cq };
-        (cq.khead, cq.ktail)
     }
 
     /// RAII-truncate asynchronously files that required it, e.g. because of
@@ -1927,23 +1879,12 @@ impl Reactor {
     }
 
     pub(crate) fn ring_for_source(&self, source: &Source) -> RefMut<'_, dyn UringCommon> {
-        // Dispatch requests according to the following rules:
-        // * Disk reads/writes go to the poll ring if possible, or the main ring
-        //   otherwise;
-        // * Network Rx and connect/accept go the latency ring;
-        // * Every other request are dispatched to the main ring;
-        // We avoid putting requests that come in high numbers on the latency ring
-        // because the more request we issue there, the less effective it becomes.
-
+        // Disk reads/writes go to the poll ring if possible; everything else
+        // (network I/O included) goes to the main ring, the one the reactor
+        // sleeps on, so that one `io_uring_enter` carries all of it.
         match &*source.source_type() {
-            SourceType::Read(p, _) | SourceType::Write(p, _) => match p {
-                PollableStatus::Pollable => self.poll_ring.borrow_mut(),
-                PollableStatus::NonPollable(_) => self.main_ring.borrow_mut(),
-            },
-            SourceType::SockRecv(_)
-            | SourceType::SockRecvMsg(_, _, _, _)
-            | SourceType::Accept(_)
-            | SourceType::Connect(_) => self.latency_ring.borrow_mut(),
+            SourceType::Read(PollableStatus::Pollable, _)
+            | SourceType::Write(PollableStatus::Pollable, _) => self.poll_ring.borrow_mut(),
             SourceType::Invalid => {
                 unreachable!("called ring_for_source on invalid source")
             }
@@ -1954,7 +1895,8 @@ impl Reactor {
     pub fn io_stats(&self) -> IoStats {
         IoStats::new(
             std::mem::take(&mut self.main_ring.borrow_mut().stats),
-            std::mem::take(&mut self.latency_ring.borrow_mut().stats),
+            // There is no latency ring any more: network I/O is on the main one.
+            RingIoStats::default(),
             std::mem::take(&mut self.poll_ring.borrow_mut().stats),
         )
     }
@@ -1966,12 +1908,6 @@ impl Reactor {
             .task_queue_stats
             .get_mut(h)
             .map(std::mem::take);
-        let lat = self
-            .latency_ring
-            .borrow_mut()
-            .task_queue_stats
-            .get_mut(h)
-            .map(std::mem::take);
         let poll = self
             .poll_ring
             .borrow_mut()
@@ -1979,12 +1915,12 @@ impl Reactor {
             .get_mut(h)
             .map(std::mem::take);
 
-        if let (None, None, None) = (&main, &lat, &poll) {
+        if let (None, None) = (&main, &poll) {
             None
         } else {
             Some(IoStats::new(
                 main.unwrap_or_default(),
-                lat.unwrap_or_default(),
+                RingIoStats::default(),
                 poll.unwrap_or_default(),
             ))
         }
@@ -2085,16 +2021,23 @@ mod tests {
             &mut reactor.source_map.borrow_mut(),
         );
 
+        // A completion ends a sleep when it wakes a task.
+        let waker = futures_lite::future::block_on(futures_lite::future::poll_fn(|cx| {
+            std::task::Poll::Ready(cx.waker().clone())
+        }));
+        fast.add_waiter_many(waker.clone());
+        lethargic.add_waiter_many(waker);
+
         let start = Instant::now();
-        reactor.wait(|| None, None, 0, || 0).unwrap();
+        reactor.park(None, || 0).unwrap();
         let elapsed_ms = start.elapsed().as_millis();
-        assert!((50..100).contains(&elapsed_ms));
+        assert!((50..100).contains(&elapsed_ms), "{elapsed_ms}");
 
         drop(slow); // Cancel this one.
 
-        reactor.wait(|| None, None, 0, || 0).unwrap();
+        reactor.park(None, || 0).unwrap();
         let elapsed_ms = start.elapsed().as_millis();
-        assert!((300..350).contains(&elapsed_ms));
+        assert!((300..350).contains(&elapsed_ms), "{elapsed_ms}");
     }
 
     #[test]
@@ -2155,7 +2098,7 @@ mod tests {
     fn sqe_link_chain() {
         let allocator = Rc::new(UringBufferAllocator::new(65536));
         let source_map = Rc::new(RefCell::new(SourceMap::default()));
-        let mut ring = SleepableRing::new(4, "main", allocator, source_map).unwrap();
+        let mut ring = SleepableRing::new(4, allocator, source_map).unwrap();
         let q = ring.submission_queue();
         let mut queue = q.borrow_mut();
 
@@ -2179,8 +2122,11 @@ mod tests {
         assert_eq!(1, ring.consume_completion_queue(&mut 0));
 
         // the following nops are linked, so we expect two submissions and completions
+        // (the second one's completion is posted when the kernel is entered
+        // for events: DEFER_TASKRUN)
         ring.submit_one_event(&mut queue.submissions);
         assert_eq!(2, ring.submit_sqes().unwrap());
+        ring.enter(0, None).unwrap();
         assert_eq!(2, ring.consume_completion_queue(&mut 0));
     }
 
@@ -2189,7 +2135,7 @@ mod tests {
     fn unterminated_sqe_link_chain() {
         let allocator = Rc::new(UringBufferAllocator::new(65536));
         let source_map = Rc::new(RefCell::new(SourceMap::default()));
-        let mut ring = SleepableRing::new(2, "main", allocator, source_map).unwrap();
+        let mut ring = SleepableRing::new(2, allocator, source_map).unwrap();
         let q = ring.submission_queue();
         let mut queue = q.borrow_mut();
 
@@ -2209,7 +2155,7 @@ mod tests {
     fn sqe_link_chain_overflow() {
         let allocator = Rc::new(UringBufferAllocator::new(65536));
         let source_map = Rc::new(RefCell::new(SourceMap::default()));
-        let mut ring = SleepableRing::new(2, "main", allocator, source_map).unwrap();
+        let mut ring = SleepableRing::new(2, allocator, source_map).unwrap();
         let q = ring.submission_queue();
         let mut queue = q.borrow_mut();
 

@@ -112,6 +112,26 @@ pub const IORING_REGISTER_PROBE: libc::c_uint = 8;
 pub const IORING_REGISTER_PERSONALITY: libc::c_uint = 9;
 pub const IORING_UNREGISTER_PERSONALITY: libc::c_uint = 10;
 
+/// `io_uring_setup` flags, `io_uring_enter` flags, feature bits and ring
+/// flags newer than the bundled liburing 2.0 headers.
+pub const IORING_SETUP_SUBMIT_ALL: u32 = 1 << 7;
+pub const IORING_SETUP_TASKRUN_FLAG: u32 = 1 << 9;
+pub const IORING_SETUP_SINGLE_ISSUER: u32 = 1 << 12;
+pub const IORING_SETUP_DEFER_TASKRUN: u32 = 1 << 13;
+pub const IORING_ENTER_EXT_ARG: u32 = 1 << 3;
+pub const IORING_FEAT_EXT_ARG: u32 = 1 << 8;
+pub const IORING_SQ_TASKRUN: u32 = 1 << 2;
+
+/// The argument of `io_uring_enter` with `IORING_ENTER_EXT_ARG` (5.11).
+#[repr(C)]
+#[derive(Debug, Default)]
+pub struct io_uring_getevents_arg {
+    pub sigmask: u64,
+    pub sigmask_sz: u32,
+    pub pad: u32,
+    pub ts: u64,
+}
+
 #[derive(Debug)]
 #[repr(C)]
 pub struct io_uring {
@@ -335,6 +355,12 @@ extern "C" {
     ) -> libc::c_int;
 
     pub fn io_uring_submit(ring: *mut io_uring) -> libc::c_int;
+
+    /// Publishes the SQEs prepared since the last call to the kernel's SQ
+    /// ring (without entering the kernel); returns how many the kernel has
+    /// yet to consume. Not in liburing's public header, but an exported
+    /// function of its `queue.c` (2.0).
+    pub fn __io_uring_flush_sq(ring: *mut io_uring) -> libc::c_int;
 
     pub fn io_uring_submit_and_wait(ring: *mut io_uring, wait_nr: libc::c_uint) -> libc::c_int;
 
