@@ -490,10 +490,17 @@ async fn serve_local(
     // Hand the socket to its owner: a duplicate of the fd travels (with the
     // TLS session, which goes on from the same state), this shard's stream
     // is dropped.
+    // Bytes the socket already brought in (a receive may bring more than
+    // the startup message) travel with it: as leftover, or inside the TLS
+    // session.
+    let mut leftover = leftover;
     let (tcp, tls) = match stream {
-        Stream::Plain(tcp) => (tcp, None),
+        Stream::Plain(mut tcp) => {
+            leftover.extend_from_slice(&tcp.take_buffered());
+            (tcp, None)
+        }
         Stream::Tls(mut t) => {
-            if t.flush().await.is_err() {
+            if t.flush().await.is_err() || t.absorb_buffered().is_err() {
                 return None;
             }
             let (tcp, conn) = t.into_parts();
