@@ -86,7 +86,7 @@ async fn start(shard: &Shard, client: Box<Admitted>) -> Option<(Box<ClientSide>,
         mode,
         peer,
     } = *client;
-    let _ = stream.set_nodelay(true);
+    // TCP_NODELAY: inherited from the listener (see `shard::bind_listener`).
     let timeout = shard.config().proxy.client_startup_timeout;
     let login = glommio::timer::timeout(timeout, async {
         Ok(login(shard, &mut stream, &msg, ident, leftover, mode, peer).await)

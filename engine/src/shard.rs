@@ -1097,6 +1097,9 @@ fn bind_listener(addr: SocketAddr, backlog: u32) -> io::Result<(TcpListener, Raw
     use socket2::{Domain, Protocol, Socket, Type};
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     sock.set_reuse_port(true)?;
+    // Accepted sockets inherit TCP_NODELAY from their listener (Linux): no
+    // setsockopt per client.
+    sock.set_tcp_nodelay(true)?;
     sock.bind(&addr.into())?;
     sock.listen(backlog.min(i32::MAX as u32) as i32)?;
     let fd = sock.into_raw_fd();

@@ -5,12 +5,8 @@
 //
 use super::stream::GlommioStream;
 use crate::{
-    net::{
-        stream::{Buffered, NonBuffered, Preallocated, RxBuf},
-        yolo_accept,
-    },
+    net::stream::{Buffered, NonBuffered, Preallocated, RxBuf},
     reactor::Reactor,
-    GlommioError,
 };
 use futures_lite::{
     future::poll_fn,
@@ -164,16 +160,11 @@ impl TcpListener {
     /// [`TcpStream`]: struct.TcpStream.html
     /// [`Send`]: https://doc.rust-lang.org/std/marker/trait.Send.html
     pub async fn shared_accept(&self) -> Result<AcceptedTcpStream> {
+        // Through the ring only (patched glommio): glommio 0.9 first tried a
+        // non-blocking accept(2) wrapped in three fcntl(2), four system calls
+        // that mostly found nothing since the previous accept had just taken
+        // the connection; a queued accept completes at once when one waits.
         let reactor = self.reactor.upgrade().unwrap();
-        let raw_fd = self.listener.as_raw_fd();
-        if let Some(r) = yolo_accept(raw_fd) {
-            match r {
-                Ok(fd) => {
-                    return Ok(AcceptedTcpStream { fd });
-                }
-                Err(err) => return Err(GlommioError::IoError(err)),
-            }
-        }
         let source = reactor.accept(self.listener.as_raw_fd());
         let fd = source.collect_rw().await?;
         Ok(AcceptedTcpStream { fd: fd as RawFd })
@@ -313,7 +304,7 @@ impl AcceptedTcpStream {
     pub fn peer_addr(&self) -> Result<SocketAddr> {
         let socket = unsafe { Socket::from_raw_fd(self.fd) };
         let sock_addr = socket.peer_addr()?;
-        socket.into_raw_fd();
+        let _ = socket.into_raw_fd();
         Ok(sock_addr.as_socket().unwrap())
     }
 
@@ -757,7 +748,9 @@ impl<B: RxBuf + Unpin> AsyncWrite for TcpStream<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{channels::shared_channel, enclose, timer::Timer, LocalExecutorBuilder};
+    use crate::{
+        channels::shared_channel, enclose, timer::Timer, GlommioError, LocalExecutorBuilder,
+    };
     use futures_lite::{
         io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt},
         StreamExt,
