@@ -72,7 +72,8 @@ async fn read_first(
             return Ok(First::Closed);
         };
         match decode_startup(&mut buf).map_err(EngineError::ClientProtocol)? {
-            Some(StartupPacket::SslRequest) if tls.is_some() && !s.is_tls() => {
+            // Inside a WebSocket there is no TLS to start: wss is TLS already.
+            Some(StartupPacket::SslRequest) if tls.is_some() && matches!(s, Stream::Plain(_)) => {
                 if !buf.is_empty() {
                     // Bytes sent behind SSLRequest before the handshake
                     // would be taken as if they came encrypted (CVE-2021-23222).
@@ -488,8 +489,18 @@ async fn serve_local(
         }));
     }
     // Hand the socket to its owner: a duplicate of the fd travels (with the
-    // TLS session, which goes on from the same state), this shard's stream
-    // is dropped.
+    // TLS session and the WebSocket state, which go on from where they
+    // are), this shard's stream is dropped.
+    let (stream, ws) = match stream {
+        Stream::Ws(mut w) => {
+            if w.flush().await.is_err() {
+                return None;
+            }
+            let (inner, state) = w.into_parts();
+            (inner, Some(Box::new(state)))
+        }
+        other => (other, None),
+    };
     let (tcp, tls) = match stream {
         Stream::Plain(tcp) => (tcp, None),
         Stream::Tls(mut t) => {
@@ -499,11 +510,13 @@ async fn serve_local(
             let (tcp, conn) = t.into_parts();
             (tcp, Some(Box::new(conn)))
         }
+        // A WebSocket inside a WebSocket is never built.
+        Stream::Ws(_) => return None,
     };
     // SAFETY: dup of a valid open socket; the new fd is owned by OwnedFd.
     let dup = unsafe { libc::dup(tcp.as_raw_fd()) };
     if dup < 0 {
-        let mut stream = Stream::Plain(tcp);
+        let mut stream = Stream::assemble(tcp, tls, ws, &shard.websocket.open);
         refuse(&mut stream, &EngineError::Refused(Refusal::Busy)).await;
         return None;
     }
@@ -516,6 +529,7 @@ async fn serve_local(
         leftover,
         mode,
         peer,
+        ws,
     };
     match shard.peers[owner].send(ShardMsg::Handoff(Box::new(handoff))) {
         Ok(()) => {
@@ -524,12 +538,12 @@ async fn serve_local(
         }
         Err(msg) => {
             // The owner's inbox is full: the message comes back with the
-            // TLS session, so the client still gets its error.
+            // TLS session and WebSocket state, so the client still gets its error.
             let mut stream = match msg {
-                ShardMsg::Handoff(h) => match h.tls {
-                    Some(conn) => Stream::Tls(Box::new(TlsStream::new(tcp, *conn))),
-                    None => Stream::Plain(tcp),
-                },
+                ShardMsg::Handoff(h) => {
+                    let h = *h;
+                    Stream::assemble(tcp, h.tls, h.ws, &shard.websocket.open)
+                }
                 _ => Stream::Plain(tcp),
             };
             refuse(&mut stream, &EngineError::Refused(Refusal::Busy)).await;
