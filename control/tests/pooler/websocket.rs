@@ -43,6 +43,17 @@ fn ws_addr(p: &Pooler) -> SocketAddr {
 /// Runs `neon_suite.js` with `env`; panics with its output unless every check passed. Returns
 /// its stdout.
 fn neon_suite(env: &[(&str, String)]) -> String {
+    let (ok, stdout, stderr) = run_neon_suite(env);
+    assert!(
+        ok && stdout.contains(" passed, 0 failed"),
+        "neon_suite.js {env:?} failed:\n{stdout}\n--- stderr ---\n{stderr}"
+    );
+    println!("neon_suite.js {env:?}:\n{stdout}");
+    stdout
+}
+
+/// Runs `neon_suite.js`: (exited 0, stdout, stderr).
+fn run_neon_suite(env: &[(&str, String)]) -> (bool, String, String) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("workspace root")
@@ -79,15 +90,11 @@ fn neon_suite(env: &[(&str, String)]) -> String {
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start node: {e} (bash .ci/run installs it)"));
     let out = wait_output(child, SUITE_DEADLINE, "neon_suite.js");
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && stdout.contains(" passed, 0 failed"),
-        "neon_suite.js {env:?} failed ({}):\n{stdout}\n--- stderr ---\n{stderr}",
-        out.status
-    );
-    println!("neon_suite.js {env:?}:\n{stdout}");
-    stdout
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
 }
 
 /// The driver's connection string: its host:port goes to the pooler as `address=`.
@@ -177,6 +184,41 @@ fn neon_driver_over_wss() {
         ("NODE_EXTRA_CA_CERTS", ca.display().to_string()),
         ("ONLY", "client_queries_parameters_and_errors,transactions_commit_and_roll_back,many_clients_at_once,wrong_password_is_refused".into()),
     ]);
+}
+
+/// Plain ws:// from an address that is not trusted: the pooler asks for SCRAM, which the driver
+/// does when it does not pipeline its login; a pipelined cleartext password is refused.
+#[test]
+fn neon_driver_scram_over_untrusted_plain_ws() {
+    let p = ws_pooler_with(
+        vec![TenantCfg::new("t1", vec![UserCfg::postgres(2)])],
+        "",
+        "websocket_cleartext_allow = [\"10.255.255.0/24\"]",
+    );
+    let env = |pipeline: &str| {
+        vec![
+            ("WS_HOST", ws_addr(&p).to_string()),
+            (
+                "DATABASE_URL",
+                database_url("postgres.t1", p.transaction.port()),
+            ),
+            ("PIPELINE", pipeline.to_string()),
+            (
+                "ONLY",
+                "client_queries_parameters_and_errors,wrong_password_is_refused".to_string(),
+            ),
+        ]
+    };
+    neon_suite(&env("false"));
+    let (ok, stdout, stderr) = run_neon_suite(&env("password"));
+    assert!(
+        !ok,
+        "a pipelined cleartext password must not log in over untrusted ws://\n{stdout}"
+    );
+    assert!(
+        stdout.contains("FAIL client_queries_parameters_and_errors") && stdout.contains("08P01"),
+        "{stdout}\n--- stderr ---\n{stderr}"
+    );
 }
 
 /// Rewrites `[proxy] websocket_cleartext_allow` and reloads (SIGHUP); returns once a raw client

@@ -284,7 +284,8 @@ async function main() {
       console.log(`ok   ${name} (${Date.now() - t0} ms)`);
     } catch (e) {
       failed++;
-      console.log(`FAIL ${name}: ${e && e.stack ? e.stack : e}`);
+      const code = e && e.code ? `[SQLSTATE ${e.code}] ` : '';
+      console.log(`FAIL ${name}: ${code}${e && e.stack ? e.stack : e}`);
     }
   }
   console.log(`${passed} passed, ${failed} failed`);
