@@ -495,6 +495,28 @@ async fn cleartext_only_over_tls_or_from_trusted_addresses() {
     assert_eq!(ws.expect_close().await.close_code(), CLOSE_NORMAL);
 }
 
+/// Without a tenant in the user name, the host the driver names in `address=` routes like a TLS
+/// SNI host (its first label, without regard to case).
+#[tokio::test]
+async fn tenant_from_the_address_host() {
+    let p = ws_pooler(vec![TenantCfg::new("t1", vec![UserCfg::postgres(2)])], "");
+    let addr = ws_addr(&p);
+    let mut ws = RawWs::connect(addr, "/v2?address=T1.db.example.com:6543").await;
+    let flight = [
+        startup("postgres"),
+        password(PG_PASSWORD),
+        query("SELECT 'routed'"),
+    ]
+    .concat();
+    ws.send(true, OP_BINARY, &flight).await;
+    ws.until_ready().await;
+    assert_eq!(first_value(&ws.until_ready().await), "routed");
+    let mut ws = RawWs::connect(addr, "/v2?address=nosuch.db.example.com:6543").await;
+    ws.send(true, OP_BINARY, &startup("postgres")).await;
+    let (tag, body) = ws.message().await.expect("an ErrorResponse");
+    assert_eq!((tag, sqlstate(&body)), (b'E', "28000".to_string()));
+}
+
 /// A message split over a fragmented WebSocket message with control frames in between, a
 /// query split over many tiny frames, answers that come back as binary frames, ping/pong, and
 /// the close handshake; then the server connection serves the next client.
