@@ -43,17 +43,27 @@ fn ws_addr(p: &Pooler) -> SocketAddr {
 /// Runs `neon_suite.js` with `env`; panics with its output unless every check passed. Returns
 /// its stdout.
 fn neon_suite(env: &[(&str, String)]) -> String {
-    let (ok, stdout, stderr) = run_neon_suite(env);
+    node_script("neon_suite.js", env)
+}
+
+/// Runs a script of `tests/drivers/node`; panics with its output unless every check passed.
+fn node_script(script: &str, env: &[(&str, String)]) -> String {
+    let (ok, stdout, stderr) = run_node(script, env);
     assert!(
         ok && stdout.contains(" passed, 0 failed"),
-        "neon_suite.js {env:?} failed:\n{stdout}\n--- stderr ---\n{stderr}"
+        "{script} {env:?} failed:\n{stdout}\n--- stderr ---\n{stderr}"
     );
-    println!("neon_suite.js {env:?}:\n{stdout}");
+    println!("{script} {env:?}:\n{stdout}");
     stdout
 }
 
 /// Runs `neon_suite.js`: (exited 0, stdout, stderr).
 fn run_neon_suite(env: &[(&str, String)]) -> (bool, String, String) {
+    run_node("neon_suite.js", env)
+}
+
+/// Runs a script of `tests/drivers/node` with `env`: (exited 0, stdout, stderr).
+fn run_node(script: &str, env: &[(&str, String)]) -> (bool, String, String) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("workspace root")
@@ -64,7 +74,7 @@ fn run_neon_suite(env: &[(&str, String)]) -> (bool, String, String) {
         "@neondatabase/serverless and ws are not installed: run (cd tests/drivers/node && npm ci)"
     );
     let mut cmd = Command::new("node");
-    cmd.arg(dir.join("neon_suite.js"))
+    cmd.arg(dir.join(script))
         .current_dir(&dir)
         .env("SUITE_CLIENTS", SUITE_CLIENTS.to_string())
         .stdin(Stdio::null())
@@ -89,7 +99,7 @@ fn run_neon_suite(env: &[(&str, String)]) -> (bool, String, String) {
     let child = cmd
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start node: {e} (bash .ci/run installs it)"));
-    let out = wait_output(child, SUITE_DEADLINE, "neon_suite.js");
+    let out = wait_output(child, SUITE_DEADLINE, script);
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).to_string(),
@@ -219,6 +229,23 @@ fn neon_driver_scram_over_untrusted_plain_ws() {
         stdout.contains("FAIL client_queries_parameters_and_errors") && stdout.contains("08P01"),
         "{stdout}\n--- stderr ---\n{stderr}"
     );
+}
+
+/// Hostile and unusual clients built with the `ws` package (`tests/drivers/node/ws_hostile.js`):
+/// a text frame, a fragmented message with a ping inside, close-code echo, garbage and a wrong
+/// password inside good frames, an old protocol version and an unknown mode.
+#[test]
+fn ws_package_hostile_clients() {
+    let p = ws_pooler(vec![TenantCfg::new("t1", vec![UserCfg::postgres(2)])], "");
+    let out = node_script(
+        "ws_hostile.js",
+        &[
+            ("WS_HOST", ws_addr(&p).to_string()),
+            ("PGUSER", "postgres.t1".into()),
+            ("PGPASSWORD", PG_PASSWORD.into()),
+        ],
+    );
+    assert!(out.contains("6 passed, 0 failed"), "{out}");
 }
 
 /// Rewrites `[proxy] websocket_cleartext_allow` and reloads (SIGHUP); returns once a raw client
