@@ -166,23 +166,26 @@ pub fn for_log(s: &str) -> &str {
 
 pub async fn handle(shard: Rc<Shard>, tcp: TcpStream, mode: PoolMode) {
     let peer = tcp.peer_addr().ok();
-    serve(shard, Stream::Plain(tcp), mode, peer, 0).await
+    serve(shard, Stream::Plain(tcp), mode, peer, 0, false).await
 }
 
 /// A connection from its first byte: a client (`hops` 0), or one proxied
 /// here by the node it connected to (`hops` 1: TLS was terminated there,
 /// `peer` is the client's address, and it is never proxied again).
+/// `cleartext`: that node let the client log in with a cleartext password
+/// (a WebSocket client over TLS or from a trusted address).
 pub async fn serve(
     shard: Rc<Shard>,
     stream: Stream,
     mode: PoolMode,
     peer: Option<SocketAddr>,
     hops: u8,
+    cleartext: bool,
 ) {
     // The first moments (TLS, startup, routing, proxying, handoff) run in
     // a boxed future; an admitted client's session then gets a task of its
     // own and this one ends: what an idle client keeps is its session's state.
-    let admitted = Box::pin(admit(&shard, stream, mode, peer, hops)).await;
+    let admitted = Box::pin(admit(&shard, stream, mode, peer, hops, cleartext)).await;
     if let Some(client) = admitted {
         crate::client::spawn(&shard, client);
     }
@@ -196,7 +199,9 @@ async fn admit(
     mode: PoolMode,
     peer: Option<SocketAddr>,
     hops: u8,
+    cleartext: bool,
 ) -> Option<Box<Admitted>> {
+    let cleartext = cleartext || stream.cleartext_password_ok();
     let config = shard.config();
     let timeout = config.proxy.client_startup_timeout;
     let tls = if hops == 0 {
@@ -336,7 +341,16 @@ async fn admit(
             Routed::Done => return None,
         }
     }
-    serve_local(shard, stream, msg, ident, leftover, mode, peer).await
+    let client = Admitted {
+        stream,
+        msg,
+        ident,
+        leftover,
+        mode,
+        peer,
+        cleartext,
+    };
+    serve_local(shard, client).await
 }
 
 /// How often a client waiting for its pool's owner to change looks at the
@@ -468,26 +482,20 @@ async fn route(
 
 /// Serves a client on this node: on this shard if it owns the tenant, else
 /// handed to the shard that does.
-async fn serve_local(
-    shard: &Rc<Shard>,
-    stream: Stream,
-    msg: StartupMessage,
-    ident: Identity,
-    leftover: Vec<u8>,
-    mode: PoolMode,
-    peer: Option<SocketAddr>,
-) -> Option<Box<Admitted>> {
-    let owner = shard.owner_of(&ident.tenant);
+async fn serve_local(shard: &Rc<Shard>, client: Admitted) -> Option<Box<Admitted>> {
+    let owner = shard.owner_of(&client.ident.tenant);
     if owner == shard.id {
-        return Some(Box::new(Admitted {
-            stream,
-            msg,
-            ident,
-            leftover,
-            mode,
-            peer,
-        }));
+        return Some(Box::new(client));
     }
+    let Admitted {
+        stream,
+        msg,
+        ident,
+        leftover,
+        mode,
+        peer,
+        cleartext,
+    } = client;
     // Hand the socket to its owner: a duplicate of the fd travels (with the
     // TLS session and the WebSocket state, which go on from where they
     // are), this shard's stream is dropped.
@@ -530,6 +538,7 @@ async fn serve_local(
         mode,
         peer,
         ws,
+        cleartext,
     };
     match shard.peers[owner].send(ShardMsg::Handoff(Box::new(handoff))) {
         Ok(()) => {

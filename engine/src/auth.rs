@@ -66,6 +66,7 @@ pub async fn authenticate(
     tenant: &TenantConfig,
     user: &UserConfig,
     startup_user: &str,
+    cleartext: bool,
 ) -> Result<Option<[u8; 32]>, EngineError> {
     let wrong_password = || EngineError::Refused(Refusal::WrongPassword(user.db_user.clone()));
     let mismatch = |what: &str| {
@@ -74,8 +75,8 @@ pub async fn authenticate(
             why: what.to_string(),
         })
     };
-    if stream.cleartext_password_ok() {
-        return cleartext(stream, inbuf, user).await;
+    if cleartext {
+        return cleartext_password(stream, inbuf, user).await;
     }
     let mut out = BytesMut::new();
     match tenant.client_auth {
@@ -152,7 +153,7 @@ pub async fn authenticate(
 /// with their startup message and first query, without waiting for the
 /// server's request). Checked against whatever secret the user has; a
 /// SCRAM secret from `auth_query` yields the ClientKey for pass-through.
-async fn cleartext(
+async fn cleartext_password(
     stream: &mut Stream,
     inbuf: &mut BytesMut,
     user: &UserConfig,

@@ -54,6 +54,8 @@ pub struct Handoff {
     pub peer: Option<SocketAddr>,
     /// The framing state of a WebSocket client.
     pub ws: Option<Box<crate::websocket::WsState>>,
+    /// The client may log in with a cleartext password.
+    pub cleartext: bool,
 }
 
 pub enum ShardMsg {
@@ -1029,6 +1031,7 @@ async fn shard_main(
                             leftover: h.leftover,
                             mode: h.mode,
                             peer: h.peer,
+                            cleartext: h.cleartext,
                         }),
                     );
                 }

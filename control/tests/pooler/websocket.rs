@@ -522,6 +522,69 @@ async fn cleartext_only_over_tls_or_from_trusted_addresses() {
     assert_eq!(ws.expect_close().await.close_code(), CLOSE_NORMAL);
 }
 
+/// In a cluster, a WebSocket client whose pool another node owns is proxied there with its
+/// permission to log in with a cleartext password: the driver's pipelined login works through
+/// every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cleartext_login_proxied_to_the_pool_owner() {
+    use crate::cluster_tests::{agreed_owner, tenant_with_role, until_serves, Cluster};
+    let cluster = Cluster::start();
+    let apis: Vec<SocketAddr> = (1..=3).map(|i| cluster.pooler(i).api).collect();
+    let id = unique("wsc");
+    let (role, pw) = tenant_with_role(apis[0], &id).await;
+    let user = format!("{role}.{id}");
+    // A first client through node 1 makes node 1 the pool's owner.
+    until_serves(cluster.pooler(1).transaction, &user, &pw, "node 1").await;
+    let owner = agreed_owner(&apis, &format!("{id}/{role}/transaction"), None).await;
+    assert_eq!(owner, 1);
+    for node in [2, 3] {
+        let addr = ws_addr(cluster.pooler(node));
+        let start = Instant::now();
+        let answer = loop {
+            let mut ws = RawWs::connect(addr, "/v2?address=db:1").await;
+            let sql = format!("SELECT 'through node {node}'");
+            ws.send(
+                true,
+                OP_BINARY,
+                &[startup(&user), password(&pw), query(&sql)].concat(),
+            )
+            .await;
+            let mut login = Vec::new();
+            loop {
+                let m = ws
+                    .message()
+                    .await
+                    .unwrap_or_else(|f| panic!("control frame {f:?}"));
+                let end = m.0 == b'Z' || m.0 == b'E';
+                login.push(m);
+                if end {
+                    break;
+                }
+            }
+            if login.iter().any(|m| m.0 == b'E') {
+                // The tenant has not reached this node yet.
+                assert!(
+                    start.elapsed() < Duration::from_secs(10),
+                    "node {node}: {login:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            assert_eq!(
+                auth_code(&login[0]),
+                3,
+                "node {node}: cleartext asked by the owner"
+            );
+            break ws.until_ready().await;
+        };
+        assert_eq!(first_value(&answer), format!("through node {node}"));
+    }
+    assert_eq!(
+        agreed_owner(&apis, &format!("{id}/{role}/transaction"), None).await,
+        1
+    );
+}
+
 /// Without a tenant in the user name, the host the driver names in `address=` routes like a TLS
 /// SNI host (its first label, without regard to case).
 #[tokio::test]

@@ -32,7 +32,7 @@ pub async fn handle(shard: Rc<Shard>, tcp: TcpStream) {
     })
     .await;
     match opened {
-        Ok(Some((stream, mode))) => crate::accept::serve(shard, stream, mode, peer, 0).await,
+        Ok(Some((stream, mode))) => crate::accept::serve(shard, stream, mode, peer, 0, false).await,
         Ok(None) => {}
         Err(_) => {
             bump(&shard.websocket.rejected, 1);
