@@ -498,11 +498,19 @@ async fn serve_local(shard: &Rc<Shard>, client: Admitted) -> Option<Box<Admitted
     } = client;
     // Hand the socket to its owner: a duplicate of the fd travels (with the
     // TLS session and the WebSocket state, which go on from where they
-    // are), this shard's stream is dropped.
+    // are), this shard's stream is dropped. Bytes the socket already
+    // brought in (a receive may bring more than the startup message)
+    // travel with it: as leftover (deframed, for a WebSocket), or inside
+    // the TLS session.
+    let mut leftover = leftover;
     let (stream, ws) = match stream {
         Stream::Ws(mut w) => {
             if w.flush().await.is_err() {
                 return None;
+            }
+            match w.take_buffered_data() {
+                Ok(data) => leftover.extend_from_slice(&data),
+                Err(_) => return None,
             }
             let (inner, state) = w.into_parts();
             (inner, Some(Box::new(state)))
@@ -510,9 +518,12 @@ async fn serve_local(shard: &Rc<Shard>, client: Admitted) -> Option<Box<Admitted
         other => (other, None),
     };
     let (tcp, tls) = match stream {
-        Stream::Plain(tcp) => (tcp, None),
+        Stream::Plain(mut tcp) => {
+            leftover.extend_from_slice(&tcp.take_buffered());
+            (tcp, None)
+        }
         Stream::Tls(mut t) => {
-            if t.flush().await.is_err() {
+            if t.flush().await.is_err() || t.absorb_buffered().is_err() {
                 return None;
             }
             let (tcp, conn) = t.into_parts();

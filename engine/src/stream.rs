@@ -63,6 +63,13 @@ impl TlsStream {
         (self.tcp, self.conn)
     }
 
+    /// Feeds the encrypted bytes the socket has received and not handed
+    /// over yet to rustls, before the session moves to another shard.
+    pub fn absorb_buffered(&mut self) -> io::Result<()> {
+        let held = self.tcp.take_buffered();
+        self.feed(&held)
+    }
+
     /// Sends whatever rustls holds.
     pub async fn flush(&mut self) -> io::Result<()> {
         futures_lite::future::poll_fn(|cx| self.poll_flush_tls(cx)).await
@@ -201,27 +208,13 @@ impl TlsStream {
                 Err(e) => return Err(e),
             }
             let mut chunk = [0u8; TLS_READ_CHUNK];
-            match recv_now(self.tcp.as_raw_fd(), &mut chunk)? {
+            match self.tcp.try_read_now(&mut chunk).map_err(io::Error::from)? {
                 None => return Ok(None),
                 Some(0) => return Ok(Some(0)),
                 Some(n) => self.feed(&chunk[..n])?,
             }
         }
     }
-}
-
-/// One non-blocking `recv`: `Ok(None)` when nothing is there.
-fn recv_now(fd: RawFd, buf: &mut [u8]) -> io::Result<Option<usize>> {
-    // SAFETY: recv into a live buffer of the given length.
-    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
-    if n < 0 {
-        let err = io::Error::last_os_error();
-        return match err.kind() {
-            io::ErrorKind::WouldBlock => Ok(None),
-            _ => Err(err),
-        };
-    }
-    Ok(Some(n as usize))
 }
 
 impl Stream {
@@ -284,15 +277,32 @@ impl Stream {
         self.tcp().set_nodelay(on).map_err(io::Error::from)
     }
 
+    fn tcp_mut(&mut self) -> &mut TcpStream {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::Tls(t) => &mut t.tcp,
+            Stream::Ws(w) => w.inner_mut().tcp_mut(),
+        }
+    }
+
     /// Reads what has arrived without waiting (`Ok(None)`: nothing yet;
-    /// `Ok(Some(0))`: closed).
+    /// `Ok(Some(0))`: closed). After the first call a receive stays armed
+    /// in the ring, so later calls make no system call.
     pub fn try_read_now(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
         match self {
-            Stream::Plain(s) => recv_now(s.as_raw_fd(), buf),
+            Stream::Plain(s) => s.try_read_now(buf).map_err(io::Error::from),
             Stream::Tls(t) => t.try_read_now(buf),
             // Only server connections are probed this way.
             Stream::Ws(_) => Ok(None),
         }
+    }
+
+    /// Keeps a receive armed while nobody reads (a pooled idle server
+    /// connection), so that what the peer sends meanwhile (a notice, a
+    /// FATAL error, the end of the connection) is known without a system
+    /// call when the connection is next checked.
+    pub fn arm_read(&mut self) {
+        self.tcp_mut().arm_read();
     }
 
     /// Ends our side of the conversation (close_notify first on TLS).

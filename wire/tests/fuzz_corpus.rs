@@ -79,7 +79,9 @@ fn replay_websocket() {
 }
 
 fn seeds_websocket() -> Vec<(&'static str, Vec<u8>)> {
-    use wire::websocket::frame::{encode_client_frame, OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_TEXT};
+    use wire::websocket::frame::{
+        encode_client_frame, OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_TEXT,
+    };
     let mask = [0x11, 0x22, 0x33, 0x44];
     let frame = |fin, op, payload: &[u8]| {
         let mut v = Vec::new();
@@ -105,8 +107,22 @@ fn seeds_websocket() -> Vec<(&'static str, Vec<u8>)> {
     vec![
         ("one_frame", with(3, 30, frame(true, OP_BINARY, &startup))),
         ("fragmented_with_ping", with(1, 30, fragmented)),
-        ("large_frame", with(200, 30, frame(true, OP_BINARY, &[7u8; 70_000]))),
-        ("close", with(2, 30, [frame(true, OP_BINARY, b"ab"), frame(true, OP_CLOSE, &[3, 232, b'x'])].concat())),
+        (
+            "large_frame",
+            with(200, 30, frame(true, OP_BINARY, &[7u8; 70_000])),
+        ),
+        (
+            "close",
+            with(
+                2,
+                30,
+                [
+                    frame(true, OP_BINARY, b"ab"),
+                    frame(true, OP_CLOSE, &[3, 232, b'x']),
+                ]
+                .concat(),
+            ),
+        ),
         ("text", with(0, 30, frame(true, OP_TEXT, b"SELECT 1"))),
         ("too_big", with(9, 4, frame(true, OP_BINARY, &[1u8; 100]))),
         ("unmasked", with(4, 30, vec![0x82, 0x02, b'h', b'i'])),

@@ -115,6 +115,31 @@ impl WsStream {
         &self.state
     }
 
+    pub fn inner_mut(&mut self) -> &mut Stream {
+        &mut self.inner
+    }
+
+    /// Before the socket changes shards: the protocol bytes of the frames
+    /// its socket has received and not handed to a reader yet (a TLS
+    /// session keeps them inside itself instead). Control frames among
+    /// them are answered from the new shard.
+    pub fn take_buffered_data(&mut self) -> io::Result<Vec<u8>> {
+        match &mut self.inner {
+            Stream::Plain(tcp) => {
+                let mut raw = tcp.take_buffered();
+                let n = self
+                    .state
+                    .deframer
+                    .feed(&mut raw)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                raw.truncate(n);
+                Ok(raw)
+            }
+            Stream::Tls(t) => t.absorb_buffered().map(|()| Vec::new()),
+            Stream::Ws(_) => Ok(Vec::new()),
+        }
+    }
+
     /// The socket and the state, to move to another shard. Call it after a
     /// flush: nothing may wait to be sent.
     pub fn into_parts(self) -> (Stream, WsState) {
