@@ -19,6 +19,7 @@ mod load;
 mod metrics_tests;
 mod ops;
 mod tls_tests;
+mod websocket;
 
 use harness::*;
 
