@@ -532,6 +532,13 @@ async fn serve_local(shard: &Rc<Shard>, client: Admitted) -> Option<Box<Admitted
         // A WebSocket inside a WebSocket is never built.
         Stream::Ws(_) => return None,
     };
+    // What this shard wrote (`N` to an SSLRequest, TLS records) leaves
+    // before the owner writes anything: sends go out from the ring, after
+    // the write returned.
+    let mut tcp = tcp;
+    if tcp.flush().await.is_err() {
+        return None;
+    }
     // SAFETY: dup of a valid open socket; the new fd is owned by OwnedFd.
     let dup = unsafe { libc::dup(tcp.as_raw_fd()) };
     if dup < 0 {

@@ -72,7 +72,11 @@ impl TlsStream {
 
     /// Sends whatever rustls holds.
     pub async fn flush(&mut self) -> io::Result<()> {
-        futures_lite::future::poll_fn(|cx| self.poll_flush_tls(cx)).await
+        futures_lite::future::poll_fn(|cx| {
+            ready!(self.poll_flush_tls(cx))?;
+            Pin::new(&mut self.tcp).poll_flush(cx)
+        })
+        .await
     }
 
     /// Sends what rustls has encrypted; Ready once nothing is pending.
