@@ -551,6 +551,17 @@ pub(super) struct Wakers {
     /// Raw result of the operation.
     pub(super) result: Option<io::Result<usize>>,
 
+    /// When the source was queued, submitted and fulfilled: kept only for
+    /// sources that report latencies (boxed: a socket's source, which does
+    /// not, stays small and reads no clock).
+    pub(super) timestamps: Option<Box<Timestamps>>,
+
+    /// Tasks waiting for the next event.
+    pub(super) waiters: SmallVec<[Waker; 1]>,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct Timestamps {
     /// The timestamp at which the source was added to the IO queue of the
     /// reactor
     pub(super) queued_at: Option<std::time::Instant>,
@@ -560,18 +571,13 @@ pub(super) struct Wakers {
 
     /// The timestamp at which the reactor fulfilled the source
     pub(super) fulfilled_at: Option<std::time::Instant>,
-
-    /// Tasks waiting for the next event.
-    pub(super) waiters: SmallVec<[Waker; 1]>,
 }
 
 impl Wakers {
     pub(super) fn new() -> Self {
         Wakers {
             result: None,
-            queued_at: None,
-            submitted_at: None,
-            fulfilled_at: None,
+            timestamps: None,
             waiters: Default::default(),
         }
     }
@@ -588,15 +594,12 @@ impl Wakers {
     }
 
     fn timestamps(&mut self) -> Option<Latencies> {
-        if self.queued_at.is_none() || self.submitted_at.is_none() || self.fulfilled_at.is_none() {
-            None
-        } else {
-            Some(Latencies {
-                queued_at: self.queued_at.take().unwrap(),
-                submitted_at: self.submitted_at.take().unwrap(),
-                fulfilled_at: self.fulfilled_at.take().unwrap(),
-            })
-        }
+        let t = self.timestamps.as_mut()?;
+        Some(Latencies {
+            queued_at: t.queued_at.take()?,
+            submitted_at: t.submitted_at.take()?,
+            fulfilled_at: t.fulfilled_at.take()?,
+        })
     }
 }
 

@@ -436,7 +436,8 @@ fn fill_sqe<F>(
                 let mut buf = DmaBuffer::new(len).expect("failed to allocate buffer");
                 source_map.peek_source_mut(from_user_data(op.user_data), |mut src| {
                     match &mut src.source_type {
-                        SourceType::SockRecvMsg(slot, iov, hdr, msg_name) => {
+                        SourceType::SockRecvMsg(msg) => {
+                            let (slot, iov, hdr, msg_name) = &mut **msg;
                             iov.iov_base = buf.as_mut_ptr() as *mut libc::c_void;
                             iov.iov_len = len;
 
@@ -487,7 +488,9 @@ fn record_stats<Ring: UringCommon>(
     src: &mut InnerSource,
     res: &io::Result<usize>,
 ) {
-    src.wakers.fulfilled_at = Some(Instant::now());
+    if let Some(t) = src.wakers.timestamps.as_mut() {
+        t.fulfilled_at = Some(Instant::now());
+    }
     if let Some(fulfilled) = src.stats_collection.and_then(|x| x.fulfilled) {
         fulfilled(res, ring.io_stats_mut(), 1);
         if let Some(handle) = src.task_queue {
@@ -541,7 +544,9 @@ fn extract_one_chain(
             if op.user_data > 0 {
                 let id = from_user_data(op.user_data);
                 let status = source_map.peek_source_mut(from_user_data(op.user_data), |mut x| {
-                    x.wakers.submitted_at = Some(now);
+                    if let Some(t) = x.wakers.timestamps.as_mut() {
+                        t.submitted_at = Some(now);
+                    }
                     let current = x.enqueued.as_mut().expect("bug");
                     match current.status {
                         EnqueuedStatus::Enqueued => {
@@ -1465,7 +1470,8 @@ impl Reactor {
 
     pub(crate) fn sendmsg(&self, source: &Source, flags: MsgFlags) {
         let op = match &mut *source.source_type_mut() {
-            SourceType::SockSendMsg(_, iov, hdr, addr) => {
+            SourceType::SockSendMsg(msg) => {
+                let (_, iov, hdr, addr) = &mut **msg;
                 let msg_name = addr.as_ptr() as *mut libc::c_void;
                 let msg_namelen = addr.len();
 
@@ -1548,7 +1554,7 @@ impl Reactor {
 
     pub(crate) fn connect(&self, source: &Source) {
         let op = match &*source.source_type() {
-            SourceType::Connect(addr) => UringOpDescriptor::Connect(addr as *const _),
+            SourceType::Connect(addr) => UringOpDescriptor::Connect(&**addr as *const _),
             x => panic!("Unexpected source type for connect: {:?}", x),
         };
         queue_request_into_ring(
@@ -1561,7 +1567,9 @@ impl Reactor {
 
     pub(crate) fn accept(&self, source: &Source) {
         let op = match &mut *source.source_type_mut() {
-            SourceType::Accept(addr) => UringOpDescriptor::Accept(addr as *mut SockAddrStorage),
+            SourceType::Accept(addr) => {
+                UringOpDescriptor::Accept(&mut **addr as *mut SockAddrStorage)
+            }
             x => panic!("Unexpected source type for accept: {:?}", x),
         };
         queue_request_into_ring(
@@ -1933,7 +1941,18 @@ fn queue_request_into_ring(
     descriptor: UringOpDescriptor,
     source_map: &mut SourceMap,
 ) {
-    source.inner.borrow_mut().wakers.queued_at = Some(Instant::now());
+    {
+        let mut inner = source.inner.borrow_mut();
+        let wants_latency = inner
+            .stats_collection
+            .is_some_and(|s| s.latency.is_some());
+        if wants_latency {
+            inner.wakers.timestamps = Some(Box::new(sys::Timestamps {
+                queued_at: Some(Instant::now()),
+                ..Default::default()
+            }));
+        }
+    }
     let q = ring.submission_queue();
     let id = source_map.add_source(source, Rc::clone(&q));
 
