@@ -229,6 +229,9 @@ pub struct ShardSnapshot {
     /// Health of the replicas of the tenants this shard serves.
     #[serde(default)]
     pub replicas: Vec<ReplicaSnapshot>,
+    /// Tenants PAUSEd on this shard.
+    #[serde(default)]
+    pub paused: Vec<String>,
 }
 
 /// One replica of one tenant, as its shard sees it.

@@ -1060,6 +1060,7 @@ impl Shard {
         ShardSnapshot {
             shard: self.id,
             replicas,
+            paused: self.paused.borrow().iter().cloned().collect(),
             counters: ShardCounters {
                 handoffs_out: self.handoffs_out.get(),
                 handoffs_in: self.handoffs_in.get(),
