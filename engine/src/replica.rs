@@ -11,6 +11,7 @@
 //! connection that died is noticed, a new one is opened if the pool has
 //! room, and the lag query runs on it. A failure during a check extends the
 //! ban, so a replica takes clients again one ban period after it is well.
+//! Lag bans a replica when two checks in a row find it over the maximum.
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -28,6 +29,8 @@ use crate::shard::Shard;
 pub const CHECK_EVERY: Duration = Duration::from_millis(500);
 /// How long a health check may take.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+/// Consecutive checks over `max_replica_lag_ms` that ban a replica.
+const LAG_STRIKES: u8 = 2;
 
 /// Milliseconds the replica's replay is behind: 0 when it has replayed all
 /// it received (an idle primary sends nothing to replay), else the age of
@@ -54,6 +57,8 @@ pub struct Member {
     last_error: RefCell<Option<String>>,
     /// A health check is running.
     checking: Cell<bool>,
+    /// Consecutive checks that found the lag over the maximum.
+    lag_strikes: Cell<u8>,
 }
 
 impl Member {
@@ -68,6 +73,7 @@ impl Member {
             routed: Cell::new(0),
             last_error: RefCell::new(None),
             checking: Cell::new(false),
+            lag_strikes: Cell::new(0),
         }
     }
 
@@ -282,15 +288,24 @@ async fn check(tenant: &str, set: &ReplicaSet, i: usize, pool: &Rc<Pool>) {
     member.lag_ms.set(lag);
     let max = set.settings.max_lag;
     match lag {
-        Some(ms) if !max.is_zero() && ms > max.as_millis() as u64 => set.ban(
-            tenant,
-            i,
-            format!(
-                "replication lag {ms} ms is over max_replica_lag_ms ({})",
-                max.as_millis()
-            ),
-        ),
-        Some(_) => {}
+        // Twice in a row: right after an idle primary writes again, a
+        // replica that has received the WAL but not replayed it yet looks
+        // as far behind as the primary was idle, for a moment.
+        Some(ms) if !max.is_zero() && ms > max.as_millis() as u64 => {
+            let strikes = member.lag_strikes.get().saturating_add(1);
+            member.lag_strikes.set(strikes);
+            if strikes >= LAG_STRIKES {
+                set.ban(
+                    tenant,
+                    i,
+                    format!(
+                        "replication lag {ms} ms is over max_replica_lag_ms ({})",
+                        max.as_millis()
+                    ),
+                );
+            }
+        }
+        Some(_) => member.lag_strikes.set(0),
         None => set.ban(tenant, i, "health check: no lag reported".into()),
     }
     if !was_healthy && member.healthy(Instant::now()) {
