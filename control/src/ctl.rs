@@ -48,6 +48,8 @@ pub struct Cli {
     pub command: Cmd,
 }
 
+// Parsed once per process: the size of the largest command does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum Cmd {
     /// Tenants: where a database is and who may use it.
@@ -72,6 +74,13 @@ pub enum Cmd {
     },
     /// The node's health.
     Health,
+    /// Print an API token minted with --jwt-secret: the admin console's
+    /// password (`psql "user=admin.supavisor dbname=supavisor ..."`).
+    Token {
+        /// How long the token is valid, in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl_secs: u64,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -708,15 +717,21 @@ pub fn request_for(cmd: &Cmd) -> Option<ApiRequest> {
             },
         },
         Cmd::Health => get("/api/health".into(), "health".into()),
+        Cmd::Token { .. } => return None,
     })
 }
 
 /// A token for the API: HS256, `{"role": "api", "iat": now, "exp": now + 300}`.
 pub fn mint_token(secret: &str, now_secs: u64) -> Result<String, CtlError> {
+    mint_token_for(secret, now_secs, TOKEN_TTL_SECS)
+}
+
+/// [`mint_token`] valid for `ttl_secs`.
+pub fn mint_token_for(secret: &str, now_secs: u64, ttl_secs: u64) -> Result<String, CtlError> {
     let claims = json!({
         "role": "api",
         "iat": now_secs,
-        "exp": now_secs + TOKEN_TTL_SECS,
+        "exp": now_secs.saturating_add(ttl_secs),
     });
     Ok(jsonwebtoken::encode(
         &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
@@ -1027,11 +1042,9 @@ pub fn render_pools(data: &Value) -> String {
         .iter()
         .map(|p| {
             [
-                "node",
                 "tenant",
                 "db_user",
                 "mode",
-                "replica",
                 "shard",
                 "pool_size",
                 "server_connections",
@@ -1042,6 +1055,13 @@ pub fn render_pools(data: &Value) -> String {
             ]
             .iter()
             .map(|k| text_of(p.get(*k)))
+            .chain([
+                match p.get("replica") {
+                    Some(Value::String(r)) => r.clone(),
+                    _ => "primary".into(),
+                },
+                text_of(p.get("node")),
+            ])
             .collect()
         })
         .collect();
@@ -1050,8 +1070,8 @@ pub fn render_pools(data: &Value) -> String {
     }
     table(
         &[
-            "NODE", "TENANT", "USER", "MODE", "REPLICA", "SHARD", "SIZE", "OPEN", "IDLE", "BUSY",
-            "CLIENTS", "WAITING",
+            "TENANT", "USER", "MODE", "SHARD", "SIZE", "OPEN", "IDLE", "BUSY", "CLIENTS",
+            "WAITING", "TARGET", "NODE",
         ],
         &rows,
     )
@@ -1141,6 +1161,19 @@ pub fn render_cluster(data: &Value) -> String {
 
 /// Runs one command, printing its result to `out`.
 pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<(), CtlError> {
+    if let Cmd::Token { ttl_secs } = &cli.command {
+        let Some(secret) = cli.jwt_secret.as_deref().filter(|s| !s.is_empty()) else {
+            return Err(CtlError::Usage(
+                "token: give --jwt-secret (API_JWT_SECRET) to mint with".into(),
+            ));
+        };
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let token = mint_token_for(secret, now, *ttl_secs)?;
+        return writeln!(out, "{token}").map_err(CtlError::from);
+    }
     if let Cmd::Tenant {
         cmd: TenantCmd::Update(a),
     } = &cli.command
@@ -1224,6 +1257,7 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<(), CtlError> {
             }
         },
         Cmd::Health => render_health(data),
+        Cmd::Token { .. } => String::new(),
     };
     out.write_all(text.as_bytes())?;
     Ok(())
@@ -1567,6 +1601,21 @@ mod tests {
         assert_eq!(bearer(&cli).unwrap().as_deref(), Some("Bearer abc"));
         let cli = parse(&["--jwt-secret", "s3cret", "health"]);
         assert!(bearer(&cli).unwrap().unwrap().starts_with("Bearer ey"));
+        // `token` prints one, valid for --ttl-secs, without asking the API.
+        let cli = parse(&["--jwt-secret", "s3cret", "token", "--ttl-secs", "60"]);
+        let mut out = Vec::new();
+        run(&cli, &mut out).unwrap();
+        let printed = String::from_utf8(out).unwrap();
+        let got = jsonwebtoken::decode::<Value>(
+            printed.trim_end(),
+            &jsonwebtoken::DecodingKey::from_secret(b"s3cret"),
+            &v,
+        )
+        .unwrap();
+        let exp = got.claims["exp"].as_u64().unwrap();
+        assert!((now + 59..=now + 120).contains(&exp), "{exp} vs {now}");
+        let err = run(&parse(&["token"]), &mut Vec::new()).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
     }
 
     #[test]
@@ -1640,12 +1689,26 @@ mod tests {
             "mode": "transaction", "replica": null, "shard": 1, "pool_size": 2,
             "server_connections": 1, "idle": 1, "checked_out": 0, "clients": 0, "waiting": 0}]));
         assert!(
-            pools.starts_with("NODE  TENANT  USER      MODE         REPLICA  SHARD  SIZE"),
+            pools.starts_with("TENANT  USER      MODE         SHARD  SIZE"),
             "{pools}"
         );
         assert!(
-            pools.contains("1     acme    postgres  transaction  -        1      2"),
+            pools.contains("acme    postgres  transaction  1      2"),
             "{pools}"
+        );
+        assert!(
+            pools.lines().nth(1).unwrap().ends_with("primary  1"),
+            "{pools}"
+        );
+        let replica = render_pools(&json!([{"node": 2, "tenant": "acme", "db_user": "postgres",
+            "mode": "session", "replica": "10.0.0.2:5432", "shard": 0}]));
+        assert!(
+            replica
+                .lines()
+                .nth(1)
+                .unwrap()
+                .ends_with("10.0.0.2:5432  2"),
+            "{replica}"
         );
         assert_eq!(render_pools(&json!([])), "no pools\n");
     }
