@@ -241,7 +241,7 @@ fn clients(reports: &[&NodeReport]) -> Answer {
                     cell(utc(c.connect_time)),
                     cell(c.pid),
                     cell(&c.application_name),
-                    cell(c.replica_reads),
+                    cell(&c.reads),
                     cell(s.shard),
                 ]);
             }
@@ -261,7 +261,7 @@ fn clients(reports: &[&NodeReport]) -> Answer {
             "connect_time",
             "pid",
             "application_name",
-            "replica_reads",
+            "reads",
             "shard",
         ],
         rows,
@@ -491,7 +491,7 @@ mod tests {
                     connect_time: 0,
                     pid: 7,
                     application_name: "psql".into(),
-                    replica_reads: true,
+                    reads: "replicas".into(),
                 }],
                 servers: vec![],
             }],

@@ -228,7 +228,7 @@ async fn login(
     let reads = Reads::of(&tenant, target.as_deref(), mode == PoolMode::Transaction);
     let settings = Rc::new(startup_settings(msg));
     let mut desc = ClientDesc::new(peer, settings.clone());
-    desc.replica_reads = reads != Reads::Primary;
+    desc.reads = reads;
     let (pid, ctl) = shard.register_client(pool.key.clone(), tenant.timeouts, desc);
     let mut out = BytesMut::with_capacity(params.len() + 32);
     out.put_slice(&params);

@@ -269,8 +269,9 @@ pub struct ClientInfo {
     /// The process id the pooler issued to it (its cancel key).
     pub pid: i32,
     pub application_name: String,
-    /// Reads go to the tenant's replicas (`target_session_attrs`).
-    pub replica_reads: bool,
+    /// Where its transactions go: "primary", "replicas" (it asked with
+    /// `target_session_attrs`), "balanced" (`load_balance = "reads"`).
+    pub reads: String,
 }
 
 /// A server connection, for the admin console (`SHOW SERVERS`).

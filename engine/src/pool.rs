@@ -321,6 +321,17 @@ impl Pool {
         }
     }
 
+    /// A replica's pool logs in as its primary pool does: the same user
+    /// settings (a secret auth_query fetched again) and the ClientKey its
+    /// clients lent (SCRAM pass-through).
+    pub fn follow(&self, primary: &Pool) {
+        self.set_client_key(primary.client_key.get());
+        let user = primary.user();
+        if !Arc::ptr_eq(&self.user.borrow(), &user) {
+            self.update_user(user);
+        }
+    }
+
     /// New settings for a user that came through auth_query (a changed secret).
     pub fn update_user(&self, user: Arc<UserConfig>) {
         *self.user.borrow_mut() = user;

@@ -191,6 +191,15 @@ pub enum Reads {
 }
 
 impl Reads {
+    /// As `SHOW CLIENTS` says it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reads::Primary => "primary",
+            Reads::Replicas => "replicas",
+            Reads::Classify => "balanced",
+        }
+    }
+
     /// For a client of `tenant` whose startup asked for `target_session_attrs`.
     pub fn of(tenant: &TenantConfig, target: Option<&str>, transaction_mode: bool) -> Reads {
         if tenant.replication.replicas.is_empty() {
@@ -227,6 +236,7 @@ pub async fn checkout_read(
             };
             let member = &set.members[i];
             let pool = shard.replica_pool(primary, &member.config);
+            pool.follow(primary);
             match pool.checkout(wait).await {
                 Ok(conn) => {
                     member.routed.set(member.routed.get() + 1);

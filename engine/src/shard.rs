@@ -165,8 +165,8 @@ pub struct ClientDesc {
     pub connected: u64,
     /// Its startup settings (for `application_name`), shared with the session.
     pub settings: Rc<Settings>,
-    /// Its reads go to the tenant's replicas.
-    pub replica_reads: bool,
+    /// Where its transactions go.
+    pub reads: crate::replica::Reads,
     /// Proxied to the node that owns its pool.
     pub proxied_to: Option<u64>,
 }
@@ -178,7 +178,7 @@ impl ClientDesc {
             peer,
             connected: unix_now(),
             settings,
-            replica_reads: false,
+            reads: crate::replica::Reads::Primary,
             proxied_to: None,
         }
     }
@@ -586,7 +586,7 @@ impl Shard {
                     .get("application_name")
                     .unwrap_or_default()
                     .to_string(),
-                replica_reads: ctl.desc.replica_reads,
+                reads: ctl.desc.reads.as_str().to_string(),
             })
             .collect();
         let mut servers = Vec::new();
