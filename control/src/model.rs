@@ -128,18 +128,29 @@ pub struct TenantSpec {
     #[serde(default)]
     pub query_timeout: u32,
     /// Read replicas of `db_database` (same users and passwords).
-    #[serde(default)]
+    ///
+    /// These four fields are left out of what is written (log entries,
+    /// records, answers) while they hold their defaults, so that a tenant
+    /// without replicas reads the same to a node that predates them (a
+    /// rolling upgrade).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub replicas: Vec<ReplicaSpec>,
     /// "off": only clients that ask (`options=-c target_session_attrs=read-only`)
     /// use the replicas; "reads": also transaction-mode transactions that
     /// start with a plain SELECT.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "LoadBalance::is_off")]
     pub load_balance: LoadBalance,
     /// Milliseconds of replay lag past which a replica is banned; 0 = not checked.
-    #[serde(default = "default_max_replica_lag_ms")]
+    #[serde(
+        default = "default_max_replica_lag_ms",
+        skip_serializing_if = "is_default_max_replica_lag_ms"
+    )]
     pub max_replica_lag_ms: u64,
     /// Milliseconds a failing replica gets no clients.
-    #[serde(default = "default_replica_ban_ms")]
+    #[serde(
+        default = "default_replica_ban_ms",
+        skip_serializing_if = "is_default_replica_ban_ms"
+    )]
     pub replica_ban_ms: u64,
     #[serde(default)]
     pub users: Vec<UserSpec>,
@@ -168,6 +179,20 @@ pub enum LoadBalance {
     Off,
     /// Also plain reads in transaction mode.
     Reads,
+}
+
+impl LoadBalance {
+    pub fn is_off(&self) -> bool {
+        *self == LoadBalance::Off
+    }
+}
+
+fn is_default_max_replica_lag_ms(ms: &u64) -> bool {
+    *ms == default_max_replica_lag_ms()
+}
+
+fn is_default_replica_ban_ms(ms: &u64) -> bool {
+    *ms == default_replica_ban_ms()
 }
 
 pub fn default_weight() -> u32 {
@@ -443,6 +468,26 @@ mod tests {
         .unwrap();
         assert!(!out.contains("secret"), "{out}");
         assert!(out.contains("\"external_id\":\"t\""));
+        // Replica settings at their defaults are not written (older nodes deny
+        // unknown fields); set, they round-trip.
+        assert!(
+            !out.contains("replica") && !out.contains("load_balance"),
+            "{out}"
+        );
+        let with: TenantSpec = serde_json::from_str(
+            r#"{"db_host": "h", "db_port": 1, "db_database": "d", "load_balance": "reads",
+                "replicas": [{"host": "r", "port": 2}], "replica_ban_ms": 100}"#,
+        )
+        .unwrap();
+        assert_eq!(with.replicas[0].weight, 1);
+        assert_eq!(with.max_replica_lag_ms, 10_000);
+        let back: TenantSpec =
+            serde_json::from_str(&serde_json::to_string(&with).unwrap()).unwrap();
+        assert_eq!(back, with);
+        assert!(serde_json::from_str::<TenantSpec>(
+            r#"{"db_host": "h", "db_port": 1, "db_database": "d", "load_balance": "writes"}"#
+        )
+        .is_err());
     }
 
     #[test]
@@ -466,6 +511,32 @@ mod tests {
         ] {
             assert!(fields.iter().any(|x| x == f), "{f} missing from {fields:?}");
         }
+    }
+
+    #[test]
+    fn bad_replicas_are_reported_per_field() {
+        let spec: TenantSpec = serde_json::from_str(
+            r#"{"db_host": "h", "db_port": 1, "db_database": "d", "replica_ban_ms": 4000000,
+                "replicas": [{"host": "", "port": 0, "weight": 5000, "pool_size": 0},
+                             {"host": "r", "port": 2}, {"host": "r", "port": 2}]}"#,
+        )
+        .unwrap();
+        let fields: Vec<String> = spec.validate().into_iter().map(|e| e.field).collect();
+        assert_eq!(
+            fields,
+            [
+                "replicas[0].host",
+                "replicas[0].port",
+                "replicas[0].weight",
+                "replicas[0].pool_size",
+                "replicas[2].host",
+                "replica_ban_ms"
+            ]
+        );
+        assert!(
+            serde_json::from_str::<ReplicaSpec>(r#"{"host": "r", "port": 2, "x": 1}"#).is_err()
+        );
+        assert!(!valid_id(CONSOLE_TENANT), "the console's name is reserved");
     }
 
     #[test]

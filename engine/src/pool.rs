@@ -247,6 +247,17 @@ impl Pool {
         self.total.get().saturating_sub(self.idle.borrow().len())
     }
 
+    /// Keeps a weak reference to a new connection's description (for
+    /// [`Pool::servers`]); those of closed connections are dropped now and
+    /// then, so the list stays about as long as the pool.
+    fn remember(&self, meta: &Rc<ServerMeta>) {
+        let mut servers = self.servers.borrow_mut();
+        if servers.len() >= 2 * self.size() + 8 {
+            servers.retain(|w| w.strong_count() > 0);
+        }
+        servers.push(Rc::downgrade(meta));
+    }
+
     /// The pool's server connections and whether each is idle.
     pub fn servers(&self) -> Vec<(Rc<ServerMeta>, bool)> {
         let mut servers = self.servers.borrow_mut();
@@ -482,7 +493,7 @@ impl Pool {
                     Ok(conn) => {
                         let mut conn = Box::new(conn);
                         conn.generation = generation;
-                        self.servers.borrow_mut().push(Rc::downgrade(&conn.meta));
+                        self.remember(&conn.meta);
                         if self.params.borrow().is_none() {
                             *self.params.borrow_mut() = Some(conn.login_params.clone().freeze());
                         }
