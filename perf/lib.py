@@ -340,12 +340,14 @@ class Supavisor:
         d = root / f"supavisor-s{shards}"
         d.mkdir()
         self.session_port, self.port, api = free_port(), free_port(), free_port()
+        self.ws_port = free_port()
         self.shards = shards
         conf = d / "supavisor.toml"
         conf.write_text(
             "[proxy]\n"
             f'session_addr = "127.0.0.1:{self.session_port}"\n'
             f'transaction_addr = "127.0.0.1:{self.port}"\n'
+            f'websocket_addr = "127.0.0.1:{self.ws_port}"\n'
             f"shards = {shards}\n"
             "[api]\n"
             f'addr = "127.0.0.1:{api}"\n'

@@ -370,6 +370,8 @@ fn engine_config(db: SocketAddr, shards: usize) -> Arc<Config> {
             tls: None,
             listen_backlog: 1024,
             proxy_addr: None,
+            websocket_addr: None,
+            websocket_cleartext: Vec::new(),
         },
         HashMap::from([("bench".to_string(), bench_tenant(db, 4))]),
     ))

@@ -45,6 +45,11 @@ pub struct ProxyFile {
     /// `listen()` backlog per shard and port; the kernel caps it at
     /// `net.core.somaxconn`.
     pub listen_backlog: u32,
+    /// The WebSocket listener; `""` turns it off.
+    pub websocket_addr: String,
+    /// Plain ws:// clients from these addresses (CIDRs) may log in with a
+    /// cleartext password; wss:// clients always may.
+    pub websocket_cleartext_allow: Vec<String>,
 }
 
 impl Default for ProxyFile {
@@ -56,6 +61,8 @@ impl Default for ProxyFile {
             shutdown_timeout: 10_000,
             client_startup_timeout: 10_000,
             listen_backlog: 4096,
+            websocket_addr: "0.0.0.0:4001".into(),
+            websocket_cleartext_allow: vec!["127.0.0.0/8".into(), "::1/128".into()],
         }
     }
 }
@@ -332,6 +339,23 @@ impl ProxyFile {
                 "proxy.shards must be at most 256".into(),
             ));
         }
+        let websocket_addr = match self.websocket_addr.trim() {
+            "" => None,
+            a => Some(a.parse::<SocketAddr>().map_err(|e| {
+                ConfigError::Invalid(format!(
+                    "proxy.websocket_addr {a:?}: {e} (an address such as 0.0.0.0:4001, or \"\" for none)"
+                ))
+            })?),
+        };
+        let websocket_cleartext = self
+            .websocket_cleartext_allow
+            .iter()
+            .map(|c| {
+                c.parse::<engine::config::Cidr>().map_err(|e| {
+                    ConfigError::Invalid(format!("proxy.websocket_cleartext_allow: {e}"))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(ProxyConfig {
             session_addr: self.session_addr,
             transaction_addr: self.transaction_addr,
@@ -341,6 +365,8 @@ impl ProxyFile {
             tls,
             listen_backlog: self.listen_backlog,
             proxy_addr: None,
+            websocket_addr,
+            websocket_cleartext,
         })
     }
 }

@@ -18,10 +18,12 @@ pub fn run() -> Result<(), String> {
     let pg = TempPostgres::start().map_err(|e| format!("cannot start PostgreSQL: {e}"))?;
     let session = free_addr()?;
     let transaction = free_addr()?;
+    let websocket = free_addr()?;
     let file = ConfigFile {
         proxy: ProxyFile {
             session_addr: session,
             transaction_addr: transaction,
+            websocket_addr: websocket.to_string(),
             ..ProxyFile::default()
         },
         tenants: vec![TenantFile {
@@ -70,7 +72,7 @@ pub fn run() -> Result<(), String> {
     let user = pg.superuser.clone();
     let result = crate::run::run(file, |r| {
         let api = r.api;
-        println!("supavisor ready session={session} transaction={transaction} api={api}");
+        println!("supavisor ready session={session} transaction={transaction} api={api} websocket={websocket}");
         println!();
         println!(
             "PostgreSQL (direct):  psql 'postgres://{user}:{password}@{}:{}/postgres'",
@@ -81,6 +83,10 @@ pub fn run() -> Result<(), String> {
         );
         println!(
             "session mode:         psql 'postgres://{user}.demo:{password}@{session}/postgres'"
+        );
+        println!(
+            "WebSocket (serverless drivers): ws://{websocket}/v2?address=demo:{}  (user {user}.demo; see README)",
+            transaction.port()
         );
         println!();
         println!("API:                  supavisorctl --api http://{api} --jwt-secret {jwt_secret} tenant list");

@@ -567,6 +567,24 @@ const SHARD_SERIES: &[ShardSeries] = &[
         true,
         |c| c.refused,
     ),
+    (
+        "supavisor_websocket_clients",
+        "WebSocket connections open on this shard (upgraded, not yet closed).",
+        false,
+        |c| c.websocket_open,
+    ),
+    (
+        "supavisor_websocket_upgrades",
+        "WebSocket upgrades answered 101 Switching Protocols.",
+        true,
+        |c| c.websocket_upgrades,
+    ),
+    (
+        "supavisor_websocket_rejected",
+        "WebSocket upgrades refused (bad request, TLS failure, startup timeout).",
+        true,
+        |c| c.websocket_rejected,
+    ),
 ];
 
 impl Collector for SnapshotCollector {
@@ -930,6 +948,9 @@ mod tests {
                     tasks_spawned: 40,
                     stalls: 0,
                     refused: 2,
+                    websocket_open: 5,
+                    websocket_upgrades: 9,
+                    websocket_rejected: 1,
                 },
                 pools: vec![
                     pool("t1", "postgres", "transaction", 1, 1),
@@ -947,6 +968,7 @@ mod tests {
                     tasks_spawned: 30,
                     stalls: 1,
                     refused: 0,
+                    ..Default::default()
                 },
                 pools: vec![
                     pool("t1", "postgres", "transaction", 2, 3),
@@ -1099,6 +1121,11 @@ mod tests {
         assert_eq!(v("supavisor_shard_refused", "0"), 2.0);
         assert!(text.contains("# TYPE supavisor_shard_clients gauge\n"));
         assert!(text.contains("# TYPE supavisor_shard_stalls untyped\n"));
+        assert_eq!(v("supavisor_websocket_clients", "0"), 5.0);
+        assert_eq!(v("supavisor_websocket_upgrades", "0"), 9.0);
+        assert_eq!(v("supavisor_websocket_rejected", "0"), 1.0);
+        assert_eq!(v("supavisor_websocket_clients", "1"), 0.0);
+        assert!(text.contains("# TYPE supavisor_websocket_clients gauge\n"));
     }
 
     #[test]

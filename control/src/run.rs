@@ -27,6 +27,8 @@ pub struct Ready {
     pub session: SocketAddr,
     pub transaction: SocketAddr,
     pub api: SocketAddr,
+    /// The WebSocket listener, when there is one.
+    pub websocket: Option<SocketAddr>,
 }
 
 /// Exit status of a process that handed over (SIGUSR2) and then saw its
@@ -109,6 +111,9 @@ fn reload(node: &Node, started: &ConfigFile, opts: &Options) -> Result<(), Strin
     if new.listen_backlog != live.listen_backlog {
         restart.push("proxy.listen_backlog");
     }
+    if new.websocket_addr != live.websocket_addr {
+        restart.push("proxy.websocket_addr");
+    }
     if file.api.addr != started.api.addr {
         restart.push("api.addr");
     }
@@ -123,6 +128,7 @@ fn reload(node: &Node, started: &ConfigFile, opts: &Options) -> Result<(), Strin
     }
     live.shutdown_timeout = new.shutdown_timeout;
     live.client_startup_timeout = new.client_startup_timeout;
+    live.websocket_cleartext = new.websocket_cleartext;
     // A renewed certificate (or TLS turned on or off) applies to new connections.
     live.tls = new.tls;
     let seeds = file.seeds();
@@ -402,12 +408,14 @@ pub fn run_node(
         session: proxy.session_addr,
         transaction: proxy.transaction_addr,
         api,
+        websocket: proxy.websocket_addr,
     };
     info!(
         shards = proxy.shards,
         session = %ready.session,
         transaction = %ready.transaction,
         api = %ready.api,
+        websocket = ?ready.websocket,
         tenants,
         "supavisor ready"
     );

@@ -72,7 +72,8 @@ async fn read_first(
             return Ok(First::Closed);
         };
         match decode_startup(&mut buf).map_err(EngineError::ClientProtocol)? {
-            Some(StartupPacket::SslRequest) if tls.is_some() && !s.is_tls() => {
+            // Inside a WebSocket there is no TLS to start: wss is TLS already.
+            Some(StartupPacket::SslRequest) if tls.is_some() && matches!(s, Stream::Plain(_)) => {
                 if !buf.is_empty() {
                     // Bytes sent behind SSLRequest before the handshake
                     // would be taken as if they came encrypted (CVE-2021-23222).
@@ -165,23 +166,26 @@ pub fn for_log(s: &str) -> &str {
 
 pub async fn handle(shard: Rc<Shard>, tcp: TcpStream, mode: PoolMode) {
     let peer = tcp.peer_addr().ok();
-    serve(shard, Stream::Plain(tcp), mode, peer, 0).await
+    serve(shard, Stream::Plain(tcp), mode, peer, 0, false).await
 }
 
 /// A connection from its first byte: a client (`hops` 0), or one proxied
 /// here by the node it connected to (`hops` 1: TLS was terminated there,
 /// `peer` is the client's address, and it is never proxied again).
+/// `cleartext`: that node let the client log in with a cleartext password
+/// (a WebSocket client over TLS or from a trusted address).
 pub async fn serve(
     shard: Rc<Shard>,
     stream: Stream,
     mode: PoolMode,
     peer: Option<SocketAddr>,
     hops: u8,
+    cleartext: bool,
 ) {
     // The first moments (TLS, startup, routing, proxying, handoff) run in
     // a boxed future; an admitted client's session then gets a task of its
     // own and this one ends: what an idle client keeps is its session's state.
-    let admitted = Box::pin(admit(&shard, stream, mode, peer, hops)).await;
+    let admitted = Box::pin(admit(&shard, stream, mode, peer, hops, cleartext)).await;
     if let Some(client) = admitted {
         crate::client::spawn(&shard, client);
     }
@@ -195,7 +199,9 @@ async fn admit(
     mode: PoolMode,
     peer: Option<SocketAddr>,
     hops: u8,
+    cleartext: bool,
 ) -> Option<Box<Admitted>> {
+    let cleartext = cleartext || stream.cleartext_password_ok();
     let config = shard.config();
     let timeout = config.proxy.client_startup_timeout;
     let tls = if hops == 0 {
@@ -337,7 +343,16 @@ async fn admit(
             Routed::Done => return None,
         }
     }
-    serve_local(shard, stream, msg, ident, leftover, mode, peer).await
+    let client = Admitted {
+        stream,
+        msg,
+        ident,
+        leftover,
+        mode,
+        peer,
+        cleartext,
+    };
+    serve_local(shard, client).await
 }
 
 /// How often a client waiting for its pool's owner to change looks at the
@@ -470,43 +485,60 @@ async fn route(
 
 /// Serves a client on this node: on this shard if it owns the tenant, else
 /// handed to the shard that does.
-async fn serve_local(
-    shard: &Rc<Shard>,
-    stream: Stream,
-    msg: StartupMessage,
-    ident: Identity,
-    leftover: Vec<u8>,
-    mode: PoolMode,
-    peer: Option<SocketAddr>,
-) -> Option<Box<Admitted>> {
-    let owner = shard.owner_of(&ident.tenant);
+async fn serve_local(shard: &Rc<Shard>, client: Admitted) -> Option<Box<Admitted>> {
+    let owner = shard.owner_of(&client.ident.tenant);
     if owner == shard.id {
-        return Some(Box::new(Admitted {
-            stream,
-            msg,
-            ident,
-            leftover,
-            mode,
-            peer,
-        }));
+        return Some(Box::new(client));
     }
+    let Admitted {
+        stream,
+        msg,
+        ident,
+        leftover,
+        mode,
+        peer,
+        cleartext,
+    } = client;
     // Hand the socket to its owner: a duplicate of the fd travels (with the
-    // TLS session, which goes on from the same state), this shard's stream
-    // is dropped.
+    // TLS session and the WebSocket state, which go on from where they
+    // are), this shard's stream is dropped. Bytes the socket already
+    // brought in (a receive may bring more than the startup message)
+    // travel with it: as leftover (deframed, for a WebSocket), or inside
+    // the TLS session.
+    let mut leftover = leftover;
+    let (stream, ws) = match stream {
+        Stream::Ws(mut w) => {
+            if w.flush().await.is_err() {
+                return None;
+            }
+            match w.take_buffered_data() {
+                Ok(data) => leftover.extend_from_slice(&data),
+                Err(_) => return None,
+            }
+            let (inner, state) = w.into_parts();
+            (inner, Some(Box::new(state)))
+        }
+        other => (other, None),
+    };
     let (tcp, tls) = match stream {
-        Stream::Plain(tcp) => (tcp, None),
+        Stream::Plain(mut tcp) => {
+            leftover.extend_from_slice(&tcp.take_buffered());
+            (tcp, None)
+        }
         Stream::Tls(mut t) => {
-            if t.flush().await.is_err() {
+            if t.flush().await.is_err() || t.absorb_buffered().is_err() {
                 return None;
             }
             let (tcp, conn) = t.into_parts();
             (tcp, Some(Box::new(conn)))
         }
+        // A WebSocket inside a WebSocket is never built.
+        Stream::Ws(_) => return None,
     };
     // SAFETY: dup of a valid open socket; the new fd is owned by OwnedFd.
     let dup = unsafe { libc::dup(tcp.as_raw_fd()) };
     if dup < 0 {
-        let mut stream = Stream::Plain(tcp);
+        let mut stream = Stream::assemble(tcp, tls, ws, &shard.websocket.open);
         refuse(&mut stream, &EngineError::Refused(Refusal::Busy)).await;
         return None;
     }
@@ -519,6 +551,8 @@ async fn serve_local(
         leftover,
         mode,
         peer,
+        ws,
+        cleartext,
     };
     match shard.peers[owner].send(ShardMsg::Handoff(Box::new(handoff))) {
         Ok(()) => {
@@ -527,12 +561,12 @@ async fn serve_local(
         }
         Err(msg) => {
             // The owner's inbox is full: the message comes back with the
-            // TLS session, so the client still gets its error.
+            // TLS session and WebSocket state, so the client still gets its error.
             let mut stream = match msg {
-                ShardMsg::Handoff(h) => match h.tls {
-                    Some(conn) => Stream::Tls(Box::new(TlsStream::new(tcp, *conn))),
-                    None => Stream::Plain(tcp),
-                },
+                ShardMsg::Handoff(h) => {
+                    let h = *h;
+                    Stream::assemble(tcp, h.tls, h.ws, &shard.websocket.open)
+                }
                 _ => Stream::Plain(tcp),
             };
             refuse(&mut stream, &EngineError::Refused(Refusal::Busy)).await;

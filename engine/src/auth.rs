@@ -66,6 +66,7 @@ pub async fn authenticate(
     tenant: &TenantConfig,
     user: &UserConfig,
     startup_user: &str,
+    cleartext: bool,
 ) -> Result<Option<[u8; 32]>, EngineError> {
     let wrong_password = || EngineError::Refused(Refusal::WrongPassword(user.db_user.clone()));
     let mismatch = |what: &str| {
@@ -74,6 +75,9 @@ pub async fn authenticate(
             why: what.to_string(),
         })
     };
+    if cleartext {
+        return cleartext_password(stream, inbuf, user).await;
+    }
     let mut out = BytesMut::new();
     match tenant.client_auth {
         ClientAuth::ScramSha256 => {
@@ -142,4 +146,44 @@ pub async fn authenticate(
             Ok(None)
         }
     }
+}
+
+/// Cleartext password authentication, for WebSocket clients over TLS or
+/// from trusted addresses (serverless drivers send the password together
+/// with their startup message and first query, without waiting for the
+/// server's request). Checked against whatever secret the user has; a
+/// SCRAM secret from `auth_query` yields the ClientKey for pass-through.
+async fn cleartext_password(
+    stream: &mut Stream,
+    inbuf: &mut BytesMut,
+    user: &UserConfig,
+) -> Result<Option<[u8; 32]>, EngineError> {
+    let mut out = BytesMut::new();
+    Authentication::CleartextPassword.encode(&mut out);
+    send(stream, &out).await?;
+    let body = read_password_frame(stream, inbuf).await?;
+    let given = frontend::decode_password(&body).map_err(EngineError::ClientProtocol)?;
+    let wrong_password = || EngineError::Refused(Refusal::WrongPassword(user.db_user.clone()));
+    let given = std::str::from_utf8(given).map_err(|_| wrong_password())?;
+    let client_key = match &user.auth {
+        UserAuth::Password { password, .. } => {
+            if !wire::scram::ct_eq(password.as_bytes(), given.as_bytes()) {
+                return Err(wrong_password());
+            }
+            None
+        }
+        UserAuth::Fetched(FetchedSecret::Scram(secret)) => {
+            Some(secret.verify_password(given).ok_or_else(wrong_password)?)
+        }
+        UserAuth::Fetched(FetchedSecret::Md5(secret)) => {
+            if !wire::md5::verify_password(secret, &user.db_user, given) {
+                return Err(wrong_password());
+            }
+            None
+        }
+    };
+    out.clear();
+    Authentication::Ok.encode(&mut out);
+    send(stream, &out).await?;
+    Ok(client_key)
 }

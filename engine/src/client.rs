@@ -49,6 +49,9 @@ pub struct Admitted {
     pub leftover: Vec<u8>,
     pub mode: PoolMode,
     pub peer: Option<SocketAddr>,
+    /// The client may log in with a cleartext password (a WebSocket client
+    /// over TLS or from a trusted address, here or at the node that proxied it).
+    pub cleartext: bool,
 }
 
 /// Starts a client's session in a task of its own. The task holds only the
@@ -88,11 +91,17 @@ async fn start(shard: &Shard, client: Box<Admitted>) -> Option<(Box<ClientSide>,
         leftover,
         mode,
         peer,
+        cleartext,
     } = *client;
-    let _ = stream.set_nodelay(true);
+    // TCP_NODELAY: inherited from the listener (see `shard::bind_listener`).
     let timeout = shard.config().proxy.client_startup_timeout;
     let login = glommio::timer::timeout(timeout, async {
-        Ok(login(shard, &mut stream, &msg, ident, leftover, mode, peer).await)
+        let how = Arrival {
+            mode,
+            peer,
+            cleartext,
+        };
+        Ok(login(shard, &mut stream, &msg, ident, leftover, how).await)
     })
     .await;
     match login {
@@ -128,15 +137,26 @@ async fn start(shard: &Shard, client: Box<Admitted>) -> Option<(Box<ClientSide>,
     }
 }
 
+/// How a client reached this shard.
+struct Arrival {
+    mode: PoolMode,
+    peer: Option<SocketAddr>,
+    cleartext: bool,
+}
+
 async fn login(
     shard: &Shard,
     stream: &mut Stream,
     msg: &StartupMessage,
     ident: Identity,
     leftover: Vec<u8>,
-    mode: PoolMode,
-    peer: Option<SocketAddr>,
+    how: Arrival,
 ) -> Result<LoggedIn, EngineError> {
+    let Arrival {
+        mode,
+        peer,
+        cleartext,
+    } = how;
     let tenant: Arc<TenantConfig> = shard
         .config()
         .tenant(&ident.tenant)
@@ -181,27 +201,35 @@ async fn login(
     let mut inbuf = BytesMut::from(&leftover[..]);
     let startup_user = msg.user().unwrap_or_default();
     let key = PoolKey::primary(&tenant.external_id, &user.db_user, mode);
-    let client_key =
-        match crate::auth::authenticate(stream, &mut inbuf, &tenant, &user, startup_user).await {
-            Ok(k) => {
-                if let Some(ip) = ip {
-                    shard.login_ok(ip, &ident.tenant, &ident.db_user);
-                }
-                k
+    let client_key = match crate::auth::authenticate(
+        stream,
+        &mut inbuf,
+        &tenant,
+        &user,
+        startup_user,
+        cleartext,
+    )
+    .await
+    {
+        Ok(k) => {
+            if let Some(ip) = ip {
+                shard.login_ok(ip, &ident.tenant, &ident.db_user);
             }
-            Err(e) => {
-                if !matches!(e, EngineError::ClientIo(_)) {
-                    shard.join_failed(key);
-                }
-                if let (Some(ip), EngineError::Refused(Refusal::WrongPassword(_))) = (ip, &e) {
-                    shard.login_failed(ip, &ident.tenant, &ident.db_user);
-                }
-                if matches!(user.auth, UserAuth::Fetched(_)) {
-                    authquery::invalidate(shard, &tenant.external_id, &user.db_user);
-                }
-                return Err(e);
+            k
+        }
+        Err(e) => {
+            if !matches!(e, EngineError::ClientIo(_)) {
+                shard.join_failed(key);
             }
-        };
+            if let (Some(ip), EngineError::Refused(Refusal::WrongPassword(_))) = (ip, &e) {
+                shard.login_failed(ip, &ident.tenant, &ident.db_user);
+            }
+            if matches!(user.auth, UserAuth::Fetched(_)) {
+                authquery::invalidate(shard, &tenant.external_id, &user.db_user);
+            }
+            return Err(e);
+        }
+    };
 
     let pool = shard.pool(&tenant, &user, mode);
     if matches!(user.auth, UserAuth::Fetched(_)) {

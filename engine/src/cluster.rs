@@ -47,6 +47,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const KIND_CONNECT: u8 = 1;
 const KIND_CANCEL: u8 = 2;
+/// A client that may log in with a cleartext password (a WebSocket client
+/// over TLS or from an address this node trusts).
+const KIND_CONNECT_CLEARTEXT: u8 = 3;
 
 /// What a proxy link carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -191,7 +194,11 @@ pub async fn forward(
     to: LinkTarget<'_>,
 ) -> Result<(), (Stream, io::Error)> {
     let header = Header {
-        kind: KIND_CONNECT,
+        kind: if client.cleartext_password_ok() {
+            KIND_CONNECT_CLEARTEXT
+        } else {
+            KIND_CONNECT
+        },
         mode: key.mode,
         hops: 1,
         client_ip: peer
@@ -321,9 +328,11 @@ pub async fn accept_peer(shard: Rc<Shard>, mut tcp: TcpStream) {
     };
     match h.kind {
         KIND_CANCEL => shard.route_cancel(h.pid, h.secret.to_vec()),
-        KIND_CONNECT => {
+        KIND_CONNECT | KIND_CONNECT_CLEARTEXT => {
             let peer = SocketAddr::new(h.client_ip, 0);
-            crate::accept::serve(shard, Stream::Plain(tcp), h.mode, Some(peer), h.hops).await
+            let cleartext = h.kind == KIND_CONNECT_CLEARTEXT;
+            let stream = Stream::Plain(tcp);
+            crate::accept::serve(shard, stream, h.mode, Some(peer), h.hops, cleartext).await
         }
         _ => {}
     }

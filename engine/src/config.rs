@@ -51,6 +51,11 @@ pub struct ProxyConfig {
     /// The node-to-node proxy listener (cluster with pool ownership), bound
     /// by every shard like the client listeners.
     pub proxy_addr: Option<SocketAddr>,
+    /// The WebSocket listener (PostgreSQL protocol in binary frames), when set.
+    pub websocket_addr: Option<SocketAddr>,
+    /// Plain (ws://) WebSocket clients from these addresses may log in with
+    /// a cleartext password; wss:// clients always may.
+    pub websocket_cleartext: Vec<Cidr>,
 }
 
 /// A secret fetched through a tenant's `auth_query` (`pg_authid.rolpassword`).

@@ -24,6 +24,7 @@ pub mod server;
 pub mod settings;
 pub mod shard;
 pub mod stream;
+pub mod websocket;
 
 pub use config::{ClientAuth, Config, PoolMode, ProxyConfig, TenantConfig, UserConfig};
 pub use error::EngineError;

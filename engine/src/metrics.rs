@@ -218,6 +218,12 @@ pub struct ShardCounters {
     pub stalls: u64,
     /// Connections refused before a pool was chosen (unknown tenant, garbage...).
     pub refused: u64,
+    /// WebSocket connections open (upgraded, not closed).
+    pub websocket_open: u64,
+    /// WebSocket upgrades answered 101 since start.
+    pub websocket_upgrades: u64,
+    /// WebSocket upgrades refused (bad request, TLS failure, timeout).
+    pub websocket_rejected: u64,
 }
 
 /// Everything one shard reports to a scrape.

@@ -565,6 +565,7 @@ impl Pool {
         };
         conn.last_used = Instant::now();
         conn.buf.release_if_empty();
+        conn.stream.arm_read();
         if !conn.is_clean()
             || self.retired.get()
             || self.paused.get()

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use futures_lite::AsyncReadExt;
 use glommio::net::{TcpListener, TcpStream, UnixStream};
 
-use crate::stream::{Stream, TlsStream};
+use crate::stream::Stream;
 use glommio::{LocalExecutorBuilder, Placement};
 use tracing::{debug, info, warn};
 use wire::startup::StartupMessage;
@@ -58,6 +58,10 @@ pub struct Handoff {
     pub leftover: Vec<u8>,
     pub mode: PoolMode,
     pub peer: Option<SocketAddr>,
+    /// The framing state of a WebSocket client.
+    pub ws: Option<Box<crate::websocket::WsState>>,
+    /// The client may log in with a cleartext password.
+    pub cleartext: bool,
 }
 
 pub enum ShardMsg {
@@ -301,6 +305,7 @@ pub struct Shard {
     next_token: Cell<u64>,
     /// Clients proxied to other nodes, by a per-shard id.
     links: RefCell<HashMap<u64, Rc<LinkCtl>>>,
+    pub websocket: crate::websocket::WsCounters,
     /// Replicas of the tenants served here, by tenant.
     replica_sets: RefCell<HashMap<String, Rc<ReplicaSet>>>,
     /// Tenants PAUSEd from the admin console.
@@ -1068,6 +1073,9 @@ impl Shard {
                 tasks_spawned: self.tasks_spawned.get(),
                 stalls: self.stalls.get(),
                 refused: self.refused.get(),
+                websocket_open: self.websocket.open.get(),
+                websocket_upgrades: self.websocket.upgrades.get(),
+                websocket_rejected: self.websocket.rejected.get(),
             },
             pools,
         }
@@ -1231,6 +1239,13 @@ async fn shard_main(
             return;
         }
     };
+    let websocket = match config.proxy.websocket_addr.map(bind).transpose() {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
     let shard = Rc::new(Shard {
         id,
         config: RefCell::new(config.clone()),
@@ -1253,18 +1268,21 @@ async fn shard_main(
         claims: RefCell::new(HashMap::new()),
         next_token: Cell::new(1),
         links: RefCell::new(HashMap::new()),
+        websocket: Default::default(),
         replica_sets: RefCell::new(HashMap::new()),
         paused: RefCell::new(HashSet::new()),
         console_calls: RefCell::new(HashMap::new()),
     });
-    let mut accepting = Vec::with_capacity(2);
-    for (listener, mode) in [
-        (session, PoolMode::Session),
-        (transaction, PoolMode::Transaction),
-    ] {
+    let mut accepting = Vec::with_capacity(3);
+    let listeners = [
+        Some((session, Listen::Pg(PoolMode::Session))),
+        Some((transaction, Listen::Pg(PoolMode::Transaction))),
+        websocket.map(|l| (l, Listen::WebSocket)),
+    ];
+    for (listener, kind) in listeners.into_iter().flatten() {
         let listener = Rc::new(listener);
-        let task = glommio::spawn_local(accept_loop(shard.clone(), listener.clone(), mode));
-        accepting.push((task, listener, mode));
+        let task = glommio::spawn_local(accept_loop(shard.clone(), listener.clone(), kind));
+        accepting.push((task, listener, kind));
     }
     let mut peer_link = proxy_link
         .as_ref()
@@ -1307,10 +1325,7 @@ async fn shard_main(
                     let h = *h;
                     // SAFETY: the fd is a connected TCP socket handed over by its owner.
                     let tcp = unsafe { TcpStream::from_raw_fd(h.fd.into_raw_fd()) };
-                    let stream = match h.tls {
-                        Some(conn) => Stream::Tls(Box::new(TlsStream::new(tcp, *conn))),
-                        None => Stream::Plain(tcp),
-                    };
+                    let stream = Stream::assemble(tcp, h.tls, h.ws, &shard.websocket.open);
                     crate::metrics::bump(&shard.handoffs_in, 1);
                     crate::client::spawn(
                         &shard,
@@ -1321,6 +1336,7 @@ async fn shard_main(
                             leftover: h.leftover,
                             mode: h.mode,
                             peer: h.peer,
+                            cleartext: h.cleartext,
                         }),
                     );
                 }
@@ -1338,9 +1354,9 @@ async fn shard_main(
                 }
                 ShardMsg::Handover => {
                     let mut taken = 0;
-                    for (task, listener, mode) in accepting.drain(..) {
+                    for (task, listener, kind) in accepting.drain(..) {
                         task.cancel().await;
-                        taken += take_backlog(&shard, &listener, mode);
+                        taken += take_backlog(&shard, &listener, kind);
                         // The accept task is gone: this was the last reference
                         // and the listener closes here.
                         drop(listener);
@@ -1404,11 +1420,23 @@ async fn shard_main(
     info!(shard = id, left = shard.client_count(), "shard stopped");
 }
 
+/// What a client listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Listen {
+    /// The PostgreSQL protocol, in this pool mode.
+    Pg(PoolMode),
+    /// WebSocket clients (each upgrade names its mode).
+    WebSocket,
+}
+
 /// Starts the first moments of an accepted connection, counted.
-fn spawn_handle(shard: &Rc<Shard>, stream: TcpStream, mode: PoolMode) {
+fn spawn_handle(shard: &Rc<Shard>, stream: TcpStream, kind: Listen) {
     let guard = ConnGuard::new(shard);
     shard.spawn(async move {
-        crate::accept::handle(guard.0.clone(), stream, mode).await;
+        match kind {
+            Listen::Pg(mode) => crate::accept::handle(guard.0.clone(), stream, mode).await,
+            Listen::WebSocket => crate::websocket::upgrade::handle(guard.0.clone(), stream).await,
+        }
         drop(guard);
     });
 }
@@ -1421,6 +1449,9 @@ fn bind_listener(addr: SocketAddr, backlog: u32) -> io::Result<(TcpListener, Raw
     use socket2::{Domain, Protocol, Socket, Type};
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     sock.set_reuse_port(true)?;
+    // Accepted sockets inherit TCP_NODELAY from their listener (Linux): no
+    // setsockopt per client.
+    sock.set_tcp_nodelay(true)?;
     sock.bind(&addr.into())?;
     sock.listen(backlog.min(i32::MAX as u32) as i32)?;
     let fd = sock.into_raw_fd();
@@ -1431,7 +1462,7 @@ fn bind_listener(addr: SocketAddr, backlog: u32) -> io::Result<(TcpListener, Raw
 /// Accepts, without waiting, every connection already queued in a listener's
 /// backlog (the kernel would reset them when the listener closes) and starts
 /// them. Returns how many were taken.
-fn take_backlog(shard: &Rc<Shard>, listener: &(TcpListener, RawFd), mode: PoolMode) -> usize {
+fn take_backlog(shard: &Rc<Shard>, listener: &(TcpListener, RawFd), kind: Listen) -> usize {
     let fd = listener.1;
     // SAFETY: fcntl on the listener's fd, which is open while `listener` lives.
     let nonblocking = unsafe {
@@ -1464,7 +1495,7 @@ fn take_backlog(shard: &Rc<Shard>, listener: &(TcpListener, RawFd), mode: PoolMo
         // accepted sockets are blocking fds too (it sends with MSG_DONTWAIT
         // and waits through io_uring).
         let stream = unsafe { TcpStream::from_raw_fd(conn) };
-        spawn_handle(shard, stream, mode);
+        spawn_handle(shard, stream, kind);
         taken += 1;
     }
     taken
@@ -1489,10 +1520,10 @@ async fn peer_accept_loop(shard: Rc<Shard>, listener: Rc<(TcpListener, RawFd)>) 
     }
 }
 
-async fn accept_loop(shard: Rc<Shard>, listener: Rc<(TcpListener, RawFd)>, mode: PoolMode) {
+async fn accept_loop(shard: Rc<Shard>, listener: Rc<(TcpListener, RawFd)>, kind: Listen) {
     loop {
         match listener.0.accept().await {
-            Ok(stream) => spawn_handle(&shard, stream, mode),
+            Ok(stream) => spawn_handle(&shard, stream, kind),
             Err(e) => {
                 // Out of descriptors and the like: back off instead of spinning.
                 warn!(shard = shard.id, error = %e, "accept failed");

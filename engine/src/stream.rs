@@ -15,6 +15,8 @@ use std::task::{Context, Poll};
 use futures_lite::{ready, AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
 
+use crate::websocket::{WsState, WsStream};
+
 /// Encrypted bytes read from the socket per `recv`. Reads happen only when
 /// rustls holds no plaintext, and a chunk this size decrypts to at most
 /// rustls' received-plaintext limit (16 KiB), so `read_tls` never finds that
@@ -24,6 +26,9 @@ const TLS_READ_CHUNK: usize = 16 * 1024;
 pub enum Stream {
     Plain(TcpStream),
     Tls(Box<TlsStream>),
+    /// A WebSocket client: the protocol in binary frames over a plain or
+    /// TLS stream (`crate::websocket`).
+    Ws(Box<WsStream>),
 }
 
 pub struct TlsStream {
@@ -56,6 +61,13 @@ impl TlsStream {
     /// same state on the other side.
     pub fn into_parts(self) -> (TcpStream, rustls::Connection) {
         (self.tcp, self.conn)
+    }
+
+    /// Feeds the encrypted bytes the socket has received and not handed
+    /// over yet to rustls, before the session moves to another shard.
+    pub fn absorb_buffered(&mut self) -> io::Result<()> {
+        let held = self.tcp.take_buffered();
+        self.feed(&held)
     }
 
     /// Sends whatever rustls holds.
@@ -196,7 +208,7 @@ impl TlsStream {
                 Err(e) => return Err(e),
             }
             let mut chunk = [0u8; TLS_READ_CHUNK];
-            match recv_now(self.tcp.as_raw_fd(), &mut chunk)? {
+            match self.tcp.try_read_now(&mut chunk).map_err(io::Error::from)? {
                 None => return Ok(None),
                 Some(0) => return Ok(Some(0)),
                 Some(n) => self.feed(&chunk[..n])?,
@@ -205,33 +217,45 @@ impl TlsStream {
     }
 }
 
-/// One non-blocking `recv`: `Ok(None)` when nothing is there.
-fn recv_now(fd: RawFd, buf: &mut [u8]) -> io::Result<Option<usize>> {
-    // SAFETY: recv into a live buffer of the given length.
-    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
-    if n < 0 {
-        let err = io::Error::last_os_error();
-        return match err.kind() {
-            io::ErrorKind::WouldBlock => Ok(None),
-            _ => Err(err),
-        };
-    }
-    Ok(Some(n as usize))
-}
-
 impl Stream {
+    /// A stream from its parts (after a handoff between shards): the
+    /// socket, the TLS session and the WebSocket state it had. `ws_open`
+    /// counts this shard's WebSocket connections.
+    pub fn assemble(
+        tcp: TcpStream,
+        tls: Option<Box<rustls::Connection>>,
+        ws: Option<Box<WsState>>,
+        ws_open: &std::rc::Rc<std::cell::Cell<u64>>,
+    ) -> Stream {
+        let inner = match tls {
+            Some(conn) => Stream::Tls(Box::new(TlsStream::new(tcp, *conn))),
+            None => Stream::Plain(tcp),
+        };
+        match ws {
+            Some(state) => Stream::Ws(Box::new(WsStream::new(inner, *state, ws_open))),
+            None => inner,
+        }
+    }
+
     pub fn tcp(&self) -> &TcpStream {
         match self {
             Stream::Plain(s) => s,
             Stream::Tls(t) => &t.tcp,
+            Stream::Ws(w) => w.inner().tcp(),
         }
     }
 
     pub fn is_tls(&self) -> bool {
-        matches!(self, Stream::Tls(_))
+        match self {
+            Stream::Plain(_) => false,
+            Stream::Tls(_) => true,
+            Stream::Ws(w) => w.inner().is_tls(),
+        }
     }
 
-    /// The SNI host name the client sent, on a TLS server connection.
+    /// The SNI host name the client sent, on a TLS server connection; for
+    /// a WebSocket client, the host of the `address` it named (else its
+    /// TLS SNI).
     pub fn sni(&self) -> Option<&str> {
         match self {
             Stream::Tls(t) => match &t.conn {
@@ -239,24 +263,55 @@ impl Stream {
                 rustls::Connection::Client(_) => None,
             },
             Stream::Plain(_) => None,
+            Stream::Ws(w) => w.state().host.as_deref().or_else(|| w.inner().sni()),
         }
+    }
+
+    /// The client may authenticate with a cleartext password: a WebSocket
+    /// client over TLS or from a trusted address (see `crate::websocket`).
+    pub fn cleartext_password_ok(&self) -> bool {
+        matches!(self, Stream::Ws(w) if w.state().cleartext_ok)
     }
 
     pub fn set_nodelay(&self, on: bool) -> io::Result<()> {
         self.tcp().set_nodelay(on).map_err(io::Error::from)
     }
 
+    fn tcp_mut(&mut self) -> &mut TcpStream {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::Tls(t) => &mut t.tcp,
+            Stream::Ws(w) => w.inner_mut().tcp_mut(),
+        }
+    }
+
     /// Reads what has arrived without waiting (`Ok(None)`: nothing yet;
-    /// `Ok(Some(0))`: closed).
+    /// `Ok(Some(0))`: closed). After the first call a receive stays armed
+    /// in the ring, so later calls make no system call.
     pub fn try_read_now(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
         match self {
-            Stream::Plain(s) => recv_now(s.as_raw_fd(), buf),
+            Stream::Plain(s) => s.try_read_now(buf).map_err(io::Error::from),
             Stream::Tls(t) => t.try_read_now(buf),
+            // Only server connections are probed this way.
+            Stream::Ws(_) => Ok(None),
         }
+    }
+
+    /// Keeps a receive armed while nobody reads (a pooled idle server
+    /// connection), so that what the peer sends meanwhile (a notice, a
+    /// FATAL error, the end of the connection) is known without a system
+    /// call when the connection is next checked.
+    pub fn arm_read(&mut self) {
+        self.tcp_mut().arm_read();
     }
 
     /// Ends our side of the conversation (close_notify first on TLS).
     pub async fn shutdown_write(&mut self) -> io::Result<()> {
+        if let Stream::Ws(w) = self {
+            // A close frame, then the inner stream's own shutdown (boxed:
+            // the call recurses into this function).
+            return Box::pin(w.shutdown_write()).await;
+        }
         if let Stream::Tls(t) = self {
             t.conn.send_close_notify();
             futures_lite::future::poll_fn(|cx| t.poll_flush_tls(cx)).await?;
@@ -283,6 +338,7 @@ impl AsyncRead for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Tls(t) => t.poll_read_plain(cx, buf),
+            Stream::Ws(w) => Pin::new(&mut **w).poll_read(cx, buf),
         }
     }
 }
@@ -296,6 +352,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Tls(t) => t.poll_write_plain(cx, buf),
+            Stream::Ws(w) => Pin::new(&mut **w).poll_write(cx, buf),
         }
     }
 
@@ -306,6 +363,7 @@ impl AsyncWrite for Stream {
                 ready!(t.poll_flush_tls(cx))?;
                 Pin::new(&mut t.tcp).poll_flush(cx)
             }
+            Stream::Ws(w) => Pin::new(&mut **w).poll_flush(cx),
         }
     }
 
@@ -316,6 +374,7 @@ impl AsyncWrite for Stream {
                 ready!(t.poll_flush_tls(cx))?;
                 Pin::new(&mut t.tcp).poll_close(cx)
             }
+            Stream::Ws(w) => Pin::new(&mut **w).poll_close(cx),
         }
     }
 }

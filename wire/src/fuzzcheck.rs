@@ -606,3 +606,75 @@ pub fn make_frame(tag: u8, body: &[u8]) -> Vec<u8> {
     v.extend_from_slice(body);
     v
 }
+
+// ---------------------------------------------------------------------------
+// websocket
+// ---------------------------------------------------------------------------
+
+/// The WebSocket [`Deframer`](crate::websocket::Deframer) over a client's
+/// byte stream fed whole and fed in chunks, and the upgrade request parser.
+/// Byte 0 bounds the chunk size (1..=byte0+1), byte 1 the largest data
+/// frame accepted (2^(byte1 % 32)); the rest is the stream (also parsed as
+/// an upgrade request head).
+///
+/// Invariants: nothing panics; each call gives out no more bytes than it
+/// was fed; whole and chunked give the same bytes, the same last ping, the
+/// same close and the same error (an error is final); a parsed upgrade has a
+/// key of 16 bytes and a path target.
+pub fn websocket(data: &[u8]) {
+    use crate::websocket::handshake::parse_request;
+    use crate::websocket::Deframer;
+    let [chunk, max, stream @ ..] = data else {
+        return;
+    };
+    let chunk = *chunk as usize + 1;
+    let max = 1u64 << (max % 32);
+    let run = |size: usize| {
+        let mut d = Deframer::new(max);
+        let mut out = Vec::new();
+        let mut err = None;
+        let mut pings = Vec::new();
+        for piece in stream.chunks(size) {
+            let mut buf = piece.to_vec();
+            match d.feed(&mut buf) {
+                Ok(n) => {
+                    assert!(n <= piece.len(), "more out than in");
+                    out.extend_from_slice(&buf[..n]);
+                }
+                Err(e) => {
+                    assert_eq!(d.feed(&mut [0u8; 3]), Err(e), "an error is final");
+                    err = Some(e);
+                    break;
+                }
+            }
+            if let Some(p) = d.take_ping() {
+                pings.push(p.as_bytes().to_vec());
+            }
+        }
+        (out, err, pings.pop(), d.peer_closed())
+    };
+    let whole = run(stream.len().max(1));
+    let chunked = run(chunk);
+    assert_eq!(whole.1, chunked.1, "same error");
+    if whole.1.is_none() {
+        assert_eq!(whole.0, chunked.0, "same bytes");
+        assert_eq!(whole.3, chunked.3, "same close");
+        if chunked.2.is_some() {
+            // Chunked feeding sees every ping; whole feeding keeps the last.
+            assert_eq!(whole.2, chunked.2, "same last ping");
+        }
+    } else {
+        assert!(chunked.0.starts_with(&whole.0) || whole.0.starts_with(&chunked.0));
+    }
+    if let Ok(u) = parse_request(stream) {
+        assert!(u.target.starts_with('/'));
+        assert_eq!(
+            base64::engine::general_purpose::STANDARD
+                .decode(u.key)
+                .map(|k| k.len()),
+            Ok(16)
+        );
+        let _ = u.query("address");
+        let _ = u.path();
+    }
+}

@@ -13,5 +13,6 @@ pub mod fuzzcheck;
 pub mod md5;
 pub mod scram;
 pub mod startup;
+pub mod websocket;
 
 pub use error::{Result, WireError};

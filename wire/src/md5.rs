@@ -41,9 +41,23 @@ pub fn verify_md5(secret: &str, salt: [u8; 4], response: &[u8]) -> bool {
     crate::scram::ct_eq(expected.as_bytes(), response)
 }
 
+/// Checks a cleartext password against a stored md5 secret, in constant
+/// time.
+pub fn verify_password(secret: &str, user: &str, password: &str) -> bool {
+    crate::scram::ct_eq(md5_secret(user, password).as_bytes(), secret.as_bytes())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cleartext_password_against_a_secret() {
+        let secret = md5_secret("alice", "s3cret");
+        assert!(verify_password(&secret, "alice", "s3cret"));
+        assert!(!verify_password(&secret, "bob", "s3cret"));
+        assert!(!verify_password(&secret, "alice", "s3cret!"));
+    }
 
     #[test]
     fn postgres_secret() {

@@ -51,7 +51,7 @@ fn xor32(a: &[u8; 32], b: &[u8; 32]) -> [u8; 32] {
 }
 
 /// Constant-time equality (for equal lengths; lengths are not secret).
-pub(crate) fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }
@@ -135,6 +135,16 @@ impl ScramSecret {
         let mut salt = [0u8; 16];
         rand::thread_rng().fill_bytes(&mut salt);
         Self::from_password(password, &salt, DEFAULT_ITERATIONS)
+    }
+
+    /// Checks a cleartext password against the secret (PBKDF2 with the
+    /// secret's salt and iterations, as costly as a client's SCRAM login):
+    /// the ClientKey when it matches, with which the pooler can log in as
+    /// the user (pass-through).
+    pub fn verify_password(&self, password: &str) -> Option<[u8; 32]> {
+        let salted = salted_password(password, &self.salt, self.iterations);
+        let client_key = client_key_of(&salted);
+        ct_eq(&sha256(&client_key), &self.stored_key).then_some(client_key)
     }
 
     /// Parses `SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>`
@@ -576,6 +586,15 @@ fn parse_server_first(msg: &str) -> Result<ServerFirst<'_>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cleartext_password_against_a_secret() {
+        let secret = ScramSecret::from_password("pencil", b"0123456789abcdef", 4096);
+        let key = secret.verify_password("pencil").expect("right password");
+        assert_eq!(sha256(&key), secret.stored_key);
+        assert_eq!(secret.verify_password("pencil "), None);
+        assert_eq!(secret.verify_password(""), None);
+    }
 
     // RFC 7677 section 3.
     const RFC_CLIENT_FIRST: &str = "n,,n=user,r=rOprNGfwEbeRWgbNEkqO";

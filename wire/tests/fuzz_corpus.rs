@@ -73,6 +73,63 @@ fn replay_rewrite_names() {
     replay("rewrite", fuzzcheck::rewrite_names, 5);
 }
 
+#[test]
+fn replay_websocket() {
+    replay("websocket", fuzzcheck::websocket, 5);
+}
+
+fn seeds_websocket() -> Vec<(&'static str, Vec<u8>)> {
+    use wire::websocket::frame::{
+        encode_client_frame, OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_TEXT,
+    };
+    let mask = [0x11, 0x22, 0x33, 0x44];
+    let frame = |fin, op, payload: &[u8]| {
+        let mut v = Vec::new();
+        encode_client_frame(fin, op, payload, mask, &mut v);
+        v
+    };
+    let with = |chunk: u8, max: u8, stream: Vec<u8>| [vec![chunk, max], stream].concat();
+    let startup = {
+        let mut b = BytesMut::new();
+        startup::encode_startup(&[("user", "postgres.t1")], &mut b);
+        b.to_vec()
+    };
+    let fragmented = [
+        frame(false, OP_BINARY, &startup[..5]),
+        frame(true, OP_PING, b"ping"),
+        frame(false, OP_CONTINUATION, &startup[5..9]),
+        frame(true, OP_CONTINUATION, &startup[9..]),
+    ]
+    .concat();
+    let upgrade = b"GET /v2?address=db:6543&mode=session HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\
+        Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        .to_vec();
+    vec![
+        ("one_frame", with(3, 30, frame(true, OP_BINARY, &startup))),
+        ("fragmented_with_ping", with(1, 30, fragmented)),
+        (
+            "large_frame",
+            with(200, 30, frame(true, OP_BINARY, &[7u8; 70_000])),
+        ),
+        (
+            "close",
+            with(
+                2,
+                30,
+                [
+                    frame(true, OP_BINARY, b"ab"),
+                    frame(true, OP_CLOSE, &[3, 232, b'x']),
+                ]
+                .concat(),
+            ),
+        ),
+        ("text", with(0, 30, frame(true, OP_TEXT, b"SELECT 1"))),
+        ("too_big", with(9, 4, frame(true, OP_BINARY, &[1u8; 100]))),
+        ("unmasked", with(4, 30, vec![0x82, 0x02, b'h', b'i'])),
+        ("upgrade_request", with(5, 30, upgrade)),
+    ]
+}
+
 // ---------------------------------------------------------------------------
 // Seeds
 // ---------------------------------------------------------------------------
@@ -388,6 +445,7 @@ fn write_seed_corpus() {
         ("frames", seeds_frames()),
         ("scram", seeds_scram()),
         ("rewrite", seeds_rewrite()),
+        ("websocket", seeds_websocket()),
     ] {
         let dir = fuzz_dir().join("corpus").join(target);
         std::fs::create_dir_all(&dir).expect("mkdir");
@@ -411,5 +469,8 @@ fn seeds_pass() {
     }
     for (_, s) in seeds_rewrite() {
         fuzzcheck::rewrite_names(&s);
+    }
+    for (_, s) in seeds_websocket() {
+        fuzzcheck::websocket(&s);
     }
 }

@@ -67,8 +67,12 @@ fn run_config(path: Option<PathBuf>, store: Option<PathBuf>) -> Result<Stopped, 
         store_override: store,
     };
     control::run::run_node(file, &opts, |r| {
+        let websocket = r
+            .websocket
+            .map(|w| format!(" websocket={w}"))
+            .unwrap_or_default();
         println!(
-            "supavisor ready session={} transaction={} api={}",
+            "supavisor ready session={} transaction={} api={}{websocket}",
             r.session, r.transaction, r.api
         );
         let _ = std::io::stdout().flush();

@@ -39,6 +39,7 @@ fn node_config(
 ) -> PoolerConfig {
     let mut cfg = PoolerConfig::tenants(vec![]);
     cfg.shards = 1;
+    cfg.websocket = true;
     cfg.store_dir = Some(store);
     cfg.extra_toml = format!(
         "[cluster]\nnode_id = {id}\naddr = \"{raft}\"\nsecret = \"{CLUSTER_SECRET}\"\n\

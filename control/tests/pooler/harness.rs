@@ -230,6 +230,11 @@ pub struct PoolerConfig {
     pub extra_toml: String,
     /// `proxy.client_startup_timeout` (ms); `None` = the pooler's default.
     pub client_startup_timeout: Option<u64>,
+    /// Start the WebSocket listener (on a free port, `Pooler::websocket`);
+    /// off otherwise.
+    pub websocket: bool,
+    /// Extra TOML lines inside `[proxy]`.
+    pub proxy_toml: String,
 }
 
 impl PoolerConfig {
@@ -249,6 +254,8 @@ impl PoolerConfig {
             store_dir: None,
             extra_toml: String::new(),
             client_startup_timeout: None,
+            websocket: false,
+            proxy_toml: String::new(),
         }
     }
 
@@ -260,12 +267,27 @@ impl PoolerConfig {
         api: SocketAddr,
         store: &std::path::Path,
     ) -> String {
+        self.to_toml_ws(session, transaction, api, None, store)
+    }
+
+    /// The same with a WebSocket listener (`None`: off).
+    pub fn to_toml_ws(
+        &self,
+        session: SocketAddr,
+        transaction: SocketAddr,
+        api: SocketAddr,
+        websocket: Option<SocketAddr>,
+        store: &std::path::Path,
+    ) -> String {
         let pg = pg();
         let mut s = String::new();
+        let websocket = websocket.map(|w| w.to_string()).unwrap_or_default();
         writeln!(
             s,
             "[proxy]\nsession_addr = \"{session}\"\ntransaction_addr = \"{transaction}\"\n\
+             websocket_addr = \"{websocket}\"\n{}\n\
              shards = {}\nshutdown_timeout = {}\n{}\n[api]\naddr = \"{api}\"\n\n[store]\npath = {:?}\n",
+            self.proxy_toml,
             self.shards,
             self.shutdown_timeout,
             self.client_startup_timeout
@@ -319,6 +341,8 @@ pub struct Pooler {
     pub transaction: SocketAddr,
     /// HTTP API and metrics.
     pub api: SocketAddr,
+    /// The WebSocket listener (`PoolerConfig::websocket`).
+    pub websocket: Option<SocketAddr>,
     /// The sled store directory in use.
     pub store_dir: PathBuf,
     /// The config file it was started with (rewrite it, then SIGHUP, to reload).
@@ -379,9 +403,10 @@ impl Pooler {
             .clone()
             .unwrap_or_else(|| dir.path().join("store"));
         let config_path = dir.path().join("supavisor.toml");
+        let websocket = cfg.websocket.then(free_addr);
         std::fs::write(
             &config_path,
-            cfg.to_toml(session, transaction, api, &store_dir),
+            cfg.to_toml_ws(session, transaction, api, websocket, &store_dir),
         )
         .expect("write config");
         let stderr_path = dir.path().join("stderr.log");
@@ -431,6 +456,7 @@ impl Pooler {
             session,
             transaction,
             api,
+            websocket,
             store_dir,
             config_path,
             stderr_path,
@@ -501,7 +527,13 @@ impl Pooler {
     pub fn write_config(&self, cfg: &PoolerConfig) {
         std::fs::write(
             &self.config_path,
-            cfg.to_toml(self.session, self.transaction, self.api, &self.store_dir),
+            cfg.to_toml_ws(
+                self.session,
+                self.transaction,
+                self.api,
+                self.websocket,
+                &self.store_dir,
+            ),
         )
         .expect("write config");
     }

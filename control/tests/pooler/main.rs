@@ -21,6 +21,7 @@ mod metrics_tests;
 mod ops;
 mod replica_tests;
 mod tls_tests;
+mod websocket;
 
 use harness::*;
 

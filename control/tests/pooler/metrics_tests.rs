@@ -69,18 +69,18 @@ async fn get(api: SocketAddr, path: &str, bearer: Option<String>) -> (u16, Strin
 }
 
 /// A parsed scrape, with its text for failure messages.
-struct Scrape {
+pub(crate) struct Scrape {
     text: String,
     samples: Vec<Sample>,
 }
 
 impl Scrape {
-    fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+    pub(crate) fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         sum(&self.samples, name, labels)
     }
 
     /// The lines of the scrape that mention `name`, for failure messages.
-    fn lines(&self, name: &str) -> String {
+    pub(crate) fn lines(&self, name: &str) -> String {
         self.text
             .lines()
             .filter(|l| l.contains(name))
@@ -100,7 +100,7 @@ async fn scrape(api: SocketAddr, path: &str) -> Scrape {
 
 /// Scrape `/metrics` until `done` holds (or 5 s pass); returns the last scrape. Counters are
 /// bumped around the bytes the client sees, so a scrape right after may be a hair behind.
-async fn scrape_until(api: SocketAddr, done: impl Fn(&Scrape) -> bool) -> Scrape {
+pub(crate) async fn scrape_until(api: SocketAddr, done: impl Fn(&Scrape) -> bool) -> Scrape {
     let start = Instant::now();
     loop {
         let s = scrape(api, "/metrics").await;

@@ -1,0 +1,73 @@
+// Unless explicitly stated otherwise all files in this repository are licensed
+// under the MIT/Apache-2.0 License, at your convenience
+//
+// This product includes software developed at Datadog (https://www.datadoghq.com/). Copyright 2020 Datadog, Inc.
+//
+//! Thread parking
+//!
+//! This module exposes a similar API as [`parking`][docs-parking]. However, it
+//! is adapted to be used in a thread-per-core environment. Because there is a
+//! single thread per reactor, there is no way to forcibly unpark a parked
+//! reactor, so we don't expose an unpark function.
+//!
+//! Also, we expose a function called `poll_io` aside from park.
+//!
+//! `poll_io` will poll for I/O, but not ever sleep. This is useful when we know
+//! there are more events and are just doing I/O, so we don't starve anybody.
+//!
+//! park() is different in that it may sleep if no new events arrive. It
+//! essentially means: "I, the executor, have nothing else to do. If you don't
+//! find work feel free to sleep"
+//!
+//! Executors may use this mechanism to go to sleep when idle and wake up when
+//! more work is scheduled. By waking tasks blocked on I/O and then running
+//! those tasks on the same thread, no thread context switch is necessary when
+//! going between task execution and I/O.
+
+use std::{
+    fmt, io,
+    panic::{RefUnwindSafe, UnwindSafe},
+};
+
+/// Waits for a notification.
+pub(crate) struct Parker {}
+
+impl UnwindSafe for Parker {}
+impl RefUnwindSafe for Parker {}
+
+impl Parker {
+    /// Creates a new parker.
+    pub(crate) fn new() -> Parker {
+        // Ensure `Reactor` is initialized now to prevent it from being initialized in
+        // `Drop`.
+        Parker {}
+    }
+
+    /// Sleeps until there is work (see `Reactor::park`).
+    pub(crate) fn park(&self) -> io::Result<()> {
+        crate::executor().reactor().park()
+    }
+
+    /// Processes what is ready without sleeping.
+    pub(crate) fn poll_io(&self) -> io::Result<()> {
+        crate::executor().reactor().poll()
+    }
+}
+
+impl Drop for Parker {
+    fn drop(&mut self) {}
+}
+
+impl Default for Parker {
+    fn default() -> Parker {
+        Parker::new()
+    }
+}
+
+impl fmt::Debug for Parker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad("Parker { .. }")
+    }
+}
+
+
