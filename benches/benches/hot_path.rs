@@ -355,6 +355,7 @@ fn bench_tenant(db: SocketAddr, pool_size: usize) -> Arc<TenantConfig> {
         upstream_tls: None,
         allow_list: Vec::new(),
         timeouts: Default::default(),
+        replication: Default::default(),
     })
 }
 
@@ -503,11 +504,7 @@ fn bench_pool(c: &mut Criterion) {
         .spawn(move || async move {
             let tenant = bench_tenant(db, 4);
             let user = tenant.users["postgres"].clone();
-            let key = PoolKey {
-                tenant: "bench".into(),
-                user: "postgres".into(),
-                mode: PoolMode::Transaction,
-            };
+            let key = PoolKey::primary("bench", "postgres", PoolMode::Transaction);
             let pool: Rc<Pool> = Pool::new(key, tenant, user);
             // The first checkout opens the connection; later ones reuse it.
             let conn = pool

@@ -23,5 +23,5 @@ pub mod types;
 
 pub use config::ClusterConfig;
 pub use error::ClusterError;
-pub use node::{ClusterNode, ClusterStatus, NodeStatus};
+pub use node::{ClusterNode, ClusterStatus, NodeStatus, QueryHandler};
 pub use types::{AppMachine, MemKv, Node, NodeId, Request, Response};

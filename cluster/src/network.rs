@@ -43,6 +43,9 @@ pub enum Rpc {
     LastSeen,
     /// Any node: are you reachable? (answered with `Ack`; see `ClusterNode::gate_elections`).
     Ping,
+    /// Any node: a question for the application (its own encoding), answered with `Query`
+    /// (see `ClusterNode::query`).
+    Query(String),
 }
 
 /// The reply to an [`Rpc`].
@@ -73,6 +76,8 @@ pub enum Reply {
     Busy(String),
     /// The call was handled and failed.
     Error(String),
+    /// The application's answer to a `Query`.
+    Query(String),
 }
 
 /// Encode, send and decode one call.

@@ -2,7 +2,9 @@
 //! calls the control plane makes.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use openraft::error::{ChangeMembershipError, ClientWriteError, RaftError};
@@ -20,6 +22,12 @@ use crate::network::{call, NetworkFactory, Reply, Rpc};
 use crate::rpc::Client;
 use crate::state_machine::{SmView, StateMachine};
 use crate::types::{AppMachine, Node, NodeId, Raft, Request, Response};
+
+/// Answers the application's questions from other nodes (see [`ClusterNode::query`]).
+pub trait QueryHandler: Send + Sync {
+    /// The answer to `body`, or why there is none.
+    fn answer(&self, body: String) -> Pin<Box<dyn Future<Output = Result<String, String>> + Send>>;
+}
 
 /// One node as seen in [`ClusterStatus`].
 #[derive(Debug, Clone, Serialize)]
@@ -59,6 +67,8 @@ struct Inner {
     tasks: Mutex<Vec<JoinHandle<()>>>,
     /// Election gate (see [`ClusterNode::gate_elections`]).
     gate: Mutex<Gate>,
+    /// The application's answers to other nodes' queries.
+    queries: OnceLock<Arc<dyn QueryHandler>>,
 }
 
 /// Whether this node may start elections, and since when it reaches a quorum again.
@@ -121,6 +131,7 @@ impl ClusterNode {
                 liveness: Liveness::default(),
                 tasks: Mutex::new(Vec::new()),
                 gate: Mutex::new(Gate::default()),
+                queries: OnceLock::new(),
             }),
         };
         let serve = tokio::spawn(crate::server::serve(node.clone(), listener));
@@ -306,6 +317,43 @@ impl ClusterNode {
             Duration::from_millis(self.inner.cfg.claim_timeout_ms),
             applied,
         )
+    }
+
+    /// Sets what answers other nodes' [`ClusterNode::query`] calls (once).
+    pub fn set_query_handler(&self, handler: Arc<dyn QueryHandler>) {
+        let _ = self.inner.queries.set(handler);
+    }
+
+    /// Asks member `id` an application question (authenticated like every node-to-node
+    /// message) and returns its answer, within `timeout`. Member `id` may be this node.
+    pub async fn query(
+        &self,
+        id: NodeId,
+        body: String,
+        timeout: Duration,
+    ) -> Result<String, ClusterError> {
+        if id == self.inner.id {
+            return tokio::time::timeout(timeout, self.answer_query(body))
+                .await
+                .map_err(|_| ClusterError::Timeout)?
+                .map_err(ClusterError::Remote);
+        }
+        let addr = self
+            .node_addr(id)
+            .ok_or_else(|| ClusterError::Remote(format!("node {id} is not a member")))?;
+        match call(&self.inner.client, &addr, &Rpc::Query(body), timeout).await? {
+            Reply::Query(answer) => Ok(answer),
+            Reply::Error(e) => Err(ClusterError::Remote(e)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// This node's answer to a [`ClusterNode::query`].
+    pub(crate) async fn answer_query(&self, body: String) -> Result<String, String> {
+        match self.inner.queries.get() {
+            Some(h) => h.clone().answer(body).await,
+            None => Err("this node answers no queries".into()),
+        }
     }
 
     /// The node-to-node address of member `id`.
@@ -539,8 +587,8 @@ impl ClusterNode {
                 }
             }
             Rpc::Ping => Reply::Ack,
-            Rpc::Append(_) | Rpc::Vote(_) | Rpc::Snapshot(_) => {
-                Reply::Error("raft message sent as a leader call".into())
+            Rpc::Append(_) | Rpc::Vote(_) | Rpc::Snapshot(_) | Rpc::Query(_) => {
+                Reply::Error("not a leader call".into())
             }
         }
     }

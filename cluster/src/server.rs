@@ -74,6 +74,10 @@ async fn dispatch(node: &ClusterNode, rpc: Rpc) -> Reply {
         Rpc::Vote(r) => Reply::Vote(raft.vote(r).await),
         Rpc::Snapshot(r) => Reply::Snapshot(raft.install_snapshot(r).await),
         Rpc::Ping => Reply::Ack,
+        Rpc::Query(body) => match node.answer_query(body).await {
+            Ok(answer) => Reply::Query(answer),
+            Err(e) => Reply::Error(e),
+        },
         other => node.handle_leader(&other).await,
     }
 }

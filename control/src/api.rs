@@ -29,7 +29,11 @@ use utoipa::openapi::RefOr;
 use utoipa::{OpenApi, ToSchema};
 
 use crate::model::{valid_id, FieldError, TenantEnvelope, TenantSpec, TenantView, UserSpec};
-use crate::plane::{ClusterNodeView, ClusterView, ControlPlane, Health, PlaneError, PoolView};
+use crate::model::{LoadBalance, ReplicaSpec};
+use crate::plane::{
+    ClusterNodeView, ClusterPools, ClusterView, ControlPlane, Health, NodeAnswered, PlaneError,
+    PoolView,
+};
 
 /// Largest request body accepted (413 above).
 pub const MAX_BODY: usize = 1 << 20;
@@ -440,16 +444,27 @@ pub async fn delete_user(plane: Arc<dyn ControlPlane>, id: String, db_user: Stri
     reply_of(StatusCode::OK, r.map(|data| TenantData { data }))
 }
 
-/// The pools of this node, one per (tenant, user, mode, shard).
+/// The pools of this node, one per (tenant, user, mode, replica, shard);
+/// with `scope=cluster`, every node's (each row names its node) and which
+/// nodes answered.
 #[utoipa::path(get, path = "/api/pools", tag = "node",
+    params(("scope" = Option<String>, Query, description = "`cluster`: every node's pools")),
     responses(
-        (status = 200, description = "The pools", body = PoolList),
+        (status = 200, description = "The pools (with scope=cluster: `ClusterPools`)", body = PoolList),
         (status = 401, description = "Missing or invalid token", body = ErrorBody),
     ),
     security(("bearer" = [])))]
-pub async fn list_pools(plane: Arc<dyn ControlPlane>) -> Reply {
-    let r = blocking(move || plane.pools()).await;
-    reply_of(StatusCode::OK, r.map(|data| PoolList { data }))
+pub async fn list_pools(plane: Arc<dyn ControlPlane>, scope: Scope) -> Reply {
+    match scope {
+        Scope::Node => {
+            let r = blocking(move || plane.pools()).await;
+            reply_of(StatusCode::OK, r.map(|data| PoolList { data }))
+        }
+        Scope::Cluster => {
+            let r = blocking(move || plane.cluster_pools()).await;
+            reply_of(StatusCode::OK, r)
+        }
+    }
 }
 
 /// The cluster as this node sees it: leader, voters, learners, progress and
@@ -531,28 +546,46 @@ fn metrics_reply(r: Result<String, Reply>) -> Reply {
     }
 }
 
-/// Prometheus metrics of the node (token signed with the metrics secret).
+/// Prometheus metrics of the node (token signed with the metrics secret);
+/// with `scope=cluster`, every node's, each series labelled with its `node`
+/// (scrape one node that way, or every node without it, not both).
 #[utoipa::path(get, path = "/metrics", tag = "metrics",
+    params(("scope" = Option<String>, Query, description = "`cluster`: every node's series")),
     responses(
         (status = 200, description = "Prometheus text exposition", body = String, content_type = "text/plain; version=0.0.4"),
         (status = 401, description = "Missing or invalid token", body = ErrorBody),
     ),
     security(("metrics_bearer" = [])))]
-pub async fn metrics(plane: Arc<dyn ControlPlane>) -> Reply {
-    metrics_reply(blocking(move || plane.metrics(None)).await)
+pub async fn metrics(plane: Arc<dyn ControlPlane>, scope: Scope) -> Reply {
+    metrics_reply(
+        blocking(move || match scope {
+            Scope::Node => plane.metrics(None),
+            Scope::Cluster => plane.cluster_metrics(None),
+        })
+        .await,
+    )
 }
 
-/// Prometheus metrics of one tenant.
+/// Prometheus metrics of one tenant (`scope=cluster`: on every node).
 #[utoipa::path(get, path = "/metrics/{external_id}", tag = "metrics",
-    params(("external_id" = String, Path, description = "Tenant id")),
+    params(
+        ("external_id" = String, Path, description = "Tenant id"),
+        ("scope" = Option<String>, Query, description = "`cluster`: every node's series"),
+    ),
     responses(
         (status = 200, description = "Prometheus text exposition", body = String, content_type = "text/plain; version=0.0.4"),
         (status = 401, description = "Missing or invalid token", body = ErrorBody),
         (status = 404, description = "No such tenant", body = ErrorBody),
     ),
     security(("metrics_bearer" = [])))]
-pub async fn tenant_metrics(plane: Arc<dyn ControlPlane>, id: String) -> Reply {
-    metrics_reply(blocking(move || plane.metrics(Some(&id))).await)
+pub async fn tenant_metrics(plane: Arc<dyn ControlPlane>, id: String, scope: Scope) -> Reply {
+    metrics_reply(
+        blocking(move || match scope {
+            Scope::Node => plane.metrics(Some(&id)),
+            Scope::Cluster => plane.cluster_metrics(Some(&id)),
+        })
+        .await,
+    )
 }
 
 // ---------------------------------------------------------------------------
@@ -622,6 +655,10 @@ impl utoipa::Modify for SecurityAddon {
         UserEnvelope,
         PoolView,
         PoolList,
+        ClusterPools,
+        NodeAnswered,
+        ReplicaSpec,
+        LoadBalance,
         Health,
         ErrorBody,
         FieldErrors,
@@ -706,6 +743,29 @@ fn swagger_reply(tail: &str) -> Reply {
 // ---------------------------------------------------------------------------
 // Routing and auth.
 
+/// `?scope=`: this node (default) or the whole cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    Node,
+    Cluster,
+}
+
+impl Scope {
+    /// From a request's query string; `None` for an unknown scope.
+    fn of_query(query: Option<&str>) -> Option<Scope> {
+        let mut scope = Scope::Node;
+        for pair in query.unwrap_or_default().split('&') {
+            match pair.split_once('=') {
+                Some(("scope", "cluster")) => scope = Scope::Cluster,
+                Some(("scope", "node")) => scope = Scope::Node,
+                Some(("scope", _)) => return None,
+                _ => {}
+            }
+        }
+        Some(scope)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Route {
     Health,
@@ -718,8 +778,8 @@ enum Route {
     Terminate(String),
     PutUser(String, String),
     DeleteUser(String, String),
-    Pools,
-    Metrics(Option<String>),
+    Pools(Scope),
+    Metrics(Option<String>, Scope),
     Cluster,
     ClusterJoin,
     ClusterLeave,
@@ -736,7 +796,7 @@ impl Route {
     fn guard(&self) -> Guard {
         match self {
             Route::Health | Route::OpenApi | Route::Swagger(_) => Guard::Open,
-            Route::Metrics(_) => Guard::Metrics,
+            Route::Metrics(..) => Guard::Metrics,
             _ => Guard::Api,
         }
     }
@@ -768,8 +828,14 @@ fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-/// The route of a request, or the 404 / 405 reply.
-fn route(method: &Method, path: &str) -> Result<Route, Reply> {
+/// The route of a request, or the 404 / 405 reply (400 for an unknown scope).
+fn route(method: &Method, path: &str, query: Option<&str>) -> Result<Route, Reply> {
+    let scope = Scope::of_query(query).ok_or_else(|| {
+        Reply::error(
+            StatusCode::BAD_REQUEST,
+            "scope must be \"node\" or \"cluster\"",
+        )
+    })?;
     let raw: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     let mut segs = Vec::with_capacity(raw.len());
     for s in &raw {
@@ -820,14 +886,17 @@ fn route(method: &Method, path: &str) -> Result<Route, Reply> {
                 },
             )
         }
-        ["api", "pools"] => (&["GET"], (m == "GET").then_some(Route::Pools)),
+        ["api", "pools"] => (&["GET"], (m == "GET").then_some(Route::Pools(scope))),
         ["api", "cluster"] => (&["GET"], (m == "GET").then_some(Route::Cluster)),
         ["api", "cluster", "join"] => (&["POST"], (m == "POST").then_some(Route::ClusterJoin)),
         ["api", "cluster", "leave"] => (&["POST"], (m == "POST").then_some(Route::ClusterLeave)),
-        ["metrics"] => (&["GET"], (m == "GET").then_some(Route::Metrics(None))),
+        ["metrics"] => (
+            &["GET"],
+            (m == "GET").then_some(Route::Metrics(None, scope)),
+        ),
         ["metrics", id] => (
             &["GET"],
-            (m == "GET").then(|| Route::Metrics(Some(id.to_string()))),
+            (m == "GET").then(|| Route::Metrics(Some(id.to_string()), scope)),
         ),
         _ => {
             return Err(Reply::error(
@@ -850,6 +919,47 @@ fn route(method: &Method, path: &str) -> Result<Route, Reply> {
     }
 }
 
+/// Checks API tokens outside HTTP (the admin console takes one as its
+/// password): HS256 with the API secret, `exp` checked when present.
+pub struct TokenCheck {
+    key: DecodingKey,
+    validation: Validation,
+}
+
+impl TokenCheck {
+    /// `None` for an empty secret.
+    pub fn new(secret: &str) -> Option<TokenCheck> {
+        (!secret.is_empty()).then(|| TokenCheck {
+            key: DecodingKey::from_secret(secret.as_bytes()),
+            validation: token_validation(),
+        })
+    }
+
+    /// `Ok` for a valid token; why not otherwise (never the token itself).
+    pub fn verify(&self, token: &str) -> Result<(), String> {
+        verify_token(token, &self.key, &self.validation)
+    }
+}
+
+fn token_validation() -> Validation {
+    let mut validation = Validation::new(Algorithm::HS256);
+    // Supavisor's tokens carry no registered claims; exp is checked when present.
+    validation.required_spec_claims.clear();
+    validation.validate_exp = true;
+    validation.validate_aud = false;
+    validation
+}
+
+fn verify_token(token: &str, key: &DecodingKey, validation: &Validation) -> Result<(), String> {
+    match jsonwebtoken::decode::<serde_json::Value>(token, key, validation) {
+        Ok(data) => match data.claims.get("exp") {
+            Some(exp) if !exp.is_number() => Err("invalid token: exp must be a number".into()),
+            _ => Ok(()),
+        },
+        Err(e) => Err(format!("invalid token: {e}")),
+    }
+}
+
 struct Keys {
     api: Option<DecodingKey>,
     metrics: Option<DecodingKey>,
@@ -863,15 +973,10 @@ impl Keys {
                 .filter(|s| !s.is_empty())
                 .map(|s| DecodingKey::from_secret(s.as_bytes()))
         };
-        let mut validation = Validation::new(Algorithm::HS256);
-        // Supavisor's tokens carry no registered claims; exp is checked when present.
-        validation.required_spec_claims.clear();
-        validation.validate_exp = true;
-        validation.validate_aud = false;
         Keys {
             api: key(&auth.jwt_secret),
             metrics: key(&auth.metrics_jwt_secret),
-            validation,
+            validation: token_validation(),
         }
     }
 
@@ -910,15 +1015,7 @@ impl Keys {
                 "the Authorization header must be \"Bearer <token>\"".into(),
             ));
         };
-        match jsonwebtoken::decode::<serde_json::Value>(token, key, &self.validation) {
-            Ok(data) => match data.claims.get("exp") {
-                Some(exp) if !exp.is_number() => {
-                    Err(unauthorized("invalid token: exp must be a number".into()))
-                }
-                _ => Ok(()),
-            },
-            Err(e) => Err(unauthorized(format!("invalid token: {e}"))),
-        }
+        verify_token(token, key, &self.validation).map_err(unauthorized)
     }
 }
 
@@ -983,9 +1080,9 @@ async fn dispatch(plane: Arc<dyn ControlPlane>, route: Route, body: Bytes) -> Re
         Route::Terminate(id) => terminate_tenant(plane, id).await,
         Route::PutUser(id, user) => put_user(plane, id, user, body).await,
         Route::DeleteUser(id, user) => delete_user(plane, id, user).await,
-        Route::Pools => list_pools(plane).await,
-        Route::Metrics(None) => metrics(plane).await,
-        Route::Metrics(Some(id)) => tenant_metrics(plane, id).await,
+        Route::Pools(scope) => list_pools(plane, scope).await,
+        Route::Metrics(None, scope) => metrics(plane, scope).await,
+        Route::Metrics(Some(id), scope) => tenant_metrics(plane, id, scope).await,
         Route::Cluster => cluster_status(plane).await,
         Route::ClusterJoin => cluster_join(plane, body).await,
         Route::ClusterLeave => cluster_leave(plane, body).await,
@@ -993,7 +1090,7 @@ async fn dispatch(plane: Arc<dyn ControlPlane>, route: Route, body: Bytes) -> Re
 }
 
 async fn handle(state: Arc<State>, req: Request<Incoming>) -> Reply {
-    let route = match route(req.method(), req.uri().path()) {
+    let route = match route(req.method(), req.uri().path(), req.uri().query()) {
         Ok(r) => r,
         Err(reply) => return reply,
     };
@@ -1172,6 +1269,8 @@ mod tests {
         }
         fn pools(&self) -> Result<Vec<PoolView>, PlaneError> {
             Ok(vec![PoolView {
+                node: 1,
+                replica: None,
                 tenant: "t".into(),
                 db_user: "u".into(),
                 mode: "transaction".into(),
@@ -1406,6 +1505,18 @@ mod tests {
         let r = req(s.addr, "GET", "/api/pools", t, None).await;
         assert_eq!(r.status, 200);
         assert_eq!(r.json()["data"][0]["pool_size"], 3);
+        assert_eq!(r.json()["data"][0]["node"], 1);
+        assert!(r.json().get("nodes").is_none());
+        // The cluster-wide view: every node's rows and who answered.
+        let r = req(s.addr, "GET", "/api/pools?scope=cluster", t, None).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.json()["data"][0]["pool_size"], 3);
+        assert_eq!(
+            r.json()["nodes"],
+            json!([{"node_id": 1, "ok": true, "error": null}])
+        );
+        let r = req(s.addr, "GET", "/api/pools?scope=everything", t, None).await;
+        assert_eq!(r.status, 400);
 
         let r = req(s.addr, "DELETE", "/api/tenants/acme", t, None).await;
         assert_eq!(r.status, 204);

@@ -452,6 +452,21 @@ pub fn build_tenant(
             idle_transaction_ms: t.idle_transaction_timeout,
             query_ms: t.query_timeout,
         },
+        replication: engine::config::Replication {
+            replicas: t
+                .replicas
+                .iter()
+                .map(|r| engine::config::ReplicaConfig {
+                    host: r.host.clone(),
+                    port: r.port,
+                    weight: r.weight,
+                    pool_size: r.pool_size,
+                })
+                .collect(),
+            load_balance_reads: t.load_balance == model::LoadBalance::Reads,
+            max_lag: Duration::from_millis(t.max_replica_lag_ms),
+            ban: Duration::from_millis(t.replica_ban_ms),
+        },
     })
 }
 

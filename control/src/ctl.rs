@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::{json, Map, Value};
 
-use crate::model::FieldError;
+use crate::model::{FieldError, ReplicaSpec};
 
 /// Lifetime of a token minted from `--jwt-secret`.
 pub const TOKEN_TTL_SECS: u64 = 300;
@@ -48,6 +48,8 @@ pub struct Cli {
     pub command: Cmd,
 }
 
+// Parsed once per process: the size of the largest command does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum Cmd {
     /// Tenants: where a database is and who may use it.
@@ -72,6 +74,13 @@ pub enum Cmd {
     },
     /// The node's health.
     Health,
+    /// Print an API token minted with --jwt-secret: the admin console's
+    /// password (`psql "user=admin.supavisor dbname=supavisor ..."`).
+    Token {
+        /// How long the token is valid, in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl_secs: u64,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -116,8 +125,12 @@ pub enum UserCmd {
 
 #[derive(Subcommand, Debug)]
 pub enum PoolCmd {
-    /// List pools, per shard.
-    List,
+    /// List pools, per shard (and replica).
+    List {
+        /// Every node's pools (each row names its node).
+        #[arg(long)]
+        cluster: bool,
+    },
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -190,6 +203,70 @@ pub struct TenantAddArgs {
     pub manager: bool,
     #[command(flatten)]
     pub security: SecurityArgs,
+    #[command(flatten)]
+    pub replication: ReplicaArgs,
+}
+
+/// Read replicas of a tenant (`tenant add` and `tenant update`).
+#[derive(Args, Debug, Clone, Default)]
+pub struct ReplicaArgs {
+    /// A read replica, HOST:PORT[:WEIGHT] (weight 1 by default); repeat for
+    /// more. With `tenant update` the list replaces the tenant's replicas.
+    #[arg(long = "replica", value_name = "HOST:PORT[:WEIGHT]", value_parser = parse_replica)]
+    pub replicas: Vec<ReplicaSpec>,
+    /// `tenant update`: remove every replica.
+    #[arg(long, conflicts_with = "replicas")]
+    pub no_replicas: bool,
+    /// "reads": transaction-mode transactions that start with a plain
+    /// SELECT go to a replica; "off": only clients that ask for replicas.
+    #[arg(long, value_enum)]
+    pub load_balance: Option<LoadBalanceArg>,
+    /// Replay lag (ms) past which a replica is banned; 0: not checked.
+    #[arg(long)]
+    pub max_replica_lag_ms: Option<u64>,
+    /// How long (ms) a failing replica gets no clients.
+    #[arg(long)]
+    pub replica_ban_ms: Option<u64>,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoadBalanceArg {
+    Off,
+    Reads,
+}
+
+fn parse_replica(s: &str) -> Result<ReplicaSpec, String> {
+    s.parse()
+}
+
+impl ReplicaArgs {
+    fn is_empty(&self) -> bool {
+        self.replicas.is_empty()
+            && !self.no_replicas
+            && self.load_balance.is_none()
+            && self.max_replica_lag_ms.is_none()
+            && self.replica_ban_ms.is_none()
+    }
+
+    /// Sets the given fields on a tenant's JSON.
+    fn apply(&self, t: &mut Map<String, Value>) {
+        if !self.replicas.is_empty() || self.no_replicas {
+            t.insert("replicas".into(), json!(self.replicas));
+        }
+        if let Some(lb) = self.load_balance {
+            let v = match lb {
+                LoadBalanceArg::Off => "off",
+                LoadBalanceArg::Reads => "reads",
+            };
+            t.insert("load_balance".into(), json!(v));
+        }
+        if let Some(ms) = self.max_replica_lag_ms {
+            t.insert("max_replica_lag_ms".into(), json!(ms));
+        }
+        if let Some(ms) = self.replica_ban_ms {
+            t.insert("replica_ban_ms".into(), json!(ms));
+        }
+    }
 }
 
 /// TLS and access settings of a tenant (`tenant add` and `tenant update`).
@@ -284,6 +361,8 @@ pub struct TenantUpdateArgs {
     pub auth_query: Option<String>,
     #[command(flatten)]
     pub security: SecurityArgs,
+    #[command(flatten)]
+    pub replication: ReplicaArgs,
 }
 
 impl TenantUpdateArgs {
@@ -298,6 +377,7 @@ impl TenantUpdateArgs {
             && self.require_user.is_none()
             && self.auth_query.is_none()
             && self.security.is_empty()
+            && self.replication.is_empty()
     }
 }
 
@@ -430,6 +510,7 @@ pub fn tenant_add_request(a: &TenantAddArgs) -> ApiRequest {
     tenant.insert("default_pool_size".into(), json!(a.pool_size));
     tenant.insert("auth_type".into(), json!(a.auth_type.as_str()));
     a.security.apply(&mut tenant);
+    a.replication.apply(&mut tenant);
     tenant.insert("users".into(), Value::Array(vec![Value::Object(user)]));
     ApiRequest {
         method: "PUT",
@@ -460,6 +541,10 @@ const TENANT_FIELDS: &[&str] = &[
     "client_idle_timeout",
     "idle_transaction_timeout",
     "query_timeout",
+    "replicas",
+    "load_balance",
+    "max_replica_lag_ms",
+    "replica_ban_ms",
 ];
 const USER_FIELDS: &[&str] = &[
     "db_user",
@@ -521,6 +606,7 @@ pub fn tenant_update_body(current: &Value, a: &TenantUpdateArgs) -> Result<Value
         set("auth_query", json!(q));
     }
     a.security.apply(&mut t);
+    a.replication.apply(&mut t);
     // A user whose own value equals the tenant's old default follows the new default.
     for (tenant_key, user_key, new) in [
         ("default_pool_size", "pool_size", a.pool_size),
@@ -601,7 +687,16 @@ pub fn request_for(cmd: &Cmd) -> Option<ApiRequest> {
                 target: format!("user {user:?} of tenant {tenant:?}"),
             },
         },
-        Cmd::Pool { cmd: PoolCmd::List } => get("/api/pools".into(), "pools".into()),
+        Cmd::Pool {
+            cmd: PoolCmd::List { cluster },
+        } => {
+            let path = if *cluster {
+                "/api/pools?scope=cluster"
+            } else {
+                "/api/pools"
+            };
+            get(path.into(), "pools".into())
+        }
         Cmd::Cluster { cmd } => match cmd {
             ClusterCmd::Status => get("/api/cluster".into(), "cluster".into()),
             ClusterCmd::Join {
@@ -622,15 +717,21 @@ pub fn request_for(cmd: &Cmd) -> Option<ApiRequest> {
             },
         },
         Cmd::Health => get("/api/health".into(), "health".into()),
+        Cmd::Token { .. } => return None,
     })
 }
 
 /// A token for the API: HS256, `{"role": "api", "iat": now, "exp": now + 300}`.
 pub fn mint_token(secret: &str, now_secs: u64) -> Result<String, CtlError> {
+    mint_token_for(secret, now_secs, TOKEN_TTL_SECS)
+}
+
+/// [`mint_token`] valid for `ttl_secs`.
+pub fn mint_token_for(secret: &str, now_secs: u64, ttl_secs: u64) -> Result<String, CtlError> {
     let claims = json!({
         "role": "api",
         "iat": now_secs,
-        "exp": now_secs + TOKEN_TTL_SECS,
+        "exp": now_secs.saturating_add(ttl_secs),
     });
     Ok(jsonwebtoken::encode(
         &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
@@ -884,6 +985,10 @@ pub fn render_tenant(t: &Value) -> String {
         ("upstream ssl", text_of(t.get("upstream_ssl"))),
         ("upstream verify", text_of(t.get("upstream_verify"))),
         ("allow list", text_of(t.get("allow_list"))),
+        ("replicas", replicas_of(t)),
+        ("load balance", text_of(t.get("load_balance"))),
+        ("max replica lag ms", text_of(t.get("max_replica_lag_ms"))),
+        ("replica ban ms", text_of(t.get("replica_ban_ms"))),
     ];
     for (k, v) in fields {
         let _ = writeln!(out, "{k:<20} {v}");
@@ -912,6 +1017,26 @@ pub fn render_tenant(t: &Value) -> String {
     out
 }
 
+/// `host:port*weight, ...` of a tenant's replicas, `-` when none.
+fn replicas_of(t: &Value) -> String {
+    let list: Vec<String> = items(t.get("replicas").unwrap_or(&Value::Null))
+        .iter()
+        .map(|r| {
+            format!(
+                "{}:{}*{}",
+                text_of(r.get("host")),
+                text_of(r.get("port")),
+                text_of(r.get("weight"))
+            )
+        })
+        .collect();
+    if list.is_empty() {
+        "-".into()
+    } else {
+        list.join(", ")
+    }
+}
+
 pub fn render_pools(data: &Value) -> String {
     let rows: Vec<Vec<String>> = items(data)
         .iter()
@@ -930,6 +1055,13 @@ pub fn render_pools(data: &Value) -> String {
             ]
             .iter()
             .map(|k| text_of(p.get(*k)))
+            .chain([
+                match p.get("replica") {
+                    Some(Value::String(r)) => r.clone(),
+                    _ => "primary".into(),
+                },
+                text_of(p.get("node")),
+            ])
             .collect()
         })
         .collect();
@@ -938,7 +1070,8 @@ pub fn render_pools(data: &Value) -> String {
     }
     table(
         &[
-            "TENANT", "USER", "MODE", "SHARD", "SIZE", "OPEN", "IDLE", "BUSY", "CLIENTS", "WAITING",
+            "TENANT", "USER", "MODE", "SHARD", "SIZE", "OPEN", "IDLE", "BUSY", "CLIENTS",
+            "WAITING", "TARGET", "NODE",
         ],
         &rows,
     )
@@ -1028,6 +1161,19 @@ pub fn render_cluster(data: &Value) -> String {
 
 /// Runs one command, printing its result to `out`.
 pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<(), CtlError> {
+    if let Cmd::Token { ttl_secs } = &cli.command {
+        let Some(secret) = cli.jwt_secret.as_deref().filter(|s| !s.is_empty()) else {
+            return Err(CtlError::Usage(
+                "token: give --jwt-secret (API_JWT_SECRET) to mint with".into(),
+            ));
+        };
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let token = mint_token_for(secret, now, *ttl_secs)?;
+        return writeln!(out, "{token}").map_err(CtlError::from);
+    }
     if let Cmd::Tenant {
         cmd: TenantCmd::Update(a),
     } = &cli.command
@@ -1111,6 +1257,7 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<(), CtlError> {
             }
         },
         Cmd::Health => render_health(data),
+        Cmd::Token { .. } => String::new(),
     };
     out.write_all(text.as_bytes())?;
     Ok(())
@@ -1213,6 +1360,58 @@ mod tests {
         assert_eq!(t["users"][0]["mode_type"], json!("session"));
         assert_eq!(t["users"][0]["max_clients"], json!(50));
         assert_eq!(t["users"][0]["is_manager"], json!(true));
+        assert!(t.get("replicas").is_none());
+
+        // Replicas: host:port[:weight], repeated; [v6] hosts.
+        let mut args = vec![
+            "tenant",
+            "add",
+            "t3",
+            "--db-host",
+            "db",
+            "--db-port",
+            "5432",
+            "--db-database",
+            "app",
+            "--user",
+            "u",
+            "--password",
+            "pw",
+            "--pool-size",
+            "5",
+            "--mode",
+            "transaction",
+        ];
+        args.extend([
+            "--replica",
+            "replica-1:5433:3",
+            "--replica",
+            "[fd00::2]:5432",
+            "--load-balance",
+            "reads",
+            "--max-replica-lag-ms",
+            "2000",
+        ]);
+        let body = request_for(&parse(&args).command).unwrap().body.unwrap();
+        let t = &body["tenant"];
+        assert_eq!(
+            t["replicas"],
+            json!([{"host": "replica-1", "port": 5433, "weight": 3, "pool_size": null},
+                   {"host": "fd00::2", "port": 5432, "weight": 1, "pool_size": null}])
+        );
+        assert_eq!(t["load_balance"], json!("reads"));
+        assert_eq!(t["max_replica_lag_ms"], json!(2000));
+        let spec: crate::model::TenantEnvelope<crate::model::TenantSpec> =
+            serde_json::from_value(body).unwrap();
+        assert!(spec.tenant.validate().is_empty());
+        assert_eq!(spec.tenant.replicas[0].weight, 3);
+        assert_eq!(spec.tenant.load_balance, crate::model::LoadBalance::Reads);
+        for bad in ["r1", "r1:x", "r1:5432:w", "[::1:5432", ":"] {
+            let mut full = vec!["supavisorctl"];
+            full.extend_from_slice(&args[..17]);
+            full.extend(["--replica", bad]);
+            assert!(Cli::try_parse_from(full).is_err(), "{bad}");
+        }
     }
 
     #[test]
@@ -1328,6 +1527,27 @@ mod tests {
         };
         let body = tenant_update_body(&shown, &args).unwrap();
         let t = &body["tenant"];
+        assert!(t.get("replicas").is_none(), "not named: not sent (kept)");
+        let with_replicas = TenantUpdateArgs {
+            id: "acme".into(),
+            replication: ReplicaArgs {
+                replicas: vec!["r:1:2".parse().unwrap()],
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let b = tenant_update_body(&shown, &with_replicas).unwrap();
+        assert_eq!(b["tenant"]["replicas"][0]["weight"], json!(2));
+        let none = TenantUpdateArgs {
+            id: "acme".into(),
+            replication: ReplicaArgs {
+                no_replicas: true,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let b = tenant_update_body(&shown, &none).unwrap();
+        assert_eq!(b["tenant"]["replicas"], json!([]));
         // TLS and access settings not named are kept; the named ones change.
         assert_eq!(t["enforce_ssl"], json!(true));
         assert_eq!(t["sni_hostname"], json!("db.acme.test"));
@@ -1381,6 +1601,21 @@ mod tests {
         assert_eq!(bearer(&cli).unwrap().as_deref(), Some("Bearer abc"));
         let cli = parse(&["--jwt-secret", "s3cret", "health"]);
         assert!(bearer(&cli).unwrap().unwrap().starts_with("Bearer ey"));
+        // `token` prints one, valid for --ttl-secs, without asking the API.
+        let cli = parse(&["--jwt-secret", "s3cret", "token", "--ttl-secs", "60"]);
+        let mut out = Vec::new();
+        run(&cli, &mut out).unwrap();
+        let printed = String::from_utf8(out).unwrap();
+        let got = jsonwebtoken::decode::<Value>(
+            printed.trim_end(),
+            &jsonwebtoken::DecodingKey::from_secret(b"s3cret"),
+            &v,
+        )
+        .unwrap();
+        let exp = got.claims["exp"].as_u64().unwrap();
+        assert!((now + 59..=now + 120).contains(&exp), "{exp} vs {now}");
+        let err = run(&parse(&["token"]), &mut Vec::new()).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
     }
 
     #[test]
@@ -1450,9 +1685,9 @@ mod tests {
         );
         assert_eq!(lines[1], "acme  127.0.0.1:5432/postgres  postgres,app  2");
         assert_eq!(lines[2], "b     h:1/d                    -             15");
-        let pools = render_pools(&json!([{"tenant": "acme", "db_user": "postgres",
-            "mode": "transaction", "shard": 1, "pool_size": 2, "server_connections": 1,
-            "idle": 1, "checked_out": 0, "clients": 0, "waiting": 0}]));
+        let pools = render_pools(&json!([{"node": 1, "tenant": "acme", "db_user": "postgres",
+            "mode": "transaction", "replica": null, "shard": 1, "pool_size": 2,
+            "server_connections": 1, "idle": 1, "checked_out": 0, "clients": 0, "waiting": 0}]));
         assert!(
             pools.starts_with("TENANT  USER      MODE         SHARD  SIZE"),
             "{pools}"
@@ -1460,6 +1695,20 @@ mod tests {
         assert!(
             pools.contains("acme    postgres  transaction  1      2"),
             "{pools}"
+        );
+        assert!(
+            pools.lines().nth(1).unwrap().ends_with("primary  1"),
+            "{pools}"
+        );
+        let replica = render_pools(&json!([{"node": 2, "tenant": "acme", "db_user": "postgres",
+            "mode": "session", "replica": "10.0.0.2:5432", "shard": 0}]));
+        assert!(
+            replica
+                .lines()
+                .nth(1)
+                .unwrap()
+                .ends_with("10.0.0.2:5432  2"),
+            "{replica}"
         );
         assert_eq!(render_pools(&json!([])), "no pools\n");
     }

@@ -37,8 +37,25 @@ pub const POOL_LABELS: [&str; 4] = ["tenant", "user", "mode", "db_name"];
 /// tenant's series (engine-health series and `supavisor_tenants_active` are
 /// left out then).
 pub fn encode(shards: &[ShardSnapshot], tenant: Option<&str>) -> String {
+    encode_nodes(&[NodeShards::Local(shards)], tenant)
+}
+
+/// One node's part of a cluster-wide scrape.
+pub enum NodeShards<'a> {
+    /// A single node's own scrape: no `node` label.
+    Local(&'a [ShardSnapshot]),
+    /// A node of a cluster-wide scrape: every series carries `node`.
+    Node(u64, &'a [ShardSnapshot]),
+    /// A node that did not answer: `supavisor_cluster_node_up{node} 0`.
+    Down(u64),
+}
+
+/// Prometheus text of several nodes' snapshots (a cluster-wide scrape,
+/// `/metrics?scope=cluster`): each node's series carry its `node` label, and
+/// `supavisor_cluster_node_up` says which nodes answered.
+pub fn encode_nodes(nodes: &[NodeShards<'_>], tenant: Option<&str>) -> String {
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(SnapshotCollector(Gathered::new(shards, tenant))));
+    registry.register_collector(Box::new(SnapshotCollector(Gathered::new(nodes, tenant))));
     let mut out = String::new();
     if let Err(e) = prometheus_text::encode(&mut out, &registry) {
         // Writing into a String cannot fail; a collector error would be a bug.
@@ -47,8 +64,32 @@ pub fn encode(shards: &[ShardSnapshot], tenant: Option<&str>) -> String {
     out
 }
 
-/// (tenant, user, mode, db_name)
-type PoolKey = (String, String, &'static str, String);
+/// (node, tenant, user, mode, db_name)
+type PoolKey = (Option<String>, String, String, &'static str, String);
+
+/// (node, tenant, user, mode, replica)
+type ReplicaPoolKey = (Option<String>, String, String, &'static str, String);
+
+/// (node, tenant, replica)
+type ReplicaKey = (Option<String>, String, String);
+
+/// A replica pool summed over shards: (open, idle, checked out, waiting).
+#[derive(Debug, Clone, Default)]
+struct ReplicaPoolTotals {
+    open: u64,
+    idle: u64,
+    checked_out: u64,
+    waiting: u64,
+}
+
+/// A replica's health as its tenant's shard judges it.
+#[derive(Debug, Clone, Default)]
+struct ReplicaHealth {
+    healthy: bool,
+    lag_ms: Option<u64>,
+    bans: u64,
+    routed: u64,
+}
 
 /// One pool summed over all shards.
 #[derive(Debug, Clone)]
@@ -141,49 +182,108 @@ fn merge(into: &mut HistogramSnapshot, other: &HistogramSnapshot) {
 #[derive(Debug)]
 struct Gathered {
     pools: BTreeMap<PoolKey, PoolTotals>,
-    /// Engine health per shard; `None` for a per-tenant scrape.
-    shards: Option<Vec<(String, ShardCounters)>>,
-    /// Distinct tenants with at least one pool; `None` for a per-tenant scrape.
-    tenants_active: Option<u64>,
+    replica_pools: BTreeMap<ReplicaPoolKey, ReplicaPoolTotals>,
+    replicas: BTreeMap<ReplicaKey, ReplicaHealth>,
+    /// Engine health per (node, shard); `None` for a per-tenant scrape.
+    shards: Option<Vec<(Option<String>, String, ShardCounters)>>,
+    /// Distinct tenants with at least one pool, per node; `None` for a
+    /// per-tenant scrape.
+    tenants_active: Option<Vec<(Option<String>, u64)>>,
+    /// Nodes of a cluster-wide scrape and whether each answered.
+    nodes_up: Vec<(String, bool)>,
 }
 
 impl Gathered {
-    fn new(shards: &[ShardSnapshot], tenant: Option<&str>) -> Gathered {
-        let mut pools: BTreeMap<PoolKey, PoolTotals> = BTreeMap::new();
+    fn new(nodes: &[NodeShards<'_>], tenant: Option<&str>) -> Gathered {
+        let mut g = Gathered {
+            pools: BTreeMap::new(),
+            replica_pools: BTreeMap::new(),
+            replicas: BTreeMap::new(),
+            shards: tenant.is_none().then(Vec::new),
+            tenants_active: tenant.is_none().then(Vec::new),
+            nodes_up: Vec::new(),
+        };
+        for n in nodes {
+            let (node, shards) = match n {
+                NodeShards::Local(s) => (None, *s),
+                NodeShards::Node(id, s) => {
+                    g.nodes_up.push((id.to_string(), true));
+                    (Some(id.to_string()), *s)
+                }
+                NodeShards::Down(id) => {
+                    g.nodes_up.push((id.to_string(), false));
+                    continue;
+                }
+            };
+            g.add_node(node, shards, tenant);
+        }
+        g
+    }
+
+    fn add_node(&mut self, node: Option<String>, shards: &[ShardSnapshot], tenant: Option<&str>) {
+        let wanted = |t: &str| tenant.is_none_or(|want| want == t);
         for p in shards.iter().flat_map(|s| &s.pools) {
-            if tenant.is_some_and(|t| t != p.tenant) {
+            if !wanted(&p.tenant) {
                 continue;
             }
-            let key = (p.tenant.clone(), p.user.clone(), p.mode, p.db_name.clone());
-            match pools.get_mut(&key) {
+            if let Some(replica) = &p.replica {
+                let key = (
+                    node.clone(),
+                    p.tenant.clone(),
+                    p.user.clone(),
+                    p.mode,
+                    replica.clone(),
+                );
+                let t = self.replica_pools.entry(key).or_default();
+                t.open += p.server_connections as u64;
+                t.idle += p.idle as u64;
+                t.checked_out += p.checked_out as u64;
+                t.waiting += p.waiting as u64;
+                continue;
+            }
+            let key = (
+                node.clone(),
+                p.tenant.clone(),
+                p.user.clone(),
+                p.mode,
+                p.db_name.clone(),
+            );
+            match self.pools.get_mut(&key) {
                 Some(t) => t.add(p),
                 None => {
-                    pools.insert(key, PoolTotals::from_pool(p));
+                    self.pools.insert(key, PoolTotals::from_pool(p));
                 }
             }
         }
-        let (shards, tenants_active) = match tenant {
-            Some(_) => (None, None),
-            None => {
-                // Real pools only: a snapshot that just carries failed joins has size 0.
-                let tenants: BTreeSet<&str> = pools
-                    .iter()
-                    .filter(|(_, t)| t.pool_size > 0)
-                    .map(|(k, _)| k.0.as_str())
-                    .collect();
-                let mut by_shard: Vec<&ShardSnapshot> = shards.iter().collect();
-                by_shard.sort_by_key(|s| s.shard);
-                let health = by_shard
-                    .iter()
-                    .map(|s| (s.shard.to_string(), s.counters.clone()))
-                    .collect();
-                (Some(health), Some(tenants.len() as u64))
+        for r in shards.iter().flat_map(|s| &s.replicas) {
+            if !wanted(&r.tenant) {
+                continue;
             }
-        };
-        Gathered {
-            pools,
-            shards,
-            tenants_active,
+            let key = (node.clone(), r.tenant.clone(), r.replica.clone());
+            let h = self.replicas.entry(key).or_default();
+            h.healthy = r.healthy;
+            h.lag_ms = r.lag_ms;
+            h.bans += r.bans;
+            h.routed += r.routed;
+        }
+        if let Some(health) = &mut self.shards {
+            let mut by_shard: Vec<&ShardSnapshot> = shards.iter().collect();
+            by_shard.sort_by_key(|s| s.shard);
+            health.extend(
+                by_shard
+                    .iter()
+                    .map(|s| (node.clone(), s.shard.to_string(), s.counters.clone())),
+            );
+        }
+        if let Some(active) = &mut self.tenants_active {
+            // Real pools only: a snapshot that just carries failed joins has size 0.
+            let tenants: BTreeSet<&str> = self
+                .pools
+                .iter()
+                .filter(|(k, t)| k.0 == node && t.pool_size > 0)
+                .map(|(k, _)| k.1.as_str())
+                .collect();
+            active.push((node, tenants.len() as u64));
         }
     }
 }
@@ -236,16 +336,72 @@ where
 #[derive(Debug)]
 struct SnapshotCollector(Gathered);
 
-type PoolLabels<'a> = [(&'static str, &'a str); 4];
+type Labels<'a> = Vec<(&'static str, &'a str)>;
 
-fn pool_labels(k: &PoolKey) -> PoolLabels<'_> {
-    [
-        (POOL_LABELS[0], k.0.as_str()),
-        (POOL_LABELS[1], k.1.as_str()),
-        (POOL_LABELS[2], k.2),
-        (POOL_LABELS[3], k.3.as_str()),
-    ]
+/// `node` first when the scrape is cluster-wide.
+fn with_node<'a>(node: &'a Option<String>, mut labels: Labels<'a>) -> Labels<'a> {
+    if let Some(n) = node {
+        labels.insert(0, ("node", n.as_str()));
+    }
+    labels
 }
+
+fn pool_labels(k: &PoolKey) -> Labels<'_> {
+    with_node(
+        &k.0,
+        vec![
+            (POOL_LABELS[0], k.1.as_str()),
+            (POOL_LABELS[1], k.2.as_str()),
+            (POOL_LABELS[2], k.3),
+            (POOL_LABELS[3], k.4.as_str()),
+        ],
+    )
+}
+
+fn replica_pool_labels(k: &ReplicaPoolKey) -> Labels<'_> {
+    with_node(
+        &k.0,
+        vec![
+            ("tenant", k.1.as_str()),
+            ("user", k.2.as_str()),
+            ("mode", k.3),
+            ("replica", k.4.as_str()),
+        ],
+    )
+}
+
+fn replica_labels(k: &ReplicaKey) -> Labels<'_> {
+    with_node(
+        &k.0,
+        vec![("tenant", k.1.as_str()), ("replica", k.2.as_str())],
+    )
+}
+
+/// Replica pools: (name, help, value).
+type ReplicaPoolSeries = (&'static str, &'static str, fn(&ReplicaPoolTotals) -> u64);
+
+const REPLICA_POOL_GAUGES: &[ReplicaPoolSeries] = &[
+    (
+        "supavisor_replica_connections_open",
+        "Server connections open to a replica.",
+        |t| t.open,
+    ),
+    (
+        "supavisor_replica_connections_idle",
+        "Idle server connections to a replica.",
+        |t| t.idle,
+    ),
+    (
+        "supavisor_replica_connections_checked_out",
+        "Server connections to a replica checked out by clients.",
+        |t| t.checked_out,
+    ),
+    (
+        "supavisor_replica_waiting",
+        "Clients waiting for a server connection to a replica.",
+        |t| t.waiting,
+    ),
+];
 
 /// Monotonic counters, exposed `untyped` so the name carries no `_total`
 /// (see the module docs).
@@ -465,20 +621,79 @@ impl Collector for SnapshotCollector {
                     .map(|(k, t)| (pool_labels(k), ConstGauge::new(get(t)))),
             )?;
         }
-        if let Some(n) = g.tenants_active {
-            let mut m = enc.encode_descriptor(
+        for (name, help, get) in REPLICA_POOL_GAUGES {
+            family(
+                &mut enc,
+                name,
+                help,
+                MetricType::Gauge,
+                g.replica_pools
+                    .iter()
+                    .map(|(k, t)| (replica_pool_labels(k), ConstGauge::new(get(t)))),
+            )?;
+        }
+        family(
+            &mut enc,
+            "supavisor_replica_healthy",
+            "1 while a replica takes clients, 0 while it is banned.",
+            MetricType::Gauge,
+            g.replicas
+                .iter()
+                .map(|(k, h)| (replica_labels(k), ConstGauge::new(u64::from(h.healthy)))),
+        )?;
+        family(
+            &mut enc,
+            "supavisor_replica_lag_seconds",
+            "Replay lag of a replica at its last health check.",
+            MetricType::Gauge,
+            g.replicas.iter().filter_map(|(k, h)| {
+                let lag = h.lag_ms? as f64 / 1000.0;
+                Some((replica_labels(k), ConstGauge::new(lag)))
+            }),
+        )?;
+        family(
+            &mut enc,
+            "supavisor_replica_bans",
+            "Times a replica was banned (connection refused, failed health check, lag).",
+            MetricType::Unknown,
+            g.replicas
+                .iter()
+                .map(|(k, h)| (replica_labels(k), ConstCounter::new(h.bans))),
+        )?;
+        family(
+            &mut enc,
+            "supavisor_replica_transactions",
+            "Transactions (and session-mode clients) a replica served.",
+            MetricType::Unknown,
+            g.replicas
+                .iter()
+                .map(|(k, h)| (replica_labels(k), ConstCounter::new(h.routed))),
+        )?;
+        if let Some(active) = &g.tenants_active {
+            family(
+                &mut enc,
                 "supavisor_tenants_active",
                 "Tenants with at least one pool.",
-                None,
                 MetricType::Gauge,
+                active
+                    .iter()
+                    .map(|(node, n)| (with_node(node, Vec::new()), ConstGauge::new(*n))),
             )?;
-            m.encode_gauge(&n)?;
         }
+        family(
+            &mut enc,
+            "supavisor_cluster_node_up",
+            "Cluster-wide scrape: 1 when the node answered, 0 when it did not.",
+            MetricType::Gauge,
+            g.nodes_up
+                .iter()
+                .map(|(n, up)| ([("node", n.as_str())], ConstGauge::new(u64::from(*up)))),
+        )?;
         if let Some(shards) = &g.shards {
             for (name, help, monotonic, get) in SHARD_SERIES {
                 let series = shards
                     .iter()
-                    .map(|(s, c)| ([("shard", s.as_str())], get(c)));
+                    .map(|(node, s, c)| (with_node(node, vec![("shard", s.as_str())]), get(c)));
                 if *monotonic {
                     family(
                         &mut enc,
@@ -696,6 +911,8 @@ mod tests {
             tenant: tenant.into(),
             user: user.into(),
             mode,
+            replica: None,
+            paused: false,
             db_name: "postgres".into(),
             pool_size: 10,
             server_connections: 3 * g,
@@ -739,6 +956,8 @@ mod tests {
                     pool("t1", "postgres", "transaction", 1, 1),
                     pool(EVIL, "u\"x", "session", 5, 2),
                 ],
+                replicas: vec![],
+                paused: vec![],
             },
             ShardSnapshot {
                 shard: 1,
@@ -755,6 +974,8 @@ mod tests {
                     pool("t1", "postgres", "transaction", 2, 3),
                     pool("t1", "postgres", "session", 3, 1),
                 ],
+                replicas: vec![],
+                paused: vec![],
             },
         ]
     }
@@ -942,6 +1163,120 @@ mod tests {
         assert_eq!(value(&s, "supavisor_tenants_active", &[]), Some(2.0));
         let ghost = [("tenant", "ghost")];
         assert_eq!(value(&s, "supavisor_client_joins_fail", &ghost), Some(3.0));
+    }
+
+    /// Shard 1 of `shards()` also serves t1's replica 10.0.0.2:5432.
+    fn with_replica() -> Vec<ShardSnapshot> {
+        let mut sh = shards();
+        let mut rp = pool("t1", "postgres", "transaction", 0, 1);
+        rp.replica = Some("10.0.0.2:5432".into());
+        rp.clients = 0;
+        sh[1].pools.push(rp);
+        sh[1].replicas.push(engine::metrics::ReplicaSnapshot {
+            tenant: "t1".into(),
+            replica: "10.0.0.2:5432".into(),
+            weight: 2,
+            healthy: false,
+            banned_ms: 900,
+            lag_ms: Some(1500),
+            bans: 3,
+            routed: 42,
+            last_error: Some("connection refused".into()),
+        });
+        sh
+    }
+
+    #[test]
+    fn replicas_have_series_of_their_own() {
+        let text = encode(&with_replica(), None);
+        let s = try_parse_text(&text).unwrap();
+        let r = [("tenant", "t1"), ("replica", "10.0.0.2:5432")];
+        assert_eq!(value(&s, "supavisor_replica_healthy", &r), Some(0.0));
+        assert_eq!(value(&s, "supavisor_replica_lag_seconds", &r), Some(1.5));
+        assert_eq!(value(&s, "supavisor_replica_bans", &r), Some(3.0));
+        assert_eq!(value(&s, "supavisor_replica_transactions", &r), Some(42.0));
+        let rp = [("mode", "transaction"), ("user", "postgres")];
+        let rp = [&r[..], &rp[..]].concat();
+        assert_eq!(
+            value(&s, "supavisor_replica_connections_open", &rp),
+            Some(3.0)
+        );
+        assert_eq!(
+            value(&s, "supavisor_replica_connections_idle", &rp),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(&s, "supavisor_replica_connections_checked_out", &rp),
+            Some(2.0)
+        );
+        // The primary's series are those of before: the replica pool is not in them.
+        assert_eq!(
+            value(&s, "supavisor_pool_connections_open", T1TX),
+            Some(12.0)
+        );
+        // Per tenant too.
+        let t1 = try_parse_text(&encode(&with_replica(), Some("t1"))).unwrap();
+        assert_eq!(value(&t1, "supavisor_replica_bans", &r), Some(3.0));
+        assert!(try_parse_text(&encode(&with_replica(), Some(EVIL)))
+            .unwrap()
+            .iter()
+            .all(|x| !x.name.starts_with("supavisor_replica")));
+    }
+
+    #[test]
+    fn cluster_scrape_names_each_node() {
+        let (one, two) = (shards(), with_replica());
+        let text = encode_nodes(
+            &[
+                NodeShards::Node(1, &one),
+                NodeShards::Node(2, &two),
+                NodeShards::Down(3),
+            ],
+            None,
+        );
+        let s = try_parse_text(&text).unwrap();
+        for (node, up) in [("1", 1.0), ("2", 1.0), ("3", 0.0)] {
+            assert_eq!(
+                value(&s, "supavisor_cluster_node_up", &[("node", node)]),
+                Some(up),
+                "{text}"
+            );
+        }
+        let q = "supavisor_client_queries_count";
+        assert_eq!(value(&s, q, &[&[("node", "1")], T1TX].concat()), Some(30.0));
+        assert_eq!(value(&s, q, &[&[("node", "2")], T1TX].concat()), Some(30.0));
+        assert_eq!(sum(&s, q, T1TX), 60.0);
+        // Every series of a cluster scrape names its node.
+        assert!(s.iter().all(|x| x.labels.contains_key("node")), "{text}");
+        assert_eq!(
+            value(&s, "supavisor_tenants_active", &[("node", "2")]),
+            Some(2.0)
+        );
+        assert_eq!(
+            value(
+                &s,
+                "supavisor_shard_clients",
+                &[("node", "2"), ("shard", "1")]
+            ),
+            Some(3.0)
+        );
+        assert_eq!(
+            value(&s, "supavisor_replica_bans", &[("node", "2")]),
+            Some(3.0)
+        );
+    }
+
+    #[test]
+    fn snapshots_cross_the_wire() {
+        let sh = with_replica();
+        let json = serde_json::to_string(&sh).unwrap();
+        let back: Vec<ShardSnapshot> = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, sh);
+        // Unknown buckets or modes are refused, not guessed.
+        let bad = json.replace("\"transaction\"", "\"statement\"");
+        assert!(serde_json::from_str::<Vec<ShardSnapshot>>(&bad).is_err());
+        let bad = json.replacen("0.0005", "0.0006", 1);
+        assert!(serde_json::from_str::<Vec<ShardSnapshot>>(&bad).is_err());
     }
 
     #[test]

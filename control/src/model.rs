@@ -127,8 +127,111 @@ pub struct TenantSpec {
     /// 0 = no limit.
     #[serde(default)]
     pub query_timeout: u32,
+    /// Read replicas of `db_database` (same users and passwords).
+    ///
+    /// These four fields are left out of what is written (log entries,
+    /// records, answers) while they hold their defaults, so that a tenant
+    /// without replicas reads the same to a node that predates them (a
+    /// rolling upgrade).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replicas: Vec<ReplicaSpec>,
+    /// "off": only clients that ask (`options=-c target_session_attrs=read-only`)
+    /// use the replicas; "reads": also transaction-mode transactions that
+    /// start with a plain SELECT.
+    #[serde(default, skip_serializing_if = "LoadBalance::is_off")]
+    pub load_balance: LoadBalance,
+    /// Milliseconds of replay lag past which a replica is banned; 0 = not checked.
+    #[serde(
+        default = "default_max_replica_lag_ms",
+        skip_serializing_if = "is_default_max_replica_lag_ms"
+    )]
+    pub max_replica_lag_ms: u64,
+    /// Milliseconds a failing replica gets no clients.
+    #[serde(
+        default = "default_replica_ban_ms",
+        skip_serializing_if = "is_default_replica_ban_ms"
+    )]
+    pub replica_ban_ms: u64,
     #[serde(default)]
     pub users: Vec<UserSpec>,
+}
+
+/// A read replica of a tenant's database.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicaSpec {
+    pub host: String,
+    pub port: u16,
+    /// Its share of the reads relative to the other replicas (0: none).
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// Server connections per user pool on it; default: the user's `pool_size`.
+    #[serde(default)]
+    pub pool_size: Option<usize>,
+}
+
+/// Which transactions go to the replicas on their own.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum LoadBalance {
+    /// Only clients that ask for replicas.
+    #[default]
+    Off,
+    /// Also plain reads in transaction mode.
+    Reads,
+}
+
+impl LoadBalance {
+    pub fn is_off(&self) -> bool {
+        *self == LoadBalance::Off
+    }
+}
+
+fn is_default_max_replica_lag_ms(ms: &u64) -> bool {
+    *ms == default_max_replica_lag_ms()
+}
+
+fn is_default_replica_ban_ms(ms: &u64) -> bool {
+    *ms == default_replica_ban_ms()
+}
+
+pub fn default_weight() -> u32 {
+    1
+}
+pub fn default_max_replica_lag_ms() -> u64 {
+    10_000
+}
+pub fn default_replica_ban_ms() -> u64 {
+    5_000
+}
+
+impl std::str::FromStr for ReplicaSpec {
+    type Err = String;
+
+    /// `host:port[:weight]`, `[v6]:port[:weight]`.
+    fn from_str(s: &str) -> Result<ReplicaSpec, String> {
+        let bad = || format!("{s:?}: expected host:port or host:port:weight");
+        let (host, rest) = match s.strip_prefix('[') {
+            Some(v6) => {
+                let (host, rest) = v6.split_once(']').ok_or_else(bad)?;
+                (host, rest.strip_prefix(':').ok_or_else(bad)?)
+            }
+            None => s.split_once(':').ok_or_else(bad)?,
+        };
+        let (port, weight) = match rest.split_once(':') {
+            Some((p, w)) => (p, Some(w)),
+            None => (rest, None),
+        };
+        Ok(ReplicaSpec {
+            host: host.to_string(),
+            port: port.parse().map_err(|_| bad())?,
+            weight: match weight {
+                Some(w) => w.parse().map_err(|_| bad())?,
+                None => default_weight(),
+            },
+            pool_size: None,
+        })
+    }
 }
 
 /// A tenant with its id, as listed and shown.
@@ -177,8 +280,12 @@ pub enum Command {
     },
 }
 
+/// The tenant id that reaches the admin console; no tenant may have it.
+pub const CONSOLE_TENANT: &str = engine::console::TENANT;
+
 pub fn valid_id(id: &str) -> bool {
-    !id.is_empty()
+    id != CONSOLE_TENANT
+        && !id.is_empty()
         && id.len() <= 128
         && id
             .chars()
@@ -276,6 +383,30 @@ impl TenantSpec {
                 "each entry must be an address or CIDR such as 10.0.0.0/8 or ::1/128",
             );
         }
+        for (i, r) in self.replicas.iter().enumerate() {
+            let field = |f: &str| format!("replicas[{i}].{f}");
+            if r.host.is_empty() || r.host.contains(char::is_whitespace) {
+                err(&field("host"), "must be a host name or address");
+            }
+            if r.port == 0 {
+                err(&field("port"), "must be 1 to 65535");
+            }
+            if r.weight > 1000 {
+                err(&field("weight"), "must be 0 to 1000");
+            }
+            if matches!(r.pool_size, Some(n) if n == 0 || n > 10_000) {
+                err(&field("pool_size"), "must be 1 to 10000");
+            }
+            if self.replicas[..i]
+                .iter()
+                .any(|o| o.host == r.host && o.port == r.port)
+            {
+                err(&field("host"), "this host and port is listed twice");
+            }
+        }
+        if self.replica_ban_ms > 3_600_000 {
+            err("replica_ban_ms", "must be at most 3600000 (an hour)");
+        }
         if !self.require_user && !self.users.iter().any(|u| u.is_manager) {
             err(
                 "users",
@@ -337,6 +468,26 @@ mod tests {
         .unwrap();
         assert!(!out.contains("secret"), "{out}");
         assert!(out.contains("\"external_id\":\"t\""));
+        // Replica settings at their defaults are not written (older nodes deny
+        // unknown fields); set, they round-trip.
+        assert!(
+            !out.contains("replica") && !out.contains("load_balance"),
+            "{out}"
+        );
+        let with: TenantSpec = serde_json::from_str(
+            r#"{"db_host": "h", "db_port": 1, "db_database": "d", "load_balance": "reads",
+                "replicas": [{"host": "r", "port": 2}], "replica_ban_ms": 100}"#,
+        )
+        .unwrap();
+        assert_eq!(with.replicas[0].weight, 1);
+        assert_eq!(with.max_replica_lag_ms, 10_000);
+        let back: TenantSpec =
+            serde_json::from_str(&serde_json::to_string(&with).unwrap()).unwrap();
+        assert_eq!(back, with);
+        assert!(serde_json::from_str::<TenantSpec>(
+            r#"{"db_host": "h", "db_port": 1, "db_database": "d", "load_balance": "writes"}"#
+        )
+        .is_err());
     }
 
     #[test]
@@ -360,6 +511,32 @@ mod tests {
         ] {
             assert!(fields.iter().any(|x| x == f), "{f} missing from {fields:?}");
         }
+    }
+
+    #[test]
+    fn bad_replicas_are_reported_per_field() {
+        let spec: TenantSpec = serde_json::from_str(
+            r#"{"db_host": "h", "db_port": 1, "db_database": "d", "replica_ban_ms": 4000000,
+                "replicas": [{"host": "", "port": 0, "weight": 5000, "pool_size": 0},
+                             {"host": "r", "port": 2}, {"host": "r", "port": 2}]}"#,
+        )
+        .unwrap();
+        let fields: Vec<String> = spec.validate().into_iter().map(|e| e.field).collect();
+        assert_eq!(
+            fields,
+            [
+                "replicas[0].host",
+                "replicas[0].port",
+                "replicas[0].weight",
+                "replicas[0].pool_size",
+                "replicas[2].host",
+                "replica_ban_ms"
+            ]
+        );
+        assert!(
+            serde_json::from_str::<ReplicaSpec>(r#"{"host": "r", "port": 2, "x": 1}"#).is_err()
+        );
+        assert!(!valid_id(CONSOLE_TENANT), "the console's name is reserved");
     }
 
     #[test]

@@ -24,7 +24,9 @@ use tracing::warn;
 
 use crate::config::{build_tenant, SecretCache};
 use crate::model::{Command, TenantSpec, TenantView, UserSpec};
-use crate::plane::{ClusterNodeView, ClusterView, ControlPlane, Health, PlaneError, PoolView};
+use crate::plane::{
+    ClusterNodeView, ClusterPools, ClusterView, ControlPlane, Health, PlaneError, PoolView,
+};
 use crate::store::Store;
 
 /// How long a scrape waits for the shards.
@@ -33,13 +35,13 @@ const GATHER_TIMEOUT: Duration = Duration::from_secs(2);
 const APPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Node {
-    store: Arc<Store>,
-    cluster: ClusterNode,
-    rt: Handle,
+    pub(crate) store: Arc<Store>,
+    pub(crate) cluster: ClusterNode,
+    pub(crate) rt: Handle,
     /// Live settings change on reload (SIGHUP); listener settings stay.
     proxy: Mutex<ProxyConfig>,
     secrets: SecretCache,
-    shards: Arc<Vec<ShardHandle>>,
+    pub(crate) shards: Arc<Vec<ShardHandle>>,
     /// Snapshots are built and published one at a time, so shards see
     /// them in the store's order.
     writes: Mutex<()>,
@@ -60,7 +62,14 @@ pub struct Node {
     /// this node as an owner whose claim has since been released and taken by
     /// another node (a crash, or an exit before the release was applied here).
     confirmed: Mutex<std::collections::HashSet<String>>,
+    /// The admin console's hooks, in every snapshot.
+    console: OnceLock<Arc<dyn engine::config::ConsoleHooks>>,
+    /// Re-reads the config file (SIGHUP, console RELOAD).
+    reloader: OnceLock<Reloader>,
 }
+
+/// Re-reads the config file into a node; the error says why nothing changed.
+pub type Reloader = Box<dyn Fn(&Node) -> Result<(), String> + Send + Sync>;
 
 /// A node's proxy (node-to-node data plane) address: its raft address with
 /// the port plus one.
@@ -170,6 +179,26 @@ impl Node {
             started: Instant::now(),
             hooks: OnceLock::new(),
             confirmed: Mutex::new(std::collections::HashSet::new()),
+            console: OnceLock::new(),
+            reloader: OnceLock::new(),
+        }
+    }
+
+    /// The admin console's hooks, published to the shards with every snapshot.
+    pub fn set_console(&self, hooks: Arc<dyn engine::config::ConsoleHooks>) {
+        let _ = self.console.set(hooks);
+    }
+
+    /// What re-reads the config file (SIGHUP, the console's RELOAD).
+    pub fn set_reloader(&self, reloader: Reloader) {
+        let _ = self.reloader.set(reloader);
+    }
+
+    /// Re-reads the config file; `Err` when it was not (no file, invalid).
+    pub fn reload_file(&self) -> Result<(), String> {
+        match self.reloader.get() {
+            Some(r) => r(self),
+            None => Err("this node cannot reload (no config file)".into()),
         }
     }
 
@@ -192,7 +221,7 @@ impl Node {
         Ok(engine::Config::new(proxy.clone(), tenants))
     }
 
-    fn broadcast(&self, make: impl Fn() -> ShardMsg) -> Result<(), PlaneError> {
+    pub(crate) fn broadcast(&self, make: impl Fn() -> ShardMsg) -> Result<(), PlaneError> {
         for (i, h) in self.shards.iter().enumerate() {
             if h.send(make()).is_err() {
                 return Err(PlaneError::Unavailable(format!(
@@ -208,7 +237,10 @@ impl Node {
     fn publish(&self) -> Result<(), PlaneError> {
         let proxy = self.proxy().clone();
         let config = Self::engine_config(&proxy, &self.store, &self.secrets)?;
-        let config = Arc::new(config.with_cluster(self.cluster_view()));
+        let config = config
+            .with_cluster(self.cluster_view())
+            .with_console(self.console.get().cloned());
+        let config = Arc::new(config);
         self.broadcast(|| ShardMsg::Config(config.clone()))?;
         self.barrier()
     }
@@ -510,6 +542,8 @@ impl ControlPlane for Node {
                     continue; // only failed logins recorded, no pool
                 }
                 pools.push(PoolView {
+                    node: self.cluster.id(),
+                    replica: p.replica,
                     tenant: p.tenant,
                     db_user: p.user,
                     mode: p.mode.to_string(),
@@ -524,9 +558,24 @@ impl ControlPlane for Node {
             }
         }
         pools.sort_by(|a, b| {
-            (&a.tenant, &a.db_user, &a.mode).cmp(&(&b.tenant, &b.db_user, &b.mode))
+            (&a.tenant, &a.db_user, &a.mode, &a.replica)
+                .cmp(&(&b.tenant, &b.db_user, &b.mode, &b.replica))
         });
         Ok(pools)
+    }
+
+    fn cluster_pools(&self) -> Result<ClusterPools, PlaneError> {
+        Ok(crate::report::cluster_pools(&self.cluster_reports(false)))
+    }
+
+    fn cluster_metrics(&self, tenant: Option<&str>) -> Result<String, PlaneError> {
+        if let Some(id) = tenant {
+            if self.store.tenant(id)?.is_none() {
+                return Err(PlaneError::NotFound(format!("tenant {id:?}")));
+            }
+        }
+        let reports = self.cluster_reports(false);
+        Ok(crate::report::cluster_metrics(&reports, tenant))
     }
 
     fn metrics(&self, tenant: Option<&str>) -> Result<String, PlaneError> {

@@ -158,16 +158,89 @@ impl TempPostgres {
         }
         append(&data_dir.join("postgresql.conf"), &conf)?;
 
-        let log = root_path.join("postgres.log");
+        pg.start_on_free_port()?;
+        Ok(pg)
+    }
+
+    /// A streaming replica of `primary` (which needs `wal_level = replica`,
+    /// PostgreSQL's default, a `replication` line in `pg_hba.conf`, which
+    /// `initdb` writes for 127.0.0.1, and free WAL senders): `pg_basebackup
+    /// -R` into a fresh directory, then started as a hot standby on its own
+    /// port. Stopped and deleted on drop like any [`TempPostgres`].
+    pub fn start_replica_of(primary: &TempPostgres) -> io::Result<TempPostgres> {
+        let bindir = Self::bindir()?;
+        let is_root = unsafe { libc::geteuid() } == 0;
+        let owner = if is_root {
+            Some(lookup_user(UNPRIVILEGED_USER)?)
+        } else {
+            None
+        };
+        let parent = if is_root {
+            PathBuf::from("/tmp")
+        } else {
+            std::env::temp_dir()
+        };
+        let root = tempfile::Builder::new()
+            .prefix("supavisor-pg-replica.")
+            .tempdir_in(&parent)?;
+        let root_path = root.path().to_path_buf();
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::chown(&root_path, Some(uid), Some(gid))?;
+        }
+        let data_dir = root_path.join("data");
+        let mut pg = TempPostgres {
+            port: 0,
+            host: primary.host.clone(),
+            superuser: primary.superuser.clone(),
+            password: primary.password.clone(),
+            data_dir: data_dir.clone(),
+            bindir,
+            root: Some(root),
+            root_path: root_path.clone(),
+            run_as: owner.map(|_| UNPRIVILEGED_USER.to_string()),
+            stopped: AtomicBool::new(true),
+        };
+        // The password travels in the connection string, which -R writes
+        // into primary_conninfo for the standby to use.
+        let conninfo = format!(
+            "host={} port={} user={} password={}",
+            primary.host, primary.port, primary.superuser, primary.password
+        );
+        let out = pg.server_command("pg_basebackup", |c| {
+            c.arg("-d").arg(&conninfo).arg("-D").arg(&data_dir).args([
+                "-R",
+                "-X",
+                "stream",
+                "-c",
+                "fast",
+                "--no-sync",
+            ]);
+        })?;
+        check_output("pg_basebackup", &out)?;
+        append(
+            &data_dir.join("postgresql.conf"),
+            &format!(
+                "\n# supavisor pgtemp replica\nunix_socket_directories = '{}'\nhot_standby = on\n",
+                root_path.display()
+            ),
+        )?;
+        pg.start_on_free_port()?;
+        Ok(pg)
+    }
+
+    /// Starts the server of `data_dir` on a free port (retried on another
+    /// port when the one found free was taken meanwhile).
+    fn start_on_free_port(&mut self) -> io::Result<()> {
+        let log = self.log_file();
         let mut last_err = None;
         for _ in 0..START_ATTEMPTS {
             let port = free_port()?;
-            // The last `port` line of postgresql.conf wins.
             append(
-                &data_dir.join("postgresql.conf"),
+                &self.data_dir.join("postgresql.conf"),
                 &format!("port = {port}\n"),
             )?;
-            let out = pg.server_command("pg_ctl", |c| {
+            let data_dir = self.data_dir.clone();
+            let out = self.server_command("pg_ctl", |c| {
                 c.arg("-D")
                     .arg(&data_dir)
                     .arg("-l")
@@ -176,29 +249,35 @@ impl TempPostgres {
             })?;
             match check_output("pg_ctl start", &out) {
                 Ok(()) => {
-                    pg.port = port;
-                    pg.stopped.store(false, Ordering::SeqCst);
-                    return Ok(pg);
+                    self.port = port;
+                    self.stopped.store(false, Ordering::SeqCst);
+                    return Ok(());
                 }
                 Err(e) => {
                     let tail = fs::read_to_string(&log).unwrap_or_default();
-                    let tail: String = tail
-                        .lines()
-                        .rev()
-                        .take(20)
-                        .collect::<Vec<_>>()
-                        .into_iter()
-                        .rev()
-                        .collect::<Vec<_>>()
-                        .join("\n");
+                    let tail: Vec<&str> = tail.lines().rev().take(20).collect();
+                    let tail: Vec<&str> = tail.into_iter().rev().collect();
                     last_err = Some(io::Error::new(
                         e.kind(),
-                        format!("{e}\nserver log:\n{tail}"),
+                        format!("{e}\nserver log:\n{}", tail.join("\n")),
                     ));
                 }
             }
         }
         Err(last_err.unwrap_or_else(|| io::Error::other("pg_ctl start failed")))
+    }
+
+    /// `pg_ctl stop -m immediate` (as if the server were killed: no
+    /// shutdown checkpoint, connections dropped without a goodbye), keeping
+    /// the data directory for `start_again`.
+    pub fn kill_for_now(&self) -> io::Result<()> {
+        let out = self.server_command("pg_ctl", |c| {
+            c.arg("stop")
+                .arg("-D")
+                .arg(&self.data_dir)
+                .args(["-m", "immediate", "-w", "-t", "60"]);
+        })?;
+        check_output("pg_ctl stop", &out)
     }
 
     /// The directory holding `initdb`, `pg_ctl`, `postgres`, `psql` and `pgbench`:

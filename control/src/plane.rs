@@ -23,6 +23,12 @@ pub enum PlaneError {
 /// One pool on one shard.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct PoolView {
+    /// The node it runs on.
+    #[serde(default)]
+    pub node: u64,
+    /// A read replica's pool (`host:port`); null: the primary's.
+    #[serde(default)]
+    pub replica: Option<String>,
     pub tenant: String,
     pub db_user: String,
     /// "transaction" | "session"
@@ -36,6 +42,23 @@ pub struct PoolView {
     pub clients: usize,
     /// Clients waiting for a server connection.
     pub waiting: usize,
+}
+
+/// Whether a node answered a cluster-wide view.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct NodeAnswered {
+    pub node_id: u64,
+    pub ok: bool,
+    /// Why it did not answer.
+    pub error: Option<String>,
+}
+
+/// Every node's pools (`/api/pools?scope=cluster`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ClusterPools {
+    pub data: Vec<PoolView>,
+    /// Each member and whether it answered (its pools are missing if not).
+    pub nodes: Vec<NodeAnswered>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -95,6 +118,24 @@ pub trait ControlPlane: Send + Sync + 'static {
     /// Prometheus text exposition; `tenant` restricts it to one tenant
     /// (`NotFound` when that tenant does not exist).
     fn metrics(&self, tenant: Option<&str>) -> Result<String, PlaneError>;
+    /// Every node's pools, each row naming its node; nodes that did not
+    /// answer are marked. A single node answers for itself.
+    fn cluster_pools(&self) -> Result<ClusterPools, PlaneError> {
+        let data = self.pools()?;
+        Ok(ClusterPools {
+            nodes: vec![NodeAnswered {
+                node_id: data.first().map_or(1, |p| p.node),
+                ok: true,
+                error: None,
+            }],
+            data,
+        })
+    }
+    /// Every node's metrics, each series naming its node
+    /// (`supavisor_cluster_node_up` says which answered).
+    fn cluster_metrics(&self, tenant: Option<&str>) -> Result<String, PlaneError> {
+        self.metrics(tenant)
+    }
     fn health(&self) -> Health;
     /// Membership and progress of the cluster.
     fn cluster_status(&self) -> Result<ClusterView, PlaneError> {

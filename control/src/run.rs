@@ -77,13 +77,14 @@ fn bind_api(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
 /// `[tls]` certificate and key) replace the running ones; settings that need a restart are logged and
 /// keep their running values; a file that does not parse or validate changes
 /// nothing.
-fn reload(node: &Node, started: &ConfigFile, opts: &Options) {
+fn reload(node: &Node, started: &ConfigFile, opts: &Options) -> Result<(), String> {
     let Some(path) = &opts.config_path else {
-        warn!("SIGHUP: started without --config, nothing to reload");
-        return;
+        warn!("reload: started without --config, nothing to reload");
+        return Err("started without --config: nothing to reload".into());
     };
     let failed = |e: &dyn std::fmt::Display| {
         warn!(file = %path.display(), error = %e, "reload failed: the running configuration stays");
+        Err(format!("{}: {e}", path.display()))
     };
     let mut file = match ConfigFile::load(path) {
         Ok(f) => f,
@@ -141,6 +142,7 @@ fn reload(node: &Node, started: &ConfigFile, opts: &Options) {
             "changed settings need a restart; they keep their running values"
         );
     }
+    Ok(())
 }
 
 /// After SIGUSR2: waits until the shards serve no connection (twice in a
@@ -330,12 +332,22 @@ pub fn run_node(
     }
 
     let secrets = SecretCache::default();
+    let auth = crate::api::ApiAuth {
+        jwt_secret: secret("API_JWT_SECRET", &file.api.jwt_secret),
+        metrics_jwt_secret: secret("METRICS_JWT_SECRET", &file.api.metrics_jwt_secret),
+    };
+    // The admin console: API tokens are its passwords.
+    let console = Arc::new(crate::console::Hooks::new(
+        rt.handle().clone(),
+        auth.jwt_secret.as_deref(),
+    ));
     // Clustered: clients wait for the first snapshot that carries the pool
     // claims (published right after the shards start) instead of opening a
     // pool another node owns.
     let config = Node::engine_config(&proxy, &store, &secrets)
         .map_err(|e| e.to_string())?
-        .awaiting_cluster(proxy.proxy_addr.is_some());
+        .awaiting_cluster(proxy.proxy_addr.is_some())
+        .with_console(Some(console.clone()));
     let tenants = config.tenants.len();
     let mut signals =
         Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR2]).map_err(|e| e.to_string())?;
@@ -348,13 +360,16 @@ pub fn run_node(
         secrets,
         running.handles().clone(),
     ));
+    console.attach(&node);
+    node.set_console(console);
+    {
+        let (started, opts) = (started.clone(), opts.clone());
+        node.set_reloader(Box::new(move |node: &Node| reload(node, &started, &opts)));
+    }
+    cluster.set_query_handler(Arc::new(crate::report::PeerQueries(Arc::downgrade(&node))));
     node.start_watcher();
 
     // The HTTP API on the control runtime.
-    let auth = crate::api::ApiAuth {
-        jwt_secret: secret("API_JWT_SECRET", &file.api.jwt_secret),
-        metrics_jwt_secret: secret("METRICS_JWT_SECRET", &file.api.metrics_jwt_secret),
-    };
     if auth.jwt_secret.is_none() {
         warn!("API_JWT_SECRET is not set: the API refuses every authenticated request");
     }
@@ -417,7 +432,7 @@ pub fn run_node(
                 match sig {
                     SIGHUP => {
                         info!("SIGHUP: reloading the configuration");
-                        reload(&node, &started, &opts);
+                        let _ = reload(&node, &started, &opts);
                     }
                     SIGUSR2 => {
                         if signal_handover.swap(true, Ordering::SeqCst) {

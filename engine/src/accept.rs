@@ -274,6 +274,12 @@ async fn admit(
             return None;
         }
     };
+    if ident.tenant == crate::console::TENANT && hops == 0 {
+        if let Some(hooks) = config.console.clone() {
+            crate::console::serve(shard, hooks, stream, msg, leftover, peer).await;
+            return None;
+        }
+    }
     let Some(tenant) = config.tenant(&ident.tenant) else {
         crate::metrics::bump(&shard.refused, 1);
         refuse(
@@ -299,11 +305,7 @@ async fn admit(
         return None;
     }
     if config.cluster.is_some() {
-        let key = PoolKey {
-            tenant: ident.tenant.clone(),
-            user: ident.db_user.clone(),
-            mode,
-        };
+        let key = PoolKey::primary(&ident.tenant, &ident.db_user, mode);
         // Unreachable owners are retried as long as a client may wait for a
         // server connection (and never past the startup timeout).
         let checkout = tenant
@@ -446,6 +448,7 @@ async fn route(
                     leftover,
                     peer,
                     crate::cluster::LinkTarget {
+                        node: o,
                         addr,
                         source,
                         secret: &cluster.secret,

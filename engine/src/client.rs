@@ -20,21 +20,24 @@ use crate::error::{EngineError, Refusal};
 use crate::metrics::bump;
 use crate::pool::{ClientSlot, Pool, PoolKey, PooledConn, RESET_TIMEOUT};
 use crate::relay::{sync_params, ClientSide, Event, Relay, Shape, Tracker};
+use crate::replica::Reads;
 use crate::settings::Settings;
-use crate::shard::{ClientCtl, ConnGuard, Shard};
+use crate::shard::{ClientCtl, ClientDesc, ConnGuard, Shard};
 
 struct Session {
     pool: Rc<Pool>,
     _slot: ClientSlot,
     pid: i32,
     ctl: Rc<ClientCtl>,
+    /// Where its transactions go.
+    reads: Reads,
 }
 
 /// A finished login: the session, the settings of the startup message and
 /// the bytes the client sent after its last authentication message.
 struct LoggedIn {
     session: Session,
-    params: Settings,
+    params: Rc<Settings>,
     leftover: Vec<u8>,
 }
 
@@ -197,11 +200,7 @@ async fn login(
 
     let mut inbuf = BytesMut::from(&leftover[..]);
     let startup_user = msg.user().unwrap_or_default();
-    let key = PoolKey {
-        tenant: tenant.external_id.clone(),
-        user: user.db_user.clone(),
-        mode,
-    };
+    let key = PoolKey::primary(&tenant.external_id, &user.db_user, mode);
     let client_key = match crate::auth::authenticate(
         stream,
         &mut inbuf,
@@ -251,7 +250,14 @@ async fn login(
             return Err(e);
         }
     };
-    let (pid, ctl) = shard.register_client(pool.key.clone(), tenant.timeouts);
+    let target = msg
+        .option_value("target_session_attrs")
+        .or_else(|| msg.get("target_session_attrs").map(str::to_string));
+    let reads = Reads::of(&tenant, target.as_deref(), mode == PoolMode::Transaction);
+    let settings = Rc::new(startup_settings(msg));
+    let mut desc = ClientDesc::new(peer, settings.clone());
+    desc.reads = reads;
+    let (pid, ctl) = shard.register_client(pool.key.clone(), tenant.timeouts, desc);
     let mut out = BytesMut::with_capacity(params.len() + 32);
     out.put_slice(&params);
     BackendKeyData {
@@ -271,8 +277,9 @@ async fn login(
             _slot: slot,
             pid,
             ctl,
+            reads,
         },
-        params: startup_settings(msg),
+        params: settings,
         leftover: inbuf.to_vec(),
     })
 }
@@ -283,13 +290,15 @@ async fn serve(shard: &Shard, mut client: Box<ClientSide>, session: Session, mod
         _slot: slot,
         pid: _,
         ctl,
+        reads,
     } = session;
     let checkout_timeout = pool.user().checkout_timeout;
     let mut tracker = Tracker::default();
     let mut server: Option<PooledConn> = None;
 
     if mode == PoolMode::Session {
-        match Box::pin(checkout_busy(&pool, &ctl, checkout_timeout)).await {
+        let read = reads == Reads::Replicas;
+        match Box::pin(checkout_busy(shard, &pool, &ctl, checkout_timeout, read)).await {
             Ok(mut c) => {
                 *ctl.cancel.borrow_mut() = c.cancel.clone();
                 sync_params(&mut client, &mut c, &mut tracker);
@@ -323,19 +332,25 @@ async fn serve(shard: &Shard, mut client: Box<ClientSide>, session: Session, mod
         })
         .await;
         match event {
-            Event::NeedServer => match Box::pin(checkout_busy(&pool, &ctl, checkout_timeout)).await
-            {
-                Ok(mut c) => {
-                    *ctl.cancel.borrow_mut() = c.cancel.clone();
-                    sync_params(&mut client, &mut c, &mut tracker);
-                    server = Some(c);
+            Event::NeedServer => {
+                let read = match reads {
+                    Reads::Primary => false,
+                    Reads::Replicas => true,
+                    Reads::Classify => crate::readsql::batch_is_read(client.buf.bytes()),
+                };
+                match Box::pin(checkout_busy(shard, &pool, &ctl, checkout_timeout, read)).await {
+                    Ok(mut c) => {
+                        *ctl.cancel.borrow_mut() = c.cancel.clone();
+                        sync_params(&mut client, &mut c, &mut tracker);
+                        server = Some(c);
+                    }
+                    Err(e) => break End::CheckoutFailed(e),
                 }
-                Err(e) => break End::CheckoutFailed(e),
-            },
+            }
             Event::Released => {
                 if let Some(c) = server.take() {
                     ctl.cancel.borrow_mut().take();
-                    pool.checkin(c);
+                    c.give_back();
                 }
                 client.release_buffers();
             }
@@ -376,7 +391,7 @@ async fn finish(
         Event::ClientGone | Event::ClientError(_) => {
             ctl.cancel.borrow_mut().take();
             if let Some(c) = server.take() {
-                Box::pin(give_back(pool, c, &tracker, mode)).await;
+                Box::pin(give_back(c, &tracker, mode)).await;
             }
         }
         Event::ClientRefused(e) => {
@@ -395,7 +410,7 @@ async fn finish(
             debug!(error = %e, "client protocol violation");
             refuse(&mut client.stream, &EngineError::ClientProtocol(e)).await;
             if let Some(c) = server.take() {
-                Box::pin(give_back(pool, c, &tracker, mode)).await;
+                Box::pin(give_back(c, &tracker, mode)).await;
             }
         }
         Event::ServerGone(e) => {
@@ -425,7 +440,7 @@ async fn finish(
             debug!(tenant = %pool.key.tenant, reason = %why, "client timed out");
             // An open transaction is rolled back, the connection reused.
             if let Some(c) = server.take() {
-                Box::pin(give_back(pool, c, &tracker, mode)).await;
+                Box::pin(give_back(c, &tracker, mode)).await;
             }
             refuse(&mut client.stream, &EngineError::Refused(why)).await;
         }
@@ -447,7 +462,7 @@ async fn finish(
         Event::Shutdown => {
             ctl.cancel.borrow_mut().take();
             if let Some(c) = server.take() {
-                Box::pin(give_back(pool, c, &tracker, mode)).await;
+                Box::pin(give_back(c, &tracker, mode)).await;
             }
             refuse(
                 &mut client.stream,
@@ -458,13 +473,18 @@ async fn finish(
     }
 }
 
+/// The startup option that sends a client's transactions to the replicas.
+const TARGET: &str = "target_session_attrs";
+
 /// The settings a client's startup message asks for: its GUC parameters and
 /// the `-c name=value` / `--name=value` of `options`.
 fn startup_settings(msg: &StartupMessage) -> Settings {
     let mut out = Settings::new();
     for (k, v) in &msg.params {
-        if matches!(k.as_str(), "user" | "database" | "options" | "replication")
-            || k.starts_with("_pq_.")
+        if matches!(
+            k.as_str(),
+            "user" | "database" | "options" | "replication" | TARGET
+        ) || k.starts_with("_pq_.")
         {
             continue;
         }
@@ -483,8 +503,9 @@ fn startup_settings(msg: &StartupMessage) -> Settings {
             t.strip_prefix("--")
         };
         if let Some((k, v)) = setting.and_then(|s| s.split_once('=')) {
-            // `reference` names the tenant; it is not a setting.
-            if k != "reference" {
+            // `reference` names the tenant and `target_session_attrs`
+            // picks replicas: they are not settings.
+            if k != "reference" && k.replace('-', "_") != TARGET {
                 out.insert(&k.replace('-', "_"), v);
             }
         }
@@ -493,27 +514,33 @@ fn startup_settings(msg: &StartupMessage) -> Settings {
     out
 }
 
-/// Takes a server connection, timing the wait.
-/// A checkout for a client with a request waiting: waiting is not idleness.
+/// A checkout for a client with a request waiting (waiting is not
+/// idleness), timed: a read from a replica when `read`, else from the
+/// primary. The connection forgets statement names of another registry.
 async fn checkout_busy(
+    shard: &Shard,
     pool: &Rc<Pool>,
     ctl: &crate::shard::ClientCtl,
     wait: std::time::Duration,
+    read: bool,
 ) -> Result<PooledConn, EngineError> {
     ctl.set_phase(crate::shard::Phase::Busy);
-    checkout(pool, wait).await
-}
-
-async fn checkout(pool: &Rc<Pool>, wait: std::time::Duration) -> Result<PooledConn, EngineError> {
     let start = std::time::Instant::now();
-    let r = pool.checkout(wait).await;
+    let r = if read {
+        crate::replica::checkout_read(shard, pool, wait).await
+    } else {
+        pool.checkout(wait).await
+    };
     pool.stats.checkout_duration.observe(start.elapsed());
-    r
+    r.map(|mut c| {
+        c.prepared.adopt(pool.statements.borrow().id());
+        c
+    })
 }
 
 /// Returns a connection whose client left: clean it when that is safe, close
 /// it otherwise. Never leaves a transaction open on a pooled connection.
-async fn give_back(pool: &Rc<Pool>, mut conn: PooledConn, tracker: &Tracker, mode: PoolMode) {
+async fn give_back(mut conn: PooledConn, tracker: &Tracker, mode: PoolMode) {
     let quiet = tracker.pending == 0
         && !tracker.ext_open
         && tracker.expect.is_empty()
@@ -547,5 +574,5 @@ async fn give_back(pool: &Rc<Pool>, mut conn: PooledConn, tracker: &Tracker, mod
             }
         }
     }
-    pool.checkin(conn);
+    conn.give_back();
 }

@@ -32,7 +32,7 @@ use crate::accept::{linger_close, refuse};
 use crate::config::{ClientTimeouts, PoolMode};
 use crate::error::{EngineError, Refusal};
 use crate::pool::PoolKey;
-use crate::shard::{ClientCtl, Shard, Signal};
+use crate::shard::{ClientCtl, ClientDesc, Shard, Signal};
 use crate::stream::Stream;
 
 type HmacSha256 = Hmac<Sha256>;
@@ -145,6 +145,8 @@ async fn connect(addr: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpStre
 /// Where a proxy link goes and how it is opened.
 #[derive(Debug, Clone, Copy)]
 pub struct LinkTarget<'a> {
+    /// The other node.
+    pub node: u64,
     /// The other node's proxy address.
     pub addr: SocketAddr,
     /// The address to connect from, when it applies (see [`connect`]).
@@ -222,7 +224,7 @@ pub async fn forward(
     }
     let mut client = client;
     let _ = client.set_nodelay(true);
-    let registered = Registered::new(shard, key);
+    let registered = Registered::new(shard, key, peer, to.node);
     let mut talk = Conversation::default();
     talk.client_sent(leftover);
     match splice(&mut client, &mut up, &registered.ctl, &mut talk).await {
@@ -254,9 +256,12 @@ struct Registered {
 }
 
 impl Registered {
-    fn new(shard: &Rc<Shard>, key: &PoolKey) -> Registered {
+    fn new(shard: &Rc<Shard>, key: &PoolKey, peer: Option<SocketAddr>, owner: u64) -> Registered {
+        let mut desc = ClientDesc::new(peer, Rc::default());
+        desc.proxied_to = Some(owner);
         // No timeouts here: the owner applies the tenant's.
-        let (pid, ctl) = shard.register_client(Rc::new(key.clone()), ClientTimeouts::default());
+        let (pid, ctl) =
+            shard.register_client(Rc::new(key.clone()), ClientTimeouts::default(), desc);
         Registered {
             shard: shard.clone(),
             pid,

@@ -131,6 +131,48 @@ pub struct TenantConfig {
     /// Client addresses allowed in; empty: any.
     pub allow_list: Vec<Cidr>,
     pub timeouts: ClientTimeouts,
+    /// Read replicas and how clients reach them.
+    pub replication: Replication,
+}
+
+/// A read replica of a tenant's database (same database name, users and
+/// passwords as the primary).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaConfig {
+    pub host: String,
+    pub port: u16,
+    /// Its share of the reads, relative to the other replicas' weights (0:
+    /// none).
+    pub weight: u32,
+    /// Server connections of each user's pool on this replica; `None`: the
+    /// user's `pool_size`.
+    pub pool_size: Option<usize>,
+}
+
+impl ReplicaConfig {
+    /// `host:port` (`[v6]:port`): how the replica is named in pools,
+    /// metrics and the admin console.
+    pub fn name(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// A tenant's replicas and the routing to them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Replication {
+    pub replicas: Vec<ReplicaConfig>,
+    /// Transaction mode: a transaction whose first batch is plain reads
+    /// goes to a replica (`load_balance = "reads"`).
+    pub load_balance_reads: bool,
+    /// A replica whose replay lags further behind is banned; zero: lag
+    /// is not checked.
+    pub max_lag: Duration,
+    /// How long a failing replica gets no clients.
+    pub ban: Duration,
 }
 
 /// Limits on what a client may hold, in milliseconds; 0 = none. Checked
@@ -248,6 +290,17 @@ pub struct Config {
     /// clients wait for the next snapshot instead of opening a pool that
     /// another node may own.
     pub cluster_pending: bool,
+    /// The admin console (`user.supavisor`), when the control plane offers it.
+    pub console: Option<Arc<dyn ConsoleHooks>>,
+}
+
+/// What the control plane does for the admin console (see `crate::console`).
+pub trait ConsoleHooks: Send + Sync {
+    /// Whether `password` (an API token) admits a client to the console.
+    fn admit(&self, password: &str) -> bool;
+    /// Runs a console command; the answer comes back to shard `shard` as
+    /// `ShardMsg::Console { token, answer }`.
+    fn run(&self, command: crate::console::Command, shard: usize, token: u64);
 }
 
 /// What the control plane does for the shards in a cluster.
@@ -270,6 +323,12 @@ pub struct ClusterView {
     /// The cluster secret that authenticates proxy links.
     pub secret: Arc<[u8]>,
     pub hooks: Arc<dyn ClusterHooks>,
+}
+
+impl fmt::Debug for dyn ConsoleHooks {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ConsoleHooks")
+    }
 }
 
 impl fmt::Debug for ClusterView {
@@ -302,7 +361,14 @@ impl Config {
             sni,
             cluster: None,
             cluster_pending: false,
+            console: None,
         }
+    }
+
+    /// This configuration with the admin console's hooks.
+    pub fn with_console(mut self, console: Option<Arc<dyn ConsoleHooks>>) -> Config {
+        self.console = console;
+        self
     }
 
     /// This configuration marked as waiting for its cluster view (see

@@ -91,6 +91,8 @@ pub enum Refusal {
     IdleInTransactionTimeout,
     /// Pool ownership across the cluster: the reason.
     Cluster(String),
+    /// The admin console refuses a client that is not an admin: why.
+    NotAdmin(String),
 }
 
 impl std::fmt::Display for Refusal {
@@ -124,6 +126,7 @@ impl std::fmt::Display for Refusal {
             }
             Refusal::Busy => write!(f, "the pooler is overloaded, try again"),
             Refusal::Cluster(why) => write!(f, "cluster: {why}"),
+            Refusal::NotAdmin(why) => write!(f, "not an admin: {why}"),
             Refusal::SslRequired => write!(f, "SSL connection is required"),
             Refusal::AddressNotAllowed(addr) => {
                 write!(f, "address not allowed: {addr} is not in the tenant's allow_list")
@@ -202,6 +205,7 @@ impl EngineError {
                 Refusal::IdleTimeout => "57P05",
                 Refusal::IdleInTransactionTimeout => "25P03",
                 Refusal::Cluster(_) => "08006",
+                Refusal::NotAdmin(_) => "28000",
             },
         }
     }

@@ -9,6 +9,7 @@ pub mod buf;
 pub mod client;
 pub mod cluster;
 pub mod config;
+pub mod console;
 pub mod error;
 #[doc(hidden)]
 pub mod fuzzcheck;
@@ -16,7 +17,9 @@ pub mod metrics;
 pub mod oneshot;
 pub mod pool;
 pub mod prepared;
+pub mod readsql;
 pub mod relay;
+pub mod replica;
 pub mod server;
 pub mod settings;
 pub mod shard;

@@ -2,7 +2,10 @@
 //! cores on the hot path), and the plain snapshots a scrape gathers.
 
 use std::cell::Cell;
+use std::net::SocketAddr;
 use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
 
 /// Histogram bucket upper bounds, in seconds.
 pub const DURATION_BUCKETS: &[f64] = &[
@@ -52,8 +55,9 @@ impl Histogram {
 
 /// A gathered histogram: `counts[i]` observations fell in `(bounds[i-1], bounds[i]]`,
 /// the last count is above every bound (+Inf). Not cumulative.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HistogramSnapshot {
+    #[serde(with = "known_bounds")]
     pub bounds: &'static [f64],
     pub counts: Vec<u64>,
     pub sum: f64,
@@ -121,13 +125,26 @@ impl Default for PoolStats {
     }
 }
 
+/// A pool mode's name (an alias, so that serde does not take the field
+/// for text borrowed from the input).
+pub type ModeName = &'static str;
+
 /// One pool on one shard, as gathered by a scrape.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PoolSnapshot {
     pub tenant: String,
     pub user: String,
     /// "transaction" | "session"
-    pub mode: &'static str,
+    #[serde(with = "known_mode")]
+    pub mode: ModeName,
+    /// A replica's pool (`host:port`); `None`: the primary's, which also
+    /// carries the client-side counters of every client of (tenant, user,
+    /// mode) wherever its transactions ran.
+    #[serde(default)]
+    pub replica: Option<String>,
+    /// PAUSEd from the admin console.
+    #[serde(default)]
+    pub paused: bool,
     pub db_name: String,
     pub pool_size: usize,
     pub server_connections: usize,
@@ -159,6 +176,8 @@ impl PoolSnapshot {
             tenant: key.tenant.clone(),
             user: key.user.clone(),
             mode: key.mode.as_str(),
+            replica: key.replica.clone(),
+            paused: false,
             db_name,
             pool_size: 0,
             server_connections: 0,
@@ -185,7 +204,7 @@ impl PoolSnapshot {
 }
 
 /// Engine health of one shard.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ShardCounters {
     /// Connections this shard accepted and handed to another shard.
     pub handoffs_out: u64,
@@ -208,11 +227,118 @@ pub struct ShardCounters {
 }
 
 /// Everything one shard reports to a scrape.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ShardSnapshot {
     pub shard: usize,
     pub counters: ShardCounters,
     pub pools: Vec<PoolSnapshot>,
+    /// Health of the replicas of the tenants this shard serves.
+    #[serde(default)]
+    pub replicas: Vec<ReplicaSnapshot>,
+    /// Tenants PAUSEd on this shard.
+    #[serde(default)]
+    pub paused: Vec<String>,
+}
+
+/// One replica of one tenant, as its shard sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReplicaSnapshot {
+    pub tenant: String,
+    /// `host:port`
+    pub replica: String,
+    pub weight: u32,
+    /// Not banned: it takes clients.
+    pub healthy: bool,
+    /// How much longer the ban lasts (0 when healthy).
+    pub banned_ms: u64,
+    /// Replay lag at the last health check; `None`: not measured yet.
+    pub lag_ms: Option<u64>,
+    /// Times it was banned.
+    pub bans: u64,
+    /// Transactions (and session-mode clients) it served.
+    pub routed: u64,
+    /// Why it was last banned.
+    pub last_error: Option<String>,
+}
+
+/// A logged-in client, for the admin console (`SHOW CLIENTS`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientInfo {
+    pub tenant: String,
+    pub user: String,
+    pub mode: String,
+    /// "active" (a request running), "idle in transaction", "idle", "waiting".
+    pub state: String,
+    pub addr: Option<SocketAddr>,
+    /// Unix seconds.
+    pub connect_time: u64,
+    /// The process id the pooler issued to it (its cancel key).
+    pub pid: i32,
+    pub application_name: String,
+    /// Where its transactions go: "primary", "replicas" (it asked with
+    /// `target_session_attrs`), "balanced" (`load_balance = "reads"`).
+    pub reads: String,
+}
+
+/// A server connection, for the admin console (`SHOW SERVERS`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerInfo {
+    pub tenant: String,
+    pub user: String,
+    pub mode: String,
+    /// `None`: the primary.
+    pub replica: Option<String>,
+    /// "idle" or "active".
+    pub state: String,
+    pub addr: SocketAddr,
+    pub backend_pid: i32,
+    /// Unix seconds.
+    pub connect_time: u64,
+}
+
+/// Clients and server connections of one shard.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardInspection {
+    pub shard: usize,
+    pub clients: Vec<ClientInfo>,
+    pub servers: Vec<ServerInfo>,
+}
+
+/// Histogram bounds cross the wire as numbers and come back as the
+/// constant they equal.
+mod known_bounds {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(b: &&'static [f64], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(b.iter())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<&'static [f64], D::Error> {
+        let v = Vec::<f64>::deserialize(d)?;
+        [super::DURATION_BUCKETS, super::LIFETIME_BUCKETS]
+            .into_iter()
+            .find(|b| *b == v.as_slice())
+            .ok_or_else(|| serde::de::Error::custom("unknown histogram buckets"))
+    }
+}
+
+/// A pool mode crosses the wire as its name.
+mod known_mode {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(m: &&'static str, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(m)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<&'static str, D::Error> {
+        match String::deserialize(d)?.as_str() {
+            "transaction" => Ok("transaction"),
+            "session" => Ok("session"),
+            other => Err(serde::de::Error::custom(format!(
+                "unknown pool mode {other:?}"
+            ))),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -12,19 +12,22 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use glommio::timer::Timer;
 
-use crate::config::{FetchedSecret, PoolMode, TenantConfig, UserAuth, UserConfig};
+use crate::config::{FetchedSecret, PoolMode, ReplicaConfig, TenantConfig, UserAuth, UserConfig};
 use crate::error::{EngineError, Refusal};
 use crate::metrics::bump;
 use crate::metrics::{PoolSnapshot, PoolStats};
 use crate::oneshot;
 use crate::prepared::Registry;
-use crate::server::{ServerConn, ServerLogin};
+use crate::server::{Endpoint, ServerConn, ServerLogin, ServerMeta};
 
 /// How long a login may take for a new server connection.
 /// Pauses between attempts to reach a database that is down.
 const RECONNECT_PAUSE_MIN: Duration = Duration::from_millis(50);
 const RECONNECT_PAUSE_MAX: Duration = Duration::from_secs(1);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A replica that does not answer this fast is banned (its clients go to
+/// the other replicas or to the primary instead of waiting).
+const REPLICA_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a reset (ROLLBACK / DISCARD ALL) may take before the connection is closed.
 pub const RESET_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -33,6 +36,30 @@ pub struct PoolKey {
     pub tenant: String,
     pub user: String,
     pub mode: PoolMode,
+    /// A read replica's pool: the replica's name (`host:port`); `None`: the
+    /// tenant's primary database. Clients belong to the primary's pool and
+    /// borrow server connections from replica pools of the same key.
+    pub replica: Option<String>,
+}
+
+impl PoolKey {
+    /// The pool of (tenant, user, mode) on the primary database.
+    pub fn primary(tenant: &str, user: &str, mode: PoolMode) -> PoolKey {
+        PoolKey {
+            tenant: tenant.to_string(),
+            user: user.to_string(),
+            mode,
+            replica: None,
+        }
+    }
+
+    /// The same (tenant, user, mode) on a replica.
+    pub fn on_replica(&self, replica: &str) -> PoolKey {
+        PoolKey {
+            replica: Some(replica.to_string()),
+            ..self.clone()
+        }
+    }
 }
 
 pub struct Pool {
@@ -40,6 +67,13 @@ pub struct Pool {
     pub key: Rc<PoolKey>,
     tenant: RefCell<Arc<TenantConfig>>,
     user: RefCell<Arc<UserConfig>>,
+    /// The replica this pool connects to (`key.replica`), else the primary.
+    replica: RefCell<Option<ReplicaConfig>>,
+    /// PAUSE (admin console): no checkout until RESUME; connections given
+    /// back close.
+    paused: Cell<bool>,
+    /// Every server connection of the pool, for the admin console.
+    servers: RefCell<Vec<std::rc::Weak<ServerMeta>>>,
     /// Bumped when the database address changes: older connections retire.
     generation: Cell<u64>,
     /// Set when the pool is dropped from its shard: connections given back close.
@@ -103,6 +137,13 @@ impl PooledConn {
     pub fn pool(&self) -> &Rc<Pool> {
         &self.pool
     }
+
+    /// [`Pool::checkin`] to the pool it came from (a client's server
+    /// connection may come from a replica's pool).
+    pub fn give_back(self) {
+        let pool = self.pool.clone();
+        pool.checkin(self);
+    }
 }
 
 /// Counts a client of the pool for `max_clients`; dropping it uncounts.
@@ -118,10 +159,23 @@ impl Drop for ClientSlot {
 
 impl Pool {
     pub fn new(key: PoolKey, tenant: Arc<TenantConfig>, user: Arc<UserConfig>) -> Rc<Pool> {
+        Self::with_replica(key, tenant, user, None)
+    }
+
+    /// A pool on `replica` (`key.replica` names it), or on the primary.
+    pub fn with_replica(
+        key: PoolKey,
+        tenant: Arc<TenantConfig>,
+        user: Arc<UserConfig>,
+        replica: Option<ReplicaConfig>,
+    ) -> Rc<Pool> {
         Rc::new(Pool {
             key: Rc::new(key),
             tenant: RefCell::new(tenant),
             user: RefCell::new(user),
+            replica: RefCell::new(replica),
+            paused: Cell::new(false),
+            servers: RefCell::new(Vec::new()),
             generation: Cell::new(0),
             retired: Cell::new(false),
             fenced: Cell::new(false),
@@ -145,7 +199,78 @@ impl Pool {
     }
 
     pub fn size(&self) -> usize {
-        self.user.borrow().pool_size.max(1)
+        let size = match self.replica.borrow().as_ref().and_then(|r| r.pool_size) {
+            Some(n) => n,
+            None => self.user.borrow().pool_size,
+        };
+        size.max(1)
+    }
+
+    /// Where the pool's connections go.
+    pub fn endpoint(&self) -> Endpoint {
+        match self.replica.borrow().as_ref() {
+            Some(r) => Endpoint {
+                host: r.host.clone(),
+                port: r.port,
+                read_only: true,
+            },
+            None => Endpoint::primary(&self.tenant.borrow()),
+        }
+    }
+
+    pub fn is_replica(&self) -> bool {
+        self.key.replica.is_some()
+    }
+
+    /// PAUSE: checkouts wait (within their timeout) until [`Pool::resume`];
+    /// idle connections close now, the others when given back.
+    pub fn pause(&self) {
+        self.paused.set(true);
+        self.close_idle();
+    }
+
+    pub fn resume(&self) {
+        if !self.paused.replace(false) {
+            return;
+        }
+        for waiter in self.waiters.borrow_mut().drain(..) {
+            let _ = waiter.send(None);
+        }
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.paused.get()
+    }
+
+    /// Server connections checked out (or being opened).
+    pub fn busy_count(&self) -> usize {
+        self.total.get().saturating_sub(self.idle.borrow().len())
+    }
+
+    /// Keeps a weak reference to a new connection's description (for
+    /// [`Pool::servers`]); those of closed connections are dropped now and
+    /// then, so the list stays about as long as the pool.
+    fn remember(&self, meta: &Rc<ServerMeta>) {
+        let mut servers = self.servers.borrow_mut();
+        if servers.len() >= 2 * self.size() + 8 {
+            servers.retain(|w| w.strong_count() > 0);
+        }
+        servers.push(Rc::downgrade(meta));
+    }
+
+    /// The pool's server connections and whether each is idle.
+    pub fn servers(&self) -> Vec<(Rc<ServerMeta>, bool)> {
+        let mut servers = self.servers.borrow_mut();
+        servers.retain(|w| w.strong_count() > 0);
+        let idle = self.idle.borrow();
+        servers
+            .iter()
+            .filter_map(std::rc::Weak::upgrade)
+            .map(|m| {
+                let is_idle = idle.iter().any(|c| Rc::ptr_eq(&c.meta, &m));
+                (m, is_idle)
+            })
+            .collect()
     }
 
     pub fn waiting_count(&self) -> usize {
@@ -160,14 +285,23 @@ impl Pool {
     /// above the size close, waiters may open new ones), reconnected when the
     /// database address changed.
     pub fn update(&self, tenant: Arc<TenantConfig>, user: Arc<UserConfig>) {
-        let moved = {
-            let old = self.tenant.borrow();
-            old.db_host != tenant.db_host
-                || old.db_port != tenant.db_port
-                || old.db_database != tenant.db_database
-        };
+        let replica = self.replica.borrow().clone();
+        self.update_on(tenant, user, replica);
+    }
+
+    /// [`Pool::update`] with the replica's new settings (a replica pool).
+    pub fn update_on(
+        &self,
+        tenant: Arc<TenantConfig>,
+        user: Arc<UserConfig>,
+        replica: Option<ReplicaConfig>,
+    ) {
+        let before = self.endpoint();
+        let database = self.tenant.borrow().db_database != tenant.db_database;
         *self.tenant.borrow_mut() = tenant;
         *self.user.borrow_mut() = user;
+        *self.replica.borrow_mut() = replica;
+        let moved = database || self.endpoint() != before;
         if moved {
             self.generation.set(self.generation.get() + 1);
             *self.params.borrow_mut() = None;
@@ -195,6 +329,17 @@ impl Pool {
     pub fn set_client_key(&self, key: Option<[u8; 32]>) {
         if key.is_some() {
             self.client_key.set(key);
+        }
+    }
+
+    /// A replica's pool logs in as its primary pool does: the same user
+    /// settings (a secret auth_query fetched again) and the ClientKey its
+    /// clients lent (SCRAM pass-through).
+    pub fn follow(&self, primary: &Pool) {
+        self.set_client_key(primary.client_key.get());
+        let user = primary.user();
+        if !Arc::ptr_eq(&self.user.borrow(), &user) {
+            self.update_user(user);
         }
     }
 
@@ -284,6 +429,32 @@ impl Pool {
                     Refusal::ShuttingDown
                 }));
             }
+            if self.paused.get() {
+                // PAUSE: wait for RESUME (woken with "try again").
+                let now = Instant::now();
+                if now >= deadline {
+                    return Err(EngineError::CheckoutTimeout(wait));
+                }
+                let (tx, mut rx) = oneshot::channel();
+                self.waiters.borrow_mut().push_back(tx);
+                futures_lite::future::or(
+                    async {
+                        let _ = (&mut rx).await;
+                    },
+                    async {
+                        Timer::new(deadline - now).await;
+                    },
+                )
+                .await;
+                // A connection handed over meanwhile goes back to the pool.
+                if let Some(conn) = rx.try_take().flatten() {
+                    self.checkin(PooledConn {
+                        conn: Some(conn),
+                        pool: self.clone(),
+                    });
+                }
+                continue;
+            }
             if self.total.get() < self.size() {
                 self.total.set(self.total.get() + 1);
                 let (tenant, user) = (self.tenant(), self.user());
@@ -306,17 +477,23 @@ impl Pool {
                         }
                     }
                 };
+                let (endpoint, timeout) = match self.is_replica() {
+                    true => (self.endpoint(), REPLICA_CONNECT_TIMEOUT),
+                    false => (self.endpoint(), CONNECT_TIMEOUT),
+                };
                 match Box::pin(ServerConn::connect(
                     &tenant,
+                    &endpoint,
                     &user.db_user,
                     login,
-                    CONNECT_TIMEOUT,
+                    timeout,
                 ))
                 .await
                 {
                     Ok(conn) => {
                         let mut conn = Box::new(conn);
                         conn.generation = generation;
+                        self.remember(&conn.meta);
                         if self.params.borrow().is_none() {
                             *self.params.borrow_mut() = Some(conn.login_params.clone().freeze());
                         }
@@ -328,9 +505,12 @@ impl Pool {
                     Err(e) => {
                         self.release_slot();
                         let now = Instant::now();
+                        // A replica is not waited for: it is banned and
+                        // its clients go elsewhere (see `replica`).
                         if !e.database_unavailable()
                             || now + pause >= deadline
                             || self.retired.get()
+                            || self.is_replica()
                         {
                             return Err(e);
                         }
@@ -388,6 +568,7 @@ impl Pool {
         conn.stream.arm_read();
         if !conn.is_clean()
             || self.retired.get()
+            || self.paused.get()
             || conn.generation != self.generation.get()
             || self.total.get() > self.size()
         {
@@ -427,6 +608,8 @@ impl Pool {
             tenant: self.key.tenant.clone(),
             user: self.key.user.clone(),
             mode: self.key.mode.as_str(),
+            replica: self.key.replica.clone(),
+            paused: self.paused.get(),
             db_name: self.tenant.borrow().db_database.clone(),
             pool_size: self.size(),
             server_connections: self.total.get(),

@@ -202,13 +202,31 @@ fn named(setting: &str, reset: bool, value: &[u8]) -> Option<(String, SetValue)>
 }
 
 /// The pool's statements, by query text and parameter types.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Registry {
     by_text: HashMap<Vec<u8>, Rc<Stmt>>,
     next: Cell<u64>,
+    /// Unique in the process: a server connection knows whose names it holds.
+    id: u64,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        Registry {
+            by_text: HashMap::new(),
+            next: Cell::new(0),
+            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        }
+    }
 }
 
 impl Registry {
+    /// Which registry this is (see [`ServerStmts::adopt`]).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
     pub fn intern(&mut self, query: &[u8], types: &[u32]) -> Rc<Stmt> {
         let mut key = Vec::with_capacity(query.len() + 1 + types.len() * 4);
         key.extend_from_slice(query);
@@ -275,6 +293,8 @@ pub struct ServerStmts {
     lru: HashMap<Vec<u8>, u64>,
     tick: u64,
     cap: usize,
+    /// The registry whose names `lru` holds (0: none yet).
+    registry: u64,
 }
 
 impl Default for ServerStmts {
@@ -289,6 +309,19 @@ impl ServerStmts {
             lru: HashMap::new(),
             tick: 0,
             cap: cap.max(1),
+            registry: 0,
+        }
+    }
+
+    /// Before a client of `registry` uses the connection: the names it
+    /// holds are that registry's, or forgotten (a replica connection serves
+    /// the clients of one primary pool; should that pool have been started
+    /// again, its `sv_N` mean other statements). Forgotten names are
+    /// prepared again with Close first, so the server is never confused.
+    pub fn adopt(&mut self, registry: u64) {
+        if self.registry != registry {
+            self.lru.clear();
+            self.registry = registry;
         }
     }
 

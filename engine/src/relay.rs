@@ -131,12 +131,13 @@ pub struct ClientSide {
 }
 
 impl ClientSide {
-    pub fn new(stream: Stream, leftover: &[u8], params: Settings) -> Self {
+    /// `params`: the startup settings (shared with the client's control
+    /// block, for the admin console).
+    pub fn new(stream: Stream, leftover: &[u8], params: Rc<Settings>) -> Self {
         let mut buf = IoBuf::new();
         if !leftover.is_empty() {
             buf.extend_from_slice(leftover);
         }
-        let params = Rc::new(params);
         ClientSide {
             stream,
             buf,

@@ -21,6 +21,38 @@ use crate::buf::IoBuf;
 use crate::config::TenantConfig;
 use crate::error::EngineError;
 
+/// Where a server connection goes: the tenant's database or one of its
+/// read replicas (whose connections are opened read-only).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub host: String,
+    pub port: u16,
+    /// Opened with `default_transaction_read_only=on`: a write that reaches
+    /// it fails with 25006 instead of being applied.
+    pub read_only: bool,
+}
+
+impl Endpoint {
+    /// The tenant's primary database.
+    pub fn primary(tenant: &TenantConfig) -> Endpoint {
+        Endpoint {
+            host: tenant.db_host.clone(),
+            port: tenant.db_port,
+            read_only: false,
+        }
+    }
+}
+
+/// What the admin console shows of a server connection, shared with its
+/// pool (which holds it weakly) while the connection lives.
+#[derive(Debug)]
+pub struct ServerMeta {
+    pub addr: SocketAddr,
+    /// The backend's process id (BackendKeyData), 0 when none was sent.
+    pub backend_pid: i32,
+    pub connected: std::time::SystemTime,
+}
+
 /// What a client needs to cancel the query running on this connection.
 #[derive(Debug, Clone)]
 pub struct CancelTarget {
@@ -119,6 +151,8 @@ pub struct ServerConn {
     /// pooler set), and as they were after login.
     pub params: std::collections::BTreeMap<String, String>,
     pub defaults: std::collections::BTreeMap<String, String>,
+    /// For the admin console.
+    pub meta: std::rc::Rc<ServerMeta>,
 }
 
 impl std::fmt::Debug for ServerConn {
@@ -196,12 +230,13 @@ impl ServerConn {
     /// Opens a connection and logs in as `user`.
     pub async fn connect(
         tenant: &TenantConfig,
+        endpoint: &Endpoint,
         db_user: &str,
         login: ServerLogin<'_>,
         timeout: Duration,
     ) -> Result<ServerConn, EngineError> {
-        let addr = resolve(&tenant.db_host, tenant.db_port)?;
-        let fut = Self::connect_inner(addr, tenant, db_user, login);
+        let addr = resolve(&endpoint.host, endpoint.port)?;
+        let fut = Self::connect_inner(addr, tenant, endpoint, db_user, login);
         match glommio::timer::timeout(timeout, async { Ok(fut.await) }).await {
             Ok(r) => r,
             Err(_) => Err(EngineError::Timeout("connecting to the database")),
@@ -211,6 +246,7 @@ impl ServerConn {
     async fn connect_inner(
         addr: SocketAddr,
         tenant: &TenantConfig,
+        endpoint: &Endpoint,
         db_user: &str,
         login: ServerLogin<'_>,
     ) -> Result<ServerConn, EngineError> {
@@ -223,17 +259,18 @@ impl ServerConn {
         let _ = tcp.set_nodelay(true);
         let mut stream = match &tenant.upstream_tls {
             None => Stream::Plain(tcp),
-            Some(cfg) => upstream_tls(tcp, cfg.clone(), &tenant.db_host, addr).await?,
+            Some(cfg) => upstream_tls(tcp, cfg.clone(), &endpoint.host, addr).await?,
         };
         let mut out = BytesMut::new();
-        startup::encode_startup(
-            &[
-                ("user", db_user),
-                ("database", &tenant.db_database),
-                ("application_name", "Supavisor"),
-            ],
-            &mut out,
-        );
+        let mut startup_params = vec![
+            ("user", db_user),
+            ("database", tenant.db_database.as_str()),
+            ("application_name", "Supavisor"),
+        ];
+        if endpoint.read_only {
+            startup_params.push(("default_transaction_read_only", "on"));
+        }
+        startup::encode_startup(&startup_params, &mut out);
         stream
             .write_all(&out)
             .await
@@ -354,7 +391,13 @@ impl ServerConn {
                     let status = backend::decode_ready_for_query(&body)
                         .map_err(EngineError::ServerProtocol)?;
                     let now = Instant::now();
+                    let meta = std::rc::Rc::new(ServerMeta {
+                        addr,
+                        backend_pid: cancel.as_ref().map_or(0, |c| c.key.process_id),
+                        connected: std::time::SystemTime::now(),
+                    });
                     return Ok(ServerConn {
+                        meta,
                         stream,
                         buf: IoBuf::with_capacity(crate::buf::DEFAULT_CAP),
                         walked: 0,

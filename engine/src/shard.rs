@@ -4,7 +4,7 @@
 //! requests and commands.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{self, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd, RawFd};
@@ -22,10 +22,16 @@ use glommio::{LocalExecutorBuilder, Placement};
 use tracing::{debug, info, warn};
 use wire::startup::StartupMessage;
 
-use crate::config::{ClientTimeouts, Config, PoolMode, TenantConfig, UserAuth, UserConfig};
-use crate::metrics::{PoolSnapshot, ShardCounters, ShardSnapshot};
+use crate::config::{
+    ClientTimeouts, Config, PoolMode, ReplicaConfig, TenantConfig, UserAuth, UserConfig,
+};
+use crate::metrics::{
+    ClientInfo, PoolSnapshot, ServerInfo, ShardCounters, ShardInspection, ShardSnapshot,
+};
 use crate::pool::{Pool, PoolKey};
+use crate::replica::ReplicaSet;
 use crate::server::CancelTarget;
+use crate::settings::Settings;
 
 /// Capacity of a shard's inbox; a full inbox refuses new handoffs.
 const INBOX_CAPACITY: usize = 16 * 1024;
@@ -88,6 +94,25 @@ pub enum ShardMsg {
         token: u64,
         owner: Option<u64>,
     },
+    /// Report the clients and server connections (admin console).
+    Inspect(crossbeam_channel::Sender<ShardInspection>),
+    /// PAUSE a tenant (admin console): its checkouts wait, its server
+    /// connections close once their transactions end. Answered with the
+    /// number still in use when the wait ended (0: fully paused).
+    Pause {
+        tenant: String,
+        reply: crossbeam_channel::Sender<usize>,
+    },
+    /// RESUME a paused tenant; answered with whether it was paused here.
+    Resume {
+        tenant: String,
+        reply: crossbeam_channel::Sender<bool>,
+    },
+    /// The answer to a console command this shard asked the control plane for.
+    Console {
+        token: u64,
+        reply: Box<crate::console::Reply>,
+    },
 }
 
 /// The sending end of a shard's inbox, usable from any thread.
@@ -137,9 +162,43 @@ pub enum Phase {
     Busy,
 }
 
+/// What the admin console shows of a client.
+pub struct ClientDesc {
+    pub peer: Option<SocketAddr>,
+    /// Unix seconds.
+    pub connected: u64,
+    /// Its startup settings (for `application_name`), shared with the session.
+    pub settings: Rc<Settings>,
+    /// Where its transactions go.
+    pub reads: crate::replica::Reads,
+    /// Proxied to the node that owns its pool.
+    pub proxied_to: Option<u64>,
+}
+
+impl ClientDesc {
+    /// A client from `peer`, connected now.
+    pub fn new(peer: Option<SocketAddr>, settings: Rc<Settings>) -> ClientDesc {
+        ClientDesc {
+            peer,
+            connected: unix_now(),
+            settings,
+            reads: crate::replica::Reads::Primary,
+            proxied_to: None,
+        }
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// Per-client control block: cancel key, the server it holds, signals.
 pub struct ClientCtl {
     pub key: Rc<PoolKey>,
+    pub desc: ClientDesc,
     pub secret: [u8; 4],
     pub cancel: RefCell<Option<Rc<CancelTarget>>>,
     signal: Cell<Signal>,
@@ -247,6 +306,12 @@ pub struct Shard {
     /// Clients proxied to other nodes, by a per-shard id.
     links: RefCell<HashMap<u64, Rc<LinkCtl>>>,
     pub websocket: crate::websocket::WsCounters,
+    /// Replicas of the tenants served here, by tenant.
+    replica_sets: RefCell<HashMap<String, Rc<ReplicaSet>>>,
+    /// Tenants PAUSEd from the admin console.
+    paused: RefCell<HashSet<String>>,
+    /// Console commands asked of the control plane, by token.
+    console_calls: RefCell<HashMap<u64, crate::oneshot::Sender<crate::console::Reply>>>,
 }
 
 /// A client this node proxies to the owner of its pool: cut when this node's
@@ -337,6 +402,10 @@ const MAX_LOGIN_FAILURE_ENTRIES: usize = 100_000;
 const TIMEOUT_SWEEP: Duration = Duration::from_millis(500);
 /// How long a stopping shard waits for its idle server connections to close.
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
+/// How long PAUSE waits for the tenant's running transactions.
+const PAUSE_WAIT: Duration = Duration::from_secs(30);
+/// How often a PAUSE looks whether they ended.
+const PAUSE_POLL: Duration = Duration::from_millis(10);
 /// How often a cluster node's shards check that they may still serve their
 /// pools (the lease lapses at half `claim_timeout_ms`; the leader releases
 /// the claims at the earliest at the full timeout).
@@ -384,16 +453,208 @@ impl Shard {
         user: &Arc<UserConfig>,
         mode: PoolMode,
     ) -> Rc<Pool> {
-        let key = PoolKey {
-            tenant: tenant.external_id.clone(),
-            user: user.db_user.clone(),
-            mode,
-        };
+        let key = PoolKey::primary(&tenant.external_id, &user.db_user, mode);
         self.pools
             .borrow_mut()
             .entry(key.clone())
-            .or_insert_with(|| Pool::new(key, tenant.clone(), user.clone()))
+            .or_insert_with(|| {
+                let pool = Pool::new(key, tenant.clone(), user.clone());
+                if self.paused.borrow().contains(&tenant.external_id) {
+                    pool.pause();
+                }
+                pool
+            })
             .clone()
+    }
+
+    /// The replicas of `tenant` as this shard judges them; `None` when it
+    /// has none.
+    pub fn replica_set(&self, tenant: &TenantConfig) -> Option<Rc<ReplicaSet>> {
+        if tenant.replication.replicas.is_empty() {
+            return None;
+        }
+        let mut sets = self.replica_sets.borrow_mut();
+        if let Some(set) = sets.get(&tenant.external_id) {
+            if *set.settings() == tenant.replication {
+                return Some(set.clone());
+            }
+        }
+        let old = sets.remove(&tenant.external_id);
+        let set = Rc::new(ReplicaSet::new(&tenant.replication, old.as_deref()));
+        sets.insert(tenant.external_id.clone(), set.clone());
+        Some(set)
+    }
+
+    /// The pool of `primary`'s (tenant, user, mode) on `replica`, created
+    /// on first use.
+    pub fn replica_pool(&self, primary: &Rc<Pool>, replica: &ReplicaConfig) -> Rc<Pool> {
+        let key = primary.key.on_replica(&replica.name());
+        self.pools
+            .borrow_mut()
+            .entry(key.clone())
+            .or_insert_with(|| {
+                let pool = Pool::with_replica(
+                    key,
+                    primary.tenant(),
+                    primary.user(),
+                    Some(replica.clone()),
+                );
+                if primary.is_paused() {
+                    pool.pause();
+                }
+                pool
+            })
+            .clone()
+    }
+
+    /// Per tenant with replicas: its set and, for each replica that has a
+    /// pool here, one of those pools (to run the health check on).
+    #[allow(clippy::type_complexity)]
+    pub fn replica_pools_to_check(&self) -> Vec<(String, Rc<ReplicaSet>, Vec<(usize, Rc<Pool>)>)> {
+        let sets = self.replica_sets.borrow();
+        if sets.is_empty() {
+            return Vec::new();
+        }
+        let pools = self.pools.borrow();
+        sets.iter()
+            .map(|(tenant, set)| {
+                let found = set
+                    .members
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, m)| {
+                        pools
+                            .iter()
+                            .find(|(k, p)| {
+                                k.tenant == *tenant
+                                    && k.replica.as_deref() == Some(m.name.as_str())
+                                    && !p.is_retired()
+                            })
+                            .map(|(_, p)| (i, p.clone()))
+                    })
+                    .collect();
+                (tenant.clone(), set.clone(), found)
+            })
+            .collect()
+    }
+
+    /// Runs a console command through the control plane.
+    pub async fn console_call(
+        &self,
+        command: crate::console::Command,
+        timeout: Duration,
+    ) -> crate::console::Reply {
+        let failure = |message: &str| crate::console::Failure {
+            sqlstate: "58000".into(),
+            message: message.into(),
+        };
+        let Some(hooks) = self.config().console.clone() else {
+            return Err(failure("the admin console is not available on this node"));
+        };
+        let token = self.next_token.get();
+        self.next_token.set(token + 1);
+        let (tx, rx) = crate::oneshot::channel();
+        self.console_calls.borrow_mut().insert(token, tx);
+        hooks.run(command, self.id, token);
+        let answer = glommio::timer::timeout(timeout, async { Ok(rx.await) }).await;
+        self.console_calls.borrow_mut().remove(&token);
+        match answer {
+            Ok(Some(reply)) => reply,
+            Ok(None) => Err(failure("the control plane dropped the command")),
+            Err(_) => Err(failure("the command timed out")),
+        }
+    }
+
+    /// The clients and server connections of this shard.
+    fn inspect(&self) -> ShardInspection {
+        let clients = self
+            .clients
+            .borrow()
+            .iter()
+            .map(|(pid, ctl)| ClientInfo {
+                tenant: ctl.key.tenant.clone(),
+                user: ctl.key.user.clone(),
+                mode: ctl.key.mode.as_str().to_string(),
+                state: match (ctl.desc.proxied_to, ctl.phase.get()) {
+                    (Some(node), _) => format!("proxied to node {node}"),
+                    (None, Phase::Idle) => "idle".into(),
+                    (None, Phase::InTransaction) => "idle in transaction".into(),
+                    (None, Phase::Busy) if ctl.cancel.borrow().is_some() => "active".into(),
+                    (None, Phase::Busy) => "waiting".into(),
+                },
+                addr: ctl.desc.peer,
+                connect_time: ctl.desc.connected,
+                pid: *pid,
+                application_name: ctl
+                    .desc
+                    .settings
+                    .get("application_name")
+                    .unwrap_or_default()
+                    .to_string(),
+                reads: ctl.desc.reads.as_str().to_string(),
+            })
+            .collect();
+        let mut servers = Vec::new();
+        for (key, pool) in self.pools.borrow().iter() {
+            for (meta, idle) in pool.servers() {
+                servers.push(ServerInfo {
+                    tenant: key.tenant.clone(),
+                    user: key.user.clone(),
+                    mode: key.mode.as_str().to_string(),
+                    replica: key.replica.clone(),
+                    state: if idle { "idle" } else { "active" }.into(),
+                    addr: meta.addr,
+                    backend_pid: meta.backend_pid,
+                    connect_time: meta
+                        .connected
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs()),
+                });
+            }
+        }
+        ShardInspection {
+            shard: self.id,
+            clients,
+            servers,
+        }
+    }
+
+    /// PAUSE: the tenant's pools (and those it gets later) hold new
+    /// checkouts; waits (bounded) until no server connection of the tenant
+    /// is in use, closing them as they come back. Returns how many are
+    /// still in use.
+    async fn pause_tenant(&self, tenant: &str) -> usize {
+        self.paused.borrow_mut().insert(tenant.to_string());
+        let pools = || -> Vec<Rc<Pool>> {
+            self.pools
+                .borrow()
+                .iter()
+                .filter(|(k, _)| k.tenant == tenant)
+                .map(|(_, p)| p.clone())
+                .collect()
+        };
+        for p in pools() {
+            p.pause();
+        }
+        let deadline = Instant::now() + PAUSE_WAIT;
+        loop {
+            let busy: usize = pools().iter().map(|p| p.busy_count()).sum();
+            if busy == 0 || Instant::now() >= deadline || !self.paused.borrow().contains(tenant) {
+                return busy;
+            }
+            glommio::timer::sleep(PAUSE_POLL).await;
+        }
+    }
+
+    /// RESUME: whether the tenant was paused here.
+    fn resume_tenant(&self, tenant: &str) -> bool {
+        let was = self.paused.borrow_mut().remove(tenant);
+        for (k, p) in self.pools.borrow().iter() {
+            if k.tenant == tenant {
+                p.resume();
+            }
+        }
+        was
     }
 
     /// Issues a cancel key and registers the client.
@@ -457,6 +718,7 @@ impl Shard {
         &self,
         key: Rc<PoolKey>,
         timeouts: ClientTimeouts,
+        desc: ClientDesc,
     ) -> (i32, Rc<ClientCtl>) {
         let mut clients = self.clients.borrow_mut();
         let pid = loop {
@@ -472,6 +734,7 @@ impl Shard {
         };
         let ctl = Rc::new(ClientCtl {
             key,
+            desc,
             secret: rand::random(),
             cancel: RefCell::new(None),
             signal: Cell::new(if self.draining.get() {
@@ -575,6 +838,7 @@ impl Shard {
                 (Some((addr, key)), Ok(s)) => {
                     glommio::spawn_local(async move {
                         let to = crate::cluster::LinkTarget {
+                            node,
                             addr,
                             source,
                             secret: &key,
@@ -687,6 +951,22 @@ impl Shard {
                 gone.push(key.clone());
                 continue;
             };
+            if let Some(name) = &key.replica {
+                // A replica's pool follows its replica's settings; a
+                // replica taken out of the configuration loses its pools
+                // (its connections close as they come back; the clients,
+                // who belong to the primary's pool, stay).
+                let replica = t.replication.replicas.iter().find(|r| r.name() == *name);
+                let user = t.users.get(&key.user).cloned().or_else(|| {
+                    (!t.require_user && matches!(pool.user().auth, UserAuth::Fetched(_)))
+                        .then(|| pool.user())
+                });
+                match (replica, user) {
+                    (Some(r), Some(u)) => pool.update_on(t.clone(), u, Some(r.clone())),
+                    _ => gone.push(key.clone()),
+                }
+                continue;
+            }
             match t.users.get(&key.user) {
                 Some(u) => pool.update(t.clone(), u.clone()),
                 // A user that came through auth_query keeps its pool.
@@ -699,6 +979,19 @@ impl Shard {
         self.auth_cache
             .borrow_mut()
             .retain(|(tenant, _), _| config.tenant(tenant).is_some());
+        let tenants: Vec<String> = self.replica_sets.borrow().keys().cloned().collect();
+        for id in tenants {
+            match config.tenant(&id) {
+                // Rebuilt (keeping what is known of each replica) when its
+                // settings changed.
+                Some(t) if !t.replication.replicas.is_empty() => {
+                    self.replica_set(t);
+                }
+                _ => {
+                    self.replica_sets.borrow_mut().remove(&id);
+                }
+            }
+        }
         for key in gone {
             self.drop_pool(&key);
         }
@@ -763,8 +1056,16 @@ impl Shard {
                 }
             }
         }
+        let replicas = self
+            .replica_sets
+            .borrow()
+            .iter()
+            .flat_map(|(tenant, set)| set.snapshot(tenant))
+            .collect();
         ShardSnapshot {
             shard: self.id,
+            replicas,
+            paused: self.paused.borrow().iter().cloned().collect(),
             counters: ShardCounters {
                 handoffs_out: self.handoffs_out.get(),
                 handoffs_in: self.handoffs_in.get(),
@@ -968,6 +1269,9 @@ async fn shard_main(
         next_token: Cell::new(1),
         links: RefCell::new(HashMap::new()),
         websocket: Default::default(),
+        replica_sets: RefCell::new(HashMap::new()),
+        paused: RefCell::new(HashSet::new()),
+        console_calls: RefCell::new(HashMap::new()),
     });
     let mut accepting = Vec::with_capacity(3);
     let listeners = [
@@ -984,6 +1288,7 @@ async fn shard_main(
         .as_ref()
         .map(|l| glommio::spawn_local(peer_accept_loop(shard.clone(), l.clone())));
     let probe = glommio::spawn_local(lag_probe(shard.clone()));
+    let replica_health = glommio::spawn_local(crate::replica::health_loop(shard.clone()));
     let sweep = glommio::spawn_local({
         let shard = shard.clone();
         async move {
@@ -1072,6 +1377,24 @@ async fn shard_main(
                         let _ = tx.send(owner);
                     }
                 }
+                ShardMsg::Inspect(reply) => {
+                    let _ = reply.try_send(shard.inspect());
+                }
+                ShardMsg::Pause { tenant, reply } => {
+                    let s = shard.clone();
+                    shard.spawn(async move {
+                        let busy = s.pause_tenant(&tenant).await;
+                        let _ = reply.try_send(busy);
+                    });
+                }
+                ShardMsg::Resume { tenant, reply } => {
+                    let _ = reply.try_send(shard.resume_tenant(&tenant));
+                }
+                ShardMsg::Console { token, reply } => {
+                    if let Some(tx) = shard.console_calls.borrow_mut().remove(&token) {
+                        let _ = tx.send(*reply);
+                    }
+                }
             }
         }
     }
@@ -1085,6 +1408,7 @@ async fn shard_main(
     }
     drop(proxy_link);
     probe.cancel().await;
+    replica_health.cancel().await;
     sweep.cancel().await;
     fencing.cancel().await;
     shard.begin_shutdown();

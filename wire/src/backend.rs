@@ -185,6 +185,109 @@ pub fn encode_ready_for_query(status: u8, buf: &mut BytesMut) {
     put_message(READY_FOR_QUERY_TAG, buf, |buf| buf.put_u8(status));
 }
 
+/// The type OID of `text`: every column the pooler describes itself is text.
+pub const TEXT_OID: u32 = 25;
+
+/// RowDescription for columns of type `text`, text format (what a virtual
+/// database such as the admin console answers with). Names are cut at an
+/// embedded NUL.
+pub fn encode_row_description(columns: &[&str], buf: &mut BytesMut) {
+    put_message(ROW_DESCRIPTION_TAG, buf, |buf| {
+        buf.put_i16(i16::try_from(columns.len()).unwrap_or(i16::MAX));
+        for name in columns.iter().take(i16::MAX as usize) {
+            put_cstr(buf, name.as_bytes());
+            buf.put_u32(0); // table OID
+            buf.put_i16(0); // column number
+            buf.put_u32(TEXT_OID);
+            buf.put_i16(-1); // variable length
+            buf.put_i32(-1); // no type modifier
+            buf.put_i16(0); // text format
+        }
+    });
+}
+
+/// RowDescription body: the column names (the pooler's own use: tests, and
+/// checking what it sent).
+pub fn decode_row_description(body: &[u8]) -> Result<Vec<String>> {
+    let mut r = Reader::new(body, "RowDescription");
+    let n = r.i16()?;
+    // Each column takes at least 19 bytes: bound the count before allocating.
+    if n < 0 || n as usize > r.remaining() / 19 {
+        return Err(WireError::BadLength {
+            what: "RowDescription column count",
+            len: i64::from(n),
+        });
+    }
+    let mut names = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        names.push(String::from_utf8_lossy(r.cstr()?).into_owned());
+        r.bytes(18)?;
+    }
+    r.finish()?;
+    Ok(names)
+}
+
+/// DataRow: each value in text format, `None` as NULL.
+pub fn encode_data_row(values: &[Option<&str>], buf: &mut BytesMut) {
+    put_message(DATA_ROW_TAG, buf, |buf| {
+        buf.put_i16(i16::try_from(values.len()).unwrap_or(i16::MAX));
+        for v in values.iter().take(i16::MAX as usize) {
+            match v {
+                Some(v) => {
+                    buf.put_i32(i32::try_from(v.len()).unwrap_or(i32::MAX));
+                    buf.put_slice(&v.as_bytes()[..v.len().min(i32::MAX as usize)]);
+                }
+                None => buf.put_i32(-1),
+            }
+        }
+    });
+}
+
+/// DataRow body: the values (`None` = NULL), lossy UTF-8.
+pub fn decode_data_row(body: &[u8]) -> Result<Vec<Option<String>>> {
+    let mut r = Reader::new(body, "DataRow");
+    let n = r.i16()?;
+    // Each value takes at least its 4-byte length.
+    if n < 0 || n as usize > r.remaining() / 4 {
+        return Err(WireError::BadLength {
+            what: "DataRow column count",
+            len: i64::from(n),
+        });
+    }
+    let mut values = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        let len = r.i32()?;
+        if len < 0 {
+            values.push(None);
+            continue;
+        }
+        let v = r.bytes(len as usize)?;
+        values.push(Some(String::from_utf8_lossy(v).into_owned()));
+    }
+    r.finish()?;
+    Ok(values)
+}
+
+/// CommandComplete with its command tag (`SHOW`, `SELECT 3`, `PAUSE`).
+pub fn encode_command_complete(tag: &str, buf: &mut BytesMut) {
+    put_message(COMMAND_COMPLETE_TAG, buf, |buf| {
+        put_cstr(buf, tag.as_bytes())
+    });
+}
+
+/// CommandComplete body: the command tag.
+pub fn decode_command_complete(body: &[u8]) -> Result<&str> {
+    let mut r = Reader::new(body, "CommandComplete");
+    let tag = r.cstr()?;
+    r.finish()?;
+    std::str::from_utf8(tag).map_err(|_| WireError::Protocol("command tag is not UTF-8".into()))
+}
+
+/// EmptyQueryResponse: the answer to a query string with no statement.
+pub fn encode_empty_query(buf: &mut BytesMut) {
+    put_message(EMPTY_QUERY_TAG, buf, |_| {});
+}
+
 /// ErrorResponse / NoticeResponse fields, as (field code, value). Values are
 /// decoded as lossy UTF-8, so bad bytes never make decoding fail.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -319,6 +422,53 @@ mod tests {
         let len = i32::from_be_bytes(buf[1..5].try_into().unwrap()) as usize;
         assert_eq!(len + 1, buf.len(), "length field covers the whole frame");
         (buf[0], &buf[5..])
+    }
+
+    #[test]
+    fn result_set_round_trip() {
+        let mut buf = BytesMut::new();
+        encode_row_description(&["database", "cl_active", ""], &mut buf);
+        let (tag, body) = frame(&buf);
+        assert_eq!(tag, ROW_DESCRIPTION_TAG);
+        assert_eq!(
+            decode_row_description(body).unwrap(),
+            ["database", "cl_active", ""]
+        );
+        // Each column: name, table OID, column, type OID (text), size, modifier, format.
+        assert_eq!(&body[2..11], b"database\0");
+        assert_eq!(&body[15..21], &[0, 0, 0, 0, 0, 25]);
+
+        let row = [Some("t1"), None, Some(""), Some("ünï")];
+        let mut buf = BytesMut::new();
+        encode_data_row(&row, &mut buf);
+        let (tag, body) = frame(&buf);
+        assert_eq!(tag, DATA_ROW_TAG);
+        let back = decode_data_row(body).unwrap();
+        assert_eq!(
+            back,
+            row.iter().map(|v| v.map(String::from)).collect::<Vec<_>>()
+        );
+
+        let mut buf = BytesMut::new();
+        encode_command_complete("SHOW", &mut buf);
+        let (tag, body) = frame(&buf);
+        assert_eq!(tag, COMMAND_COMPLETE_TAG);
+        assert_eq!(decode_command_complete(body).unwrap(), "SHOW");
+
+        let mut buf = BytesMut::new();
+        encode_empty_query(&mut buf);
+        assert_eq!(frame(&buf), (EMPTY_QUERY_TAG, &[][..]));
+    }
+
+    #[test]
+    fn result_set_decoders_refuse_bad_lengths() {
+        // A column count far beyond the body, a negative one, a value past the end.
+        assert!(decode_row_description(&[0x7f, 0xff, b'a', 0]).is_err());
+        assert!(decode_row_description(&[0xff, 0xff]).is_err());
+        assert!(decode_data_row(&[0x7f, 0xff, 0, 0, 0, 1]).is_err());
+        assert!(decode_data_row(&[0, 1, 0, 0, 0, 9, b'x']).is_err());
+        assert!(decode_data_row(&[0, 1, 0xff, 0xff, 0xff, 0xff, b'x']).is_err());
+        assert!(decode_command_complete(b"SHOW").is_err());
     }
 
     #[test]

@@ -177,7 +177,45 @@ async fn write_on_follower_reaches_all_and_racing_claims_agree() {
         follower.node.node_addr(leader).as_deref(),
         Some(members[leader as usize - 1].node.addr())
     );
+
+    // Application queries between any two members (node 3 answers none).
+    let limit = Duration::from_secs(2);
+    for m in &members[..2] {
+        m.node.set_query_handler(Arc::new(Echo(m.node.id())));
+    }
+    for asker in &members {
+        for target in [1, 2] {
+            let answer = asker.node.query(target, "hi".into(), limit).await;
+            assert_eq!(answer.expect("answer"), format!("node {target}: hi"));
+        }
+        let none = asker.node.query(3, "hi".into(), limit).await;
+        assert!(
+            matches!(&none, Err(cluster::ClusterError::Remote(e)) if e.contains("no queries")),
+            "{none:?}"
+        );
+        assert!(asker.node.query(9, "hi".into(), limit).await.is_err());
+    }
+    let refused = members[0].node.query(2, "fail".into(), limit).await;
+    assert!(matches!(refused, Err(cluster::ClusterError::Remote(e)) if e == "refused"));
     shutdown_all(members).await;
+}
+
+/// Answers `hi` with its node id, refuses `fail`.
+struct Echo(NodeId);
+
+impl cluster::QueryHandler for Echo {
+    fn answer(
+        &self,
+        body: String,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<String, String>> + Send>> {
+        let id = self.0;
+        Box::pin(async move {
+            match body.as_str() {
+                "fail" => Err("refused".to_string()),
+                b => Ok(format!("node {id}: {b}")),
+            }
+        })
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -608,6 +608,89 @@ async fn one_pool_per_key_in_the_cluster() {
         cancelled_at.elapsed()
     );
 
+    // Cluster-wide views through a non-owner: the pool is on its owner, the proxied client is
+    // a client of both nodes.
+    let held = try_connect(cluster.pooler(other).transaction, &user, &password)
+        .await
+        .expect("connect through a non-owner");
+    held.simple_query("SELECT 1").await.expect("query");
+    let console = crate::console_tests::console(cluster.pooler(other).session).await;
+    let pools = crate::console_tests::show(&console, "SHOW POOLS").await;
+    let ours: Vec<_> = pools.iter().filter(|p| p["database"] == id).collect();
+    assert!(!ours.is_empty(), "{pools:?}");
+    assert!(
+        ours.iter().all(|p| p["node"] == owner.to_string()),
+        "the pool is on its owner only: {ours:?}"
+    );
+    let clients = crate::console_tests::show(&console, "SHOW CLIENTS").await;
+    let proxied = format!("proxied to node {owner}");
+    assert!(
+        clients.iter().any(|c| c["database"] == id
+            && c["node"] == other.to_string()
+            && c["state"] == proxied),
+        "{clients:?}"
+    );
+    assert!(
+        clients
+            .iter()
+            .any(|c| c["database"] == id && c["node"] == owner.to_string()),
+        "{clients:?}"
+    );
+    let versions = crate::console_tests::show(&console, "SHOW VERSION").await;
+    let nodes: Vec<&str> = versions.iter().map(|v| v["node"].as_str()).collect();
+    assert_eq!(nodes, ["1", "2", "3"]);
+    use crate::replica_tests::{http_get, token as jwt};
+    let (status, body) = http_get(
+        cluster.pooler(other).api,
+        "/api/pools?scope=cluster",
+        jwt(API_JWT_SECRET),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        v["nodes"],
+        serde_json::json!([
+            {"node_id": 1, "ok": true, "error": null},
+            {"node_id": 2, "ok": true, "error": null},
+            {"node_id": 3, "ok": true, "error": null}
+        ])
+    );
+    assert!(
+        v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["tenant"] == id.as_str() && p["node"] == owner),
+        "{v}"
+    );
+    let (status, text) = http_get(
+        cluster.pooler(other).api,
+        "/metrics?scope=cluster",
+        jwt(METRICS_JWT_SECRET),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let samples = control::metrics::try_parse_text(&text).unwrap();
+    for n in ["1", "2", "3"] {
+        assert_eq!(
+            control::metrics::value(&samples, "supavisor_cluster_node_up", &[("node", n)]),
+            Some(1.0),
+            "{text}"
+        );
+    }
+    let owner_label = owner.to_string();
+    assert_eq!(
+        control::metrics::value(
+            &samples,
+            "supavisor_pool_size",
+            &[("node", owner_label.as_str()), ("tenant", id.as_str())]
+        ),
+        Some(2.0),
+        "{text}"
+    );
+    drop(held);
+
     // Without the cluster secret the proxy port gives a nonce and nothing else.
     use std::io::{Read, Write};
     let proxy = SocketAddr::from(([127, 0, 0, 1], cluster.members[0].raft.port() + 1));
@@ -680,4 +763,50 @@ async fn owner_killed_pool_moves() {
         "cluster: owner {owner} killed; a client through node {survivor} works after {took:?} (new owner {new_owner})"
     );
     assert_ne!(new_owner, owner);
+
+    // The cluster-wide views mark the dead node and show the others.
+    let (status, body) = crate::replica_tests::http_get(
+        cluster.pooler(survivor).api,
+        "/api/pools?scope=cluster",
+        crate::replica_tests::token(API_JWT_SECRET),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let nodes = v["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 3, "{v}");
+    for n in nodes {
+        let dead = n["node_id"] == owner;
+        assert_eq!(n["ok"], !dead, "{v}");
+        assert_eq!(n["error"].is_string(), dead, "{v}");
+    }
+    assert!(
+        v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["tenant"] == id.as_str() && p["node"] == new_owner),
+        "{v}"
+    );
+    let port = cluster.pooler(survivor).transaction.port();
+    let out = blocking(|| {
+        pg_program("psql")
+            .arg(format!(
+                "host=127.0.0.1 port={port} user=admin.supavisor dbname=supavisor"
+            ))
+            .args(["-c", "SHOW VERSION"])
+            .env("PGPASSWORD", crate::replica_tests::token(API_JWT_SECRET))
+            .output()
+            .expect("psql")
+    });
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(
+        stderr.contains(&format!("WARNING:  node {owner} did not answer")),
+        "{stderr}"
+    );
+    assert!(stdout.contains("(2 rows)"), "{stdout}");
 }

@@ -10,6 +10,7 @@ mod cli_tests;
 mod cluster_partition;
 mod cluster_rolling;
 mod cluster_tests;
+mod console_tests;
 mod drivers;
 mod faults;
 mod garbage;
@@ -18,6 +19,7 @@ mod hostile_tests;
 mod load;
 mod metrics_tests;
 mod ops;
+mod replica_tests;
 mod tls_tests;
 mod websocket;
 
