@@ -52,6 +52,15 @@ pub fn identify(msg: &StartupMessage) -> Result<Identity, Refusal> {
     Err(Refusal::NoTenant)
 }
 
+/// A second descriptor of an open socket, which keeps the connection open
+/// after the first one closes.
+pub(crate) fn dup_fd(fd: std::os::fd::RawFd) -> Option<OwnedFd> {
+    // SAFETY: dup of a descriptor the caller holds open; the new one is
+    // owned by the OwnedFd.
+    let dup = unsafe { libc::dup(fd) };
+    (dup >= 0).then(|| unsafe { OwnedFd::from_raw_fd(dup) })
+}
+
 enum First {
     Startup(StartupMessage, Vec<u8>),
     Cancel,
@@ -97,7 +106,15 @@ async fn read_first(
                 s.write_all(b"N").await.map_err(EngineError::ClientIo)?;
             }
             Some(StartupPacket::Cancel(req)) => {
-                shard.route_cancel(req.process_id, req.secret.to_vec());
+                // The requester's socket stays open until the database has
+                // processed the request, as a server's does: a client that
+                // waits for the close (libpq does) cannot have its next
+                // query hit by its own late cancel.
+                let done = match s {
+                    Stream::Ws(_) => None,
+                    other => dup_fd(other.as_raw_fd()),
+                };
+                shard.route_cancel(req.process_id, req.secret.to_vec(), done);
                 return Ok(First::Cancel);
             }
             Some(StartupPacket::Startup(msg)) => return Ok(First::Startup(msg, buf.to_vec())),

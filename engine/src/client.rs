@@ -386,6 +386,7 @@ async fn finish(
         }
         End::Event(event) => event,
     };
+    debug!(tenant = %pool.key.tenant, ?event, "session ends");
     match event {
         Event::NeedServer | Event::Released => {}
         Event::ClientGone | Event::ClientError(_) => {

@@ -15,6 +15,7 @@
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
@@ -47,6 +48,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const KIND_CONNECT: u8 = 1;
 const KIND_CANCEL: u8 = 2;
+/// How long a forwarded cancel request waits for the peer to report it
+/// processed (the peer's own wait for its database is 5 s).
+const CANCEL_WAIT: Duration = Duration::from_secs(6);
 /// A client that may log in with a cleartext password (a WebSocket client
 /// over TLS or from an address this node trusts).
 const KIND_CONNECT_CLEARTEXT: u8 = 3;
@@ -288,7 +292,13 @@ pub async fn forward_cancel(to: LinkTarget<'_>, pid: i32, key: [u8; 4]) {
     };
     match open(to, &header).await {
         Ok(mut tcp) => {
-            let _ = tcp.close().await;
+            // The peer closes once its database has processed the request.
+            let _ = glommio::timer::timeout(CANCEL_WAIT, async {
+                let mut b = [0u8; 16];
+                while tcp.read(&mut b).await? > 0 {}
+                Ok(())
+            })
+            .await;
         }
         Err(e) => debug!(addr = %to.addr, error = %e, "cannot forward a cancel request"),
     }
@@ -327,7 +337,10 @@ pub async fn accept_peer(shard: Rc<Shard>, mut tcp: TcpStream) {
         return;
     };
     match h.kind {
-        KIND_CANCEL => shard.route_cancel(h.pid, h.secret.to_vec()),
+        KIND_CANCEL => {
+            let done = crate::accept::dup_fd(tcp.as_raw_fd());
+            shard.route_cancel(h.pid, h.secret.to_vec(), done)
+        }
         KIND_CONNECT | KIND_CONNECT_CLEARTEXT => {
             let peer = SocketAddr::new(h.client_ip, 0);
             let cleartext = h.kind == KIND_CONNECT_CLEARTEXT;

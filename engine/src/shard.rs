@@ -69,6 +69,8 @@ pub enum ShardMsg {
     Cancel {
         process_id: i32,
         secret: Vec<u8>,
+        /// The requester's socket, closed once the request is processed.
+        done: Option<OwnedFd>,
     },
     /// A new configuration snapshot: pools resize, removed tenants and users
     /// lose their clients (57P01) and pools.
@@ -796,7 +798,7 @@ impl Shard {
     }
 
     /// Cancels the query of the client with this key, if it holds a server.
-    pub fn cancel(&self, pid: i32, secret: &[u8]) {
+    pub fn cancel(&self, pid: i32, secret: &[u8], done: Option<OwnedFd>) {
         let target = {
             let clients = self.clients.borrow();
             let Some(ctl) = clients.get(&pid) else {
@@ -820,11 +822,17 @@ impl Shard {
         let Some(target) = target else {
             return;
         };
-        glommio::spawn_local(target.send()).detach();
+        glommio::spawn_local(async move {
+            target.send().await;
+            drop(done);
+        })
+        .detach();
     }
 
     /// Routes a cancel request to the shard that issued the key.
-    pub fn route_cancel(&self, pid: i32, secret: Vec<u8>) {
+    /// `done`, the requester's socket, is closed once the database has
+    /// processed the request (or it could not be routed).
+    pub fn route_cancel(&self, pid: i32, secret: Vec<u8>, done: Option<OwnedFd>) {
         let node = (pid as u32 >> PID_NODE_SHIFT) as u64;
         if pid > 0 && node != 0 && node != self.pid_node() {
             // Issued by another node of the cluster: forward it there.
@@ -843,7 +851,8 @@ impl Shard {
                             source,
                             secret: &key,
                         };
-                        crate::cluster::forward_cancel(to, pid, s).await
+                        crate::cluster::forward_cancel(to, pid, s).await;
+                        drop(done);
                     })
                     .detach();
                 }
@@ -852,11 +861,12 @@ impl Shard {
             return;
         }
         match self.shard_of_pid(pid) {
-            Some(s) if s == self.id => self.cancel(pid, &secret),
+            Some(s) if s == self.id => self.cancel(pid, &secret, done),
             Some(s) => {
                 let _ = self.peers[s].send(ShardMsg::Cancel {
                     process_id: pid,
                     secret,
+                    done,
                 });
             }
             None => debug!(pid, "cancel request with a key no shard issued"),
@@ -1340,7 +1350,11 @@ async fn shard_main(
                         }),
                     );
                 }
-                ShardMsg::Cancel { process_id, secret } => shard.cancel(process_id, &secret),
+                ShardMsg::Cancel {
+                    process_id,
+                    secret,
+                    done,
+                } => shard.cancel(process_id, &secret, done),
                 ShardMsg::Config(config) => shard.apply_config(config),
                 ShardMsg::Terminate { tenant } => shard.terminate_tenant(&tenant),
                 ShardMsg::Snapshot(reply) => {
