@@ -363,8 +363,11 @@ class Supavisor:
         )
         env = dict(os.environ, VAULT_ENC_KEY="perf-throwaway", RUST_LOG="warn")
         self.stderr_path = d / "stderr.log"
+        # SUPAVISOR_WRAP="heaptrack -o /tmp/ht" (say) runs the pooler under a profiler; the
+        # RSS figures are then the wrapper's, not the pooler's.
+        wrap = os.environ.get("SUPAVISOR_WRAP", "").split()
         self.proc = subprocess.Popen(
-            [str(binary), "--config", str(conf)],
+            wrap + [str(binary), "--config", str(conf)],
             stdout=subprocess.PIPE, stderr=open(self.stderr_path, "w"), text=True, env=env,
             start_new_session=True,
         )

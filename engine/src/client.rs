@@ -577,3 +577,23 @@ async fn give_back(mut conn: PooledConn, tracker: &Tracker, mode: PoolMode) {
     }
     conn.give_back();
 }
+
+#[cfg(test)]
+mod size_tests {
+    use super::*;
+
+    /// What every idle client keeps stays small (a quarter of a million of them per node):
+    /// these bounds are today's sizes, so that growth is a decision, not an accident.
+    #[test]
+    fn idle_client_parts_stay_small() {
+        let sizes = [
+            ("Stream", std::mem::size_of::<Stream>(), 144),
+            ("ClientSide", std::mem::size_of::<ClientSide>(), 328),
+            ("ClientCtl", std::mem::size_of::<ClientCtl>(), 160),
+            ("Session", std::mem::size_of::<Session>(), 32),
+        ];
+        for (name, size, bound) in sizes {
+            assert!(size <= bound, "{name} is {size} bytes, more than {bound}");
+        }
+    }
+}
