@@ -1169,7 +1169,9 @@ pub fn start(config: Arc<Config>) -> io::Result<Running> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
     let mut joins = Vec::with_capacity(n);
     for (id, (rx, wake_rx)) in inboxes.into_iter().enumerate() {
-        let placement = if n <= cpus {
+        // SUPAVISOR_UNPINNED: an experiment knob for small benchmark machines,
+        // where pgbench and PostgreSQL share the cores a pinned shard waits on.
+        let placement = if n <= cpus && std::env::var_os("SUPAVISOR_UNPINNED").is_none() {
             Placement::Fixed(id)
         } else {
             Placement::Unbound
