@@ -366,6 +366,7 @@ class Supavisor:
         # SUPAVISOR_WRAP="heaptrack -o /tmp/ht" (say) runs the pooler under a profiler; the
         # RSS figures are then the wrapper's, not the pooler's.
         wrap = os.environ.get("SUPAVISOR_WRAP", "").split()
+        self.wrapped = bool(wrap)
         self.proc = subprocess.Popen(
             wrap + [str(binary), "--config", str(conf)],
             stdout=subprocess.PIPE, stderr=open(self.stderr_path, "w"), text=True, env=env,
@@ -397,7 +398,50 @@ class Supavisor:
         log(f"supavisor shards={shards} transaction port 127.0.0.1:{self.port} (PID {self.pid})")
 
     def stop(self) -> None:
+        if self.wrapped:
+            # The pooler is a descendant of the wrapper: it gets the SIGTERM, and the wrapper
+            # (a profiler writing its data) is given time to finish.
+            for pid in descendants(self.pid):
+                if pid != self.pid and comm(pid) == "supavisor":
+                    kill_pid(pid, signal.SIGTERM, wait=15)
+            wait_gone(self.pid, 120)
         kill_pid(self.pid, signal.SIGTERM, wait=15)
+
+
+def descendants(pid: int) -> list[int]:
+    """`pid` and every process below it (from /proc/PID/task/*/children)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                todo.extend(int(c) for c in (task / "children").read_text().split())
+            except OSError:
+                pass
+    return out
+
+
+def comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def wait_gone(pid: int, wait: float) -> None:
+    """Waits up to `wait` seconds for a process to exit (reaping it if it is our child)."""
+    deadline = time.time() + wait
+    while time.time() < deadline:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return
+        except ChildProcessError:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+        time.sleep(0.1)
 
 
 def machine_info() -> dict:

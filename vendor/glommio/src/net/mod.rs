@@ -88,7 +88,7 @@ fn yolo_sendmsg(
 }
 
 mod datagram;
-mod stream;
+pub(crate) mod stream;
 mod tcp_socket;
 mod udp_socket;
 mod unix;

@@ -1123,6 +1123,27 @@ mod tests {
         });
     }
 
+    /// A completed send gives its buffer back to the thread's pool at once,
+    /// not when the stream next writes: a quarter of a million idle
+    /// connections each keeping their last answer would be a lot of memory.
+    #[test]
+    fn completed_send_returns_its_buffer() {
+        test_executor!(async move {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap();
+            let mut stream = TcpStream::connect(addr).await.unwrap();
+            let mut peer = listener.accept().await.unwrap();
+            let before = crate::net::stream::send_bufs_kept();
+            stream.write_all(b"an answer").await.unwrap();
+            // Untouched from here: only the completion can give the buffer back.
+            let mut got = [0u8; 9];
+            peer.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got, b"an answer");
+            assert_eq!(crate::net::stream::send_bufs_kept(), before.max(1));
+            drop(stream);
+        });
+    }
+
     /// A send that fails is reported by the next write or flush.
     #[test]
     fn failed_send_is_reported() {

@@ -1203,6 +1203,20 @@ impl UringCommon for SleepableRing {
                 record_stats(self, &mut src, &res);
                 match &mut src.source_type {
                     SourceType::ForeignNotifier(_, installed) => *installed = false,
+                    SourceType::SockSendOwned(buf) => {
+                        // The bytes are in the socket (or never will be): the
+                        // buffer goes back to the thread's pool now, not when
+                        // the stream next writes, which for an idle client
+                        // may be never. A short send is the failure it means.
+                        let len = buf.len();
+                        crate::net::stream::give_send_buf(std::mem::take(buf));
+                        if matches!(res, Ok(n) if n < len) {
+                            return Err(io::Error::new(
+                                io::ErrorKind::BrokenPipe,
+                                "the connection failed during a send",
+                            ));
+                        }
+                    }
                     SourceType::SockRecvSelect(slot) if flags & IORING_CQE_F_BUFFER != 0 => {
                         // The buffer is the reader's now (or back in the ring
                         // when the source is dropped).
