@@ -401,32 +401,12 @@ class Supavisor:
         if self.wrapped:
             # The pooler is a descendant of the wrapper: it gets the SIGTERM, and the wrapper
             # (a profiler writing its data) is given time to finish.
-            for pid in descendants(self.pid):
-                if pid != self.pid and comm(pid) == "supavisor":
-                    kill_pid(pid, signal.SIGTERM, wait=15)
+            try:
+                kill_pid(find_descendant(self.pid, "supavisor", timeout=1.0), signal.SIGTERM, wait=15)
+            except RuntimeError:
+                pass
             wait_gone(self.pid, 120)
         kill_pid(self.pid, signal.SIGTERM, wait=15)
-
-
-def descendants(pid: int) -> list[int]:
-    """`pid` and every process below it (from /proc/PID/task/*/children)."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        for task in Path(f"/proc/{p}/task").glob("*"):
-            try:
-                todo.extend(int(c) for c in (task / "children").read_text().split())
-            except OSError:
-                pass
-    return out
-
-
-def comm(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return ""
 
 
 def wait_gone(pid: int, wait: float) -> None:

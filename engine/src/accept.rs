@@ -559,14 +559,11 @@ async fn serve_local(shard: &Rc<Shard>, client: Admitted) -> Option<Box<Admitted
     if tcp.flush().await.is_err() {
         return None;
     }
-    // SAFETY: dup of a valid open socket; the new fd is owned by OwnedFd.
-    let dup = unsafe { libc::dup(tcp.as_raw_fd()) };
-    if dup < 0 {
+    let Some(fd) = dup_fd(tcp.as_raw_fd()) else {
         let mut stream = Stream::assemble(tcp, tls, ws, &shard.websocket.open);
         refuse(&mut stream, &EngineError::Refused(Refusal::Busy)).await;
         return None;
-    }
-    let fd = unsafe { OwnedFd::from_raw_fd(dup) };
+    };
     let handoff = Handoff {
         fd,
         tls,
