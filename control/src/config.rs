@@ -371,6 +371,24 @@ impl ProxyFile {
     }
 }
 
+/// Two listeners of one node on the same port: with SO_REUSEPORT (which every
+/// listener sets, for graceful restarts) both binds succeed and the kernel
+/// splits connections between them, so the clash is refused here instead.
+/// Port 0 (any free port) never clashes.
+pub fn check_listeners(listeners: &[(&str, SocketAddr)]) -> Result<(), ConfigError> {
+    for (i, (a_name, a)) in listeners.iter().enumerate() {
+        for (b_name, b) in &listeners[i + 1..] {
+            let overlap = a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified();
+            if a.port() != 0 && a.port() == b.port() && overlap {
+                return Err(ConfigError::Invalid(format!(
+                    "{a_name} ({a}) and {b_name} ({b}) listen on the same port"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// One tenant of the engine's snapshot.
 pub fn build_tenant(
     id: &str,
@@ -540,6 +558,20 @@ mode_type = "transaction"
 max_clients = 1000
 pool_checkout_timeout = 60000
 "#;
+
+    #[test]
+    fn listeners_on_one_port_are_refused() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let err = check_listeners(&[
+            ("proxy.session_addr", a("127.0.0.1:5432")),
+            ("api.addr", a("0.0.0.0:5432")),
+        ])
+        .unwrap_err();
+        assert!(err.to_string().contains("same port"), "{err}");
+        assert!(check_listeners(&[("a", a("127.0.0.1:5432")), ("b", a("127.0.0.2:5432"))]).is_ok());
+        assert!(check_listeners(&[("a", a("127.0.0.1:0")), ("b", a("127.0.0.1:0"))]).is_ok());
+        assert!(check_listeners(&[("a", a("0.0.0.0:5432")), ("b", a("0.0.0.0:6543"))]).is_ok());
+    }
 
     #[test]
     fn issue_example_parses() {

@@ -273,6 +273,18 @@ pub fn run_node(
                 format!("[cluster] addr {:?}: no proxy address (port + 1)", c.addr)
             })?);
     }
+    let mut listeners = vec![
+        ("proxy.session_addr", proxy.session_addr),
+        ("proxy.transaction_addr", proxy.transaction_addr),
+        ("api.addr", file.api.addr),
+    ];
+    listeners.extend(proxy.websocket_addr.map(|a| ("proxy.websocket_addr", a)));
+    listeners.extend(
+        proxy
+            .proxy_addr
+            .map(|a| ("[cluster] proxy link (addr port + 1)", a)),
+    );
+    crate::config::check_listeners(&listeners).map_err(|e| e.to_string())?;
     let cluster_cfg = match &file.cluster {
         Some(c) => c
             .build(secret("CLUSTER_SECRET", &None))

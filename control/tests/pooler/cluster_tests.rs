@@ -123,7 +123,10 @@ fn free_pair() -> SocketAddr {
     loop {
         let a = free_addr();
         let next = SocketAddr::from(([127, 0, 0, 1], a.port().wrapping_add(1)));
-        if a.port() < u16::MAX && std::net::TcpListener::bind(next).is_ok() {
+        if a.port() < u16::MAX
+            && std::net::TcpListener::bind(next).is_ok()
+            && claim_port(next.port())
+        {
             return a;
         }
     }

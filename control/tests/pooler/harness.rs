@@ -1,5 +1,6 @@
 //! Shared test harness: one real PostgreSQL per test binary, one `supavisor` process per test.
 
+use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::future::Future;
 use std::io::{BufRead, BufReader};
@@ -7,7 +8,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, OnceLock};
+use std::sync::{mpsc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use control::pgtemp::{PgOptions, TempPostgres};
@@ -351,10 +352,25 @@ pub struct Pooler {
     _dir: tempfile::TempDir,
 }
 
+/// A loopback address with a port free now and never handed out before in this test process:
+/// the kernel can give the same ephemeral port to two binds in a row, and the pooler's
+/// listeners (SO_REUSEPORT) would then share it (a session port that was also the API port).
 pub fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("find a free port")
+    loop {
+        let addr = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("find a free port");
+        if claim_port(addr.port()) {
+            return addr;
+        }
+    }
+}
+
+/// Marks `port` as handed out; false if it was already.
+pub fn claim_port(port: u16) -> bool {
+    static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    given.get_or_insert_with(HashSet::new).insert(port)
 }
 
 impl Pooler {
