@@ -41,12 +41,24 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--sources", type=int, default=8)
     p.add_argument("--shards", type=int, default=2, help="supavisor shards")
     p.add_argument("--pool-size", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=2000,
+                   help="connections opened and closed before the measured run (0: none)")
     p.add_argument("--no-pgbouncer", action="store_true")
     p.add_argument("--no-results", action="store_true")
     return p.parse_args()
 
 
 def run_idle(args, port: int, user: str, pid: int, name: str) -> dict:
+    if args.warmup > 0:
+        # Fixed costs first: the pool's server connections, the allocator's arenas and the
+        # ring's provided buffers (256 x 16 KiB per shard, resident once touched) would
+        # otherwise count as per-client growth. The same for both poolers.
+        warm = [str(IDLE_BIN), "--host", "127.0.0.1", "--port", str(port), "--user", user,
+                "--password", lib.PASSWORD, "--connections", str(args.warmup),
+                "--sources", str(args.sources), "--hold-secs", "3",
+                "--sample-every-secs", "1", "--sample", "50", "--pid", str(pid)]
+        lib.log(f"{name}: warm-up: {' '.join(warm)}")
+        subprocess.run(warm, stdout=subprocess.DEVNULL, check=True, start_new_session=True)
     cmd = [str(IDLE_BIN), "--host", "127.0.0.1", "--port", str(port), "--user", user,
            "--password", lib.PASSWORD, "--connections", str(args.connections),
            "--sources", str(args.sources), "--hold-secs", str(args.hold_secs),
@@ -114,7 +126,10 @@ def render(args, results: list[dict]) -> str:
     out = [f"{args.connections} connections per pooler (startup + SCRAM + ReadyForQuery), from "
            f"{args.sources} source addresses, held {args.hold_secs} s with `SELECT 1` on 50 random "
            "connections every 5 s. RSS growth = pooler VmRSS after holding minus before opening, "
-           "divided by the connections that opened.\n",
+           "divided by the connections that opened"
+           + (f"; before it, {args.warmup} connections were opened and closed against each pooler "
+              "(warm-up: server connections, allocator arenas, I/O buffers)" if args.warmup else "")
+           + ".\n",
            "| pooler | opened | failed | time to open s | conn/s | sampled SELECT 1 failures | "
            "RSS before MiB | RSS after MiB | RSS per idle client bytes | vs PgBouncer |",
            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

@@ -367,6 +367,7 @@ fn engine_config(db: SocketAddr, shards: usize) -> Arc<Config> {
             shards,
             shutdown_timeout: Duration::from_secs(1),
             client_startup_timeout: Duration::from_secs(10),
+            client_park_after: Duration::ZERO,
             tls: None,
             listen_backlog: 1024,
             proxy_addr: None,

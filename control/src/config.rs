@@ -42,6 +42,9 @@ pub struct ProxyFile {
     pub shutdown_timeout: u64,
     /// Milliseconds a client may take to finish startup and authentication.
     pub client_startup_timeout: u64,
+    /// Milliseconds a transaction-mode client stays idle before it is
+    /// parked (its task and I/O state freed until it sends again); 0: never.
+    pub client_park_after: u64,
     /// `listen()` backlog per shard and port; the kernel caps it at
     /// `net.core.somaxconn`.
     pub listen_backlog: u32,
@@ -60,6 +63,7 @@ impl Default for ProxyFile {
             shards: 0,
             shutdown_timeout: 10_000,
             client_startup_timeout: 10_000,
+            client_park_after: 1_000,
             listen_backlog: 4096,
             websocket_addr: "0.0.0.0:4001".into(),
             websocket_cleartext_allow: vec!["127.0.0.0/8".into(), "::1/128".into()],
@@ -362,6 +366,7 @@ impl ProxyFile {
             shards,
             shutdown_timeout: Duration::from_millis(self.shutdown_timeout),
             client_startup_timeout: Duration::from_millis(self.client_startup_timeout.max(1)),
+            client_park_after: Duration::from_millis(self.client_park_after),
             tls,
             listen_backlog: self.listen_backlog,
             proxy_addr: None,

@@ -545,7 +545,7 @@ const SHARD_SERIES: &[ShardSeries] = &[
     ),
     (
         "supavisor_shard_clients",
-        "Client tasks alive on this shard.",
+        "Logged-in clients on this shard (parked ones included).",
         false,
         |c| c.clients,
     ),
@@ -560,6 +560,12 @@ const SHARD_SERIES: &[ShardSeries] = &[
         "Times this shard's executor was stalled by a task that did not yield.",
         true,
         |c| c.stalls,
+    ),
+    (
+        "supavisor_shard_clients_parked",
+        "Idle clients parked on this shard (no task; socket in the shard's epoll set).",
+        false,
+        |c| c.parked,
     ),
     (
         "supavisor_shard_refused",
@@ -947,6 +953,7 @@ mod tests {
                     clients: 4,
                     tasks_spawned: 40,
                     stalls: 0,
+                    parked: 0,
                     refused: 2,
                     websocket_open: 5,
                     websocket_upgrades: 9,
@@ -967,6 +974,7 @@ mod tests {
                     clients: 3,
                     tasks_spawned: 30,
                     stalls: 1,
+                    parked: 0,
                     refused: 0,
                     ..Default::default()
                 },

@@ -73,7 +73,7 @@ fn bind_api(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
 }
 
 /// SIGHUP: re-reads the config file. Tenants are upserted (as at start) and
-/// the live settings (`proxy.shutdown_timeout`, `proxy.client_startup_timeout`,
+/// the live settings (`proxy.shutdown_timeout`, `proxy.client_startup_timeout`, `proxy.client_park_after`,
 /// `[tls]` certificate and key) replace the running ones; settings that need a restart are logged and
 /// keep their running values; a file that does not parse or validate changes
 /// nothing.
@@ -128,6 +128,7 @@ fn reload(node: &Node, started: &ConfigFile, opts: &Options) -> Result<(), Strin
     }
     live.shutdown_timeout = new.shutdown_timeout;
     live.client_startup_timeout = new.client_startup_timeout;
+    live.client_park_after = new.client_park_after;
     live.websocket_cleartext = new.websocket_cleartext;
     // A renewed certificate (or TLS turned on or off) applies to new connections.
     live.tls = new.tls;

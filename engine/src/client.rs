@@ -2,8 +2,10 @@
 //! relay loop that takes and gives back server connections.
 
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::Instant;
 
 use crate::stream::Stream;
 use bytes::{BufMut, BytesMut};
@@ -70,15 +72,104 @@ async fn session(guard: ConnGuard, client: Box<Admitted>) {
     let Some((client, session)) = Box::pin(start(&shard, client)).await else {
         return;
     };
+    if mode == PoolMode::Transaction && client.stream.parkable() {
+        session.ctl.allow_park();
+    }
+    run(shard, guard, client, session, mode, Instant::now()).await;
+}
+
+/// A parked client's session (`crate::park`): what its task held, without
+/// the task. Its control block and pid stay in the shard's registry.
+pub(crate) struct Parked {
+    guard: ConnGuard,
+    client: Box<ClientSide>,
+    pool: Rc<Pool>,
+    slot: ClientSlot,
+    reads: Reads,
+    joined: Instant,
+}
+
+/// Serves a logged-in client until it leaves or parks.
+async fn run(
+    shard: Rc<Shard>,
+    mut guard: ConnGuard,
+    mut client: Box<ClientSide>,
+    mut session: Session,
+    mode: PoolMode,
+    joined: Instant,
+) {
     let pid = session.pid;
     let pool = session.pool.clone();
-    let joined = std::time::Instant::now();
-    serve(&shard, client, session, mode).await;
+    loop {
+        let Some((c, s)) = serve(&shard, client, session, mode).await else {
+            break;
+        };
+        let ctl = s.ctl.clone();
+        let fd = c.stream.as_raw_fd();
+        let parked = Box::new(Parked {
+            guard,
+            client: c,
+            pool: s.pool,
+            slot: s._slot,
+            reads: s.reads,
+            joined,
+        });
+        match shard.park_client(&ctl, pid, fd, parked) {
+            Ok(()) => return,
+            // The kernel refused the socket: serve on.
+            Err(p) => {
+                let Parked {
+                    guard: g,
+                    client: c,
+                    pool,
+                    slot,
+                    reads,
+                    joined: _,
+                } = *p;
+                guard = g;
+                client = c;
+                session = Session {
+                    pool,
+                    _slot: slot,
+                    pid,
+                    ctl,
+                    reads,
+                };
+            }
+        }
+    }
     pool.stats
         .client_connection_duration
         .observe(joined.elapsed());
     shard.unregister_client(pid);
     drop(guard);
+}
+
+/// Spawns the task of a parked client again.
+pub(crate) fn resume(shard: &Rc<Shard>, ctl: Rc<ClientCtl>, pid: i32, parked: Parked) {
+    let Parked {
+        guard,
+        client,
+        pool,
+        slot,
+        reads,
+        joined,
+    } = parked;
+    let session = Session {
+        pool,
+        _slot: slot,
+        pid,
+        ctl,
+        reads,
+    };
+    shard.spawn(run(
+        shard.clone(),
+        guard,
+        client,
+        session,
+        PoolMode::Transaction,
+        joined,
+    ));
 }
 
 /// Authentication and login under the startup timeout; a refused client
@@ -284,11 +375,18 @@ async fn login(
     })
 }
 
-async fn serve(shard: &Shard, mut client: Box<ClientSide>, session: Session, mode: PoolMode) {
+/// Relays a client's transactions until it leaves (`None`) or may be parked
+/// (its side and session back, with no request of its socket in the ring).
+async fn serve(
+    shard: &Shard,
+    mut client: Box<ClientSide>,
+    session: Session,
+    mode: PoolMode,
+) -> Option<(Box<ClientSide>, Session)> {
     let Session {
         pool,
         _slot: slot,
-        pid: _,
+        pid,
         ctl,
         reads,
     } = session;
@@ -306,7 +404,7 @@ async fn serve(shard: &Shard, mut client: Box<ClientSide>, session: Session, mod
             }
             Err(e) => {
                 refuse(&mut client.stream, &e).await;
-                return;
+                return None;
             }
         }
     }
@@ -354,11 +452,29 @@ async fn serve(shard: &Shard, mut client: Box<ClientSide>, session: Session, mod
                 }
                 client.release_buffers();
             }
+            Event::Park => {
+                client.release_buffers();
+                if let Err(e) = client.stream.quiesce().await {
+                    break End::Event(Event::ClientError(e));
+                }
+                // What came (or was raised) meanwhile is served first.
+                if !client.stream.has_buffered() && !ctl.has_signal() {
+                    let session = Session {
+                        pool,
+                        _slot: slot,
+                        pid,
+                        ctl,
+                        reads,
+                    };
+                    return Some((client, session));
+                }
+            }
             other => break End::Event(other),
         }
     };
     Box::pin(finish(&pool, &ctl, client, server, tracker, mode, end)).await;
     drop(slot);
+    None
 }
 
 /// Why a session's relay loop ended.
@@ -388,7 +504,7 @@ async fn finish(
     };
     debug!(tenant = %pool.key.tenant, ?event, "session ends");
     match event {
-        Event::NeedServer | Event::Released => {}
+        Event::NeedServer | Event::Released | Event::Park => {}
         Event::ClientGone | Event::ClientError(_) => {
             ctl.cancel.borrow_mut().take();
             if let Some(c) = server.take() {
@@ -589,8 +705,9 @@ mod size_tests {
         let sizes = [
             ("Stream", std::mem::size_of::<Stream>(), 144),
             ("ClientSide", std::mem::size_of::<ClientSide>(), 328),
-            ("ClientCtl", std::mem::size_of::<ClientCtl>(), 160),
+            ("ClientCtl", std::mem::size_of::<ClientCtl>(), 168),
             ("Session", std::mem::size_of::<Session>(), 32),
+            ("Parked", std::mem::size_of::<Parked>(), 64),
         ];
         for (name, size, bound) in sizes {
             assert!(size <= bound, "{name} is {size} bytes, more than {bound}");

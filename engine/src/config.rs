@@ -43,6 +43,10 @@ pub struct ProxyConfig {
     pub shutdown_timeout: Duration,
     /// A client that has not finished startup and authentication by then is closed.
     pub client_startup_timeout: Duration,
+    /// A transaction-mode client idle this long is parked: its task and I/O
+    /// state are freed and its socket waits in the shard's epoll set
+    /// (`crate::park`). Zero: never.
+    pub client_park_after: Duration,
     /// Client TLS: SSLRequest is answered with a handshake when set.
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// `listen()` backlog of each shard's listeners (the kernel caps it at

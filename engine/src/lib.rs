@@ -15,6 +15,7 @@ pub mod error;
 pub mod fuzzcheck;
 pub mod metrics;
 pub mod oneshot;
+pub mod park;
 pub mod pool;
 pub mod prepared;
 pub mod readsql;

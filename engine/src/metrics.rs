@@ -210,12 +210,15 @@ pub struct ShardCounters {
     pub handoffs_out: u64,
     /// Connections handed to this shard by others.
     pub handoffs_in: u64,
-    /// Client tasks alive (logged-in clients).
+    /// Logged-in clients (parked ones included).
     pub clients: u64,
     /// Tasks spawned on this shard since start.
     pub tasks_spawned: u64,
     /// Times the executor's lag probe woke more than 10 ms late.
     pub stalls: u64,
+    /// Idle clients parked now (no task, socket in the epoll set).
+    #[serde(default)]
+    pub parked: u64,
     /// Connections refused before a pool was chosen (unknown tenant, garbage...).
     pub refused: u64,
     /// WebSocket connections open (upgraded, not closed).

@@ -63,6 +63,9 @@ pub enum Event {
     Killed(Refusal),
     /// A client timeout passed (idle, or idle in a transaction).
     TimedOut(Refusal),
+    /// The park sweep asked, and the client is between transactions with
+    /// nothing buffered and nothing owed: it may be parked (`crate::park`).
+    Park,
 }
 
 /// What the client asked of the server connection it holds.
@@ -97,6 +100,21 @@ pub struct Tracker {
 }
 
 impl Tracker {
+    /// Nothing asked, owed or to be restored: a fresh tracker would do.
+    pub fn is_quiet(&self) -> bool {
+        self.pending == 0
+            && !self.ext_open
+            && self.started.is_none()
+            && self.expect.is_empty()
+            && !self.copy_in
+            && !self.reset.statements
+            && !self.reset.settings
+            && !self.resync
+            && !self.reset_asked
+            && self.restore.is_empty()
+            && !self.restore_ready
+    }
+
     /// A ReadyForQuery arrived: one request answered.
     fn answered(&mut self, stats: &PoolStats) {
         bump(&stats.queries, 1);
@@ -779,6 +797,14 @@ impl Relay<'_> {
                 }
                 if draining {
                     return Poll::Ready(Event::Shutdown);
+                }
+                if self.client.buf.is_empty()
+                    && self.client.out.is_empty()
+                    && !self.client.terminated
+                    && self.tracker.is_quiet()
+                    && self.ctl.park_asked()
+                {
+                    return Poll::Ready(Event::Park);
                 }
             }
 

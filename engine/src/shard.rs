@@ -211,6 +211,23 @@ pub struct ClientCtl {
     since: Cell<Instant>,
     /// The query timeout already sent a cancel in this phase.
     cancel_sent: Cell<bool>,
+    /// Where the client stands on the way to being parked (`crate::park`).
+    pub(crate) park: Cell<Park>,
+    /// The client's session while it is parked.
+    pub(crate) parked: Cell<Option<Box<crate::client::Parked>>>,
+}
+
+/// A client's way to being parked: the park sweep marks a client it finds
+/// idle, asks a client it finds idle and marked (so it was idle for a whole
+/// sweep period), and the client's task parks it at its next step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Park {
+    /// Not a client that parks (session mode, TLS, WebSocket, proxied).
+    Never,
+    Active,
+    Marked,
+    Asked,
+    Parked,
 }
 
 impl ClientCtl {
@@ -233,6 +250,9 @@ impl ClientCtl {
         if self.phase.get() != phase {
             self.phase.set(phase);
             self.cancel_sent.set(false);
+            if matches!(self.park.get(), Park::Marked | Park::Asked) {
+                self.park.set(Park::Active);
+            }
             if !self.timeouts.is_off() {
                 self.since.set(Instant::now());
             }
@@ -260,6 +280,48 @@ impl ClientCtl {
             }
             _ => {}
         }
+    }
+
+    /// The park sweep asked this client to park: true once (the task then
+    /// parks it if it is between transactions with nothing owed).
+    pub(crate) fn park_asked(&self) -> bool {
+        if self.park.get() == Park::Asked {
+            self.park.set(Park::Active);
+            return true;
+        }
+        false
+    }
+
+    /// A client that may park (transaction mode over plain TCP).
+    pub(crate) fn allow_park(&self) {
+        if self.park.get() == Park::Never {
+            self.park.set(Park::Active);
+        }
+    }
+
+    /// One turn of the park sweep.
+    fn park_sweep(&self) {
+        let next = match (self.park.get(), self.phase.get()) {
+            (Park::Active, Phase::Idle) => Park::Marked,
+            (Park::Marked, Phase::Idle) => Park::Asked,
+            _ => return,
+        };
+        self.park.set(next);
+        if next == Park::Asked {
+            if let Some(w) = self.waker.borrow_mut().take() {
+                w.wake();
+            }
+        }
+    }
+
+    /// A signal waits to be seen.
+    pub(crate) fn has_signal(&self) -> bool {
+        self.signal.get() != Signal::None
+    }
+
+    /// Remembers `waker` to be woken by the next signal (a parked client's).
+    pub(crate) fn set_waker(&self, waker: Waker) {
+        *self.waker.borrow_mut() = Some(waker);
     }
 
     fn raise(&self, signal: Signal) {
@@ -290,6 +352,8 @@ pub struct Shard {
     pub tasks_spawned: Cell<u64>,
     pub refused: Cell<u64>,
     pub stalls: Cell<u64>,
+    /// Clients parked now.
+    parked: Cell<u64>,
     clients: RefCell<HashMap<i32, Rc<ClientCtl>>>,
     next_pid: Cell<u32>,
     /// Idle clients read through this buffer instead of holding their own.
@@ -314,6 +378,8 @@ pub struct Shard {
     paused: RefCell<HashSet<String>>,
     /// Console commands asked of the control plane, by token.
     console_calls: RefCell<HashMap<u64, crate::oneshot::Sender<crate::console::Reply>>>,
+    /// Parked clients' sockets (`crate::park`); `None` if the kernel refused one.
+    pub(crate) parking: Option<crate::park::Parking>,
 }
 
 /// A client this node proxies to the owner of its pool: cut when this node's
@@ -705,6 +771,55 @@ impl Shard {
         }
     }
 
+    /// Parks a client's session (`crate::park`): its socket `fd` goes into
+    /// the epoll set, its session into its control block. Gives the session
+    /// back if the kernel refuses the socket.
+    pub(crate) fn park_client(
+        &self,
+        ctl: &ClientCtl,
+        pid: i32,
+        fd: std::os::fd::RawFd,
+        parked: Box<crate::client::Parked>,
+    ) -> Result<(), Box<crate::client::Parked>> {
+        let Some(parking) = &self.parking else {
+            return Err(parked);
+        };
+        if let Err(e) = parking.watch(fd, pid) {
+            warn!(error = %e, "could not park a client");
+            return Err(parked);
+        }
+        ctl.parked.set(Some(parked));
+        ctl.park.set(Park::Parked);
+        ctl.set_waker(crate::park::waker(pid));
+        self.parked.set(self.parked.get() + 1);
+        Ok(())
+    }
+
+    /// Spawns the task of the parked client `pid` again (its socket or a
+    /// signal woke it); nothing if it is not parked.
+    pub(crate) fn resume_parked(self: &Rc<Self>, pid: i32) {
+        let Some(ctl) = self.clients.borrow().get(&pid).cloned() else {
+            return;
+        };
+        let Some(parked) = ctl.parked.take() else {
+            return;
+        };
+        ctl.park.set(Park::Active);
+        ctl.waker.borrow_mut().take();
+        self.parked.set(self.parked.get().saturating_sub(1));
+        crate::client::resume(self, ctl, pid, *parked);
+    }
+
+    /// Marks idle clients, asks those idle for a whole period to park.
+    fn sweep_parks(&self) {
+        if self.parking.is_none() {
+            return;
+        }
+        for ctl in self.clients.borrow().values() {
+            ctl.park_sweep();
+        }
+    }
+
     /// Applies every client's timeouts.
     fn sweep_timeouts(&self) {
         if self.timed_clients.get() == 0 {
@@ -749,6 +864,8 @@ impl Shard {
             phase: Cell::new(Phase::Idle),
             since: Cell::new(Instant::now()),
             cancel_sent: Cell::new(false),
+            park: Cell::new(Park::Never),
+            parked: Cell::new(None),
         });
         if !timeouts.is_off() {
             self.timed_clients.set(self.timed_clients.get() + 1);
@@ -1082,6 +1199,7 @@ impl Shard {
                 clients: self.clients.borrow().len() as u64,
                 tasks_spawned: self.tasks_spawned.get(),
                 stalls: self.stalls.get(),
+                parked: self.parked.get(),
                 refused: self.refused.get(),
                 websocket_open: self.websocket.open.get(),
                 websocket_upgrades: self.websocket.upgrades.get(),
@@ -1270,6 +1388,7 @@ async fn shard_main(
         tasks_spawned: Cell::new(0),
         refused: Cell::new(0),
         stalls: Cell::new(0),
+        parked: Cell::new(0),
         clients: RefCell::new(HashMap::new()),
         next_pid: Cell::new(1),
         scratch: RefCell::new(vec![0; SCRATCH_LEN]),
@@ -1284,6 +1403,9 @@ async fn shard_main(
         replica_sets: RefCell::new(HashMap::new()),
         paused: RefCell::new(HashSet::new()),
         console_calls: RefCell::new(HashMap::new()),
+        parking: crate::park::Parking::new()
+            .map_err(|e| warn!(shard = id, error = %e, "no epoll set: idle clients will not park"))
+            .ok(),
     });
     let mut accepting = Vec::with_capacity(3);
     let listeners = [
@@ -1310,6 +1432,30 @@ async fn shard_main(
             }
         }
     });
+    let parks = glommio::spawn_local({
+        let shard = shard.clone();
+        async move {
+            loop {
+                // Half the setting: a client parks after being idle between
+                // half of `client_park_after` and all of it.
+                let after = shard.config().proxy.client_park_after;
+                let period = (after / 2).max(Duration::from_millis(10));
+                glommio::timer::sleep(if after.is_zero() {
+                    TIMEOUT_SWEEP
+                } else {
+                    period
+                })
+                .await;
+                if !shard.config().proxy.client_park_after.is_zero() {
+                    shard.sweep_parks();
+                }
+            }
+        }
+    });
+    let resumer = shard
+        .parking
+        .as_ref()
+        .map(|_| glommio::spawn_local(crate::park::resume_loop(shard.clone())));
     let fencing = glommio::spawn_local({
         let shard = shard.clone();
         async move {
@@ -1426,11 +1572,16 @@ async fn shard_main(
     probe.cancel().await;
     replica_health.cancel().await;
     sweep.cancel().await;
+    parks.cancel().await;
     fencing.cancel().await;
+    // Parked clients hear the drain through the resumer, which runs on.
     shard.begin_shutdown();
     let deadline = Instant::now() + shard.config().proxy.shutdown_timeout;
     while shard.client_count() > 0 && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(10)).await;
+    }
+    if let Some(task) = resumer {
+        task.cancel().await;
     }
     shard.close_pools().await;
     info!(shard = id, left = shard.client_count(), "shard stopped");

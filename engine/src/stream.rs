@@ -301,6 +301,29 @@ impl Stream {
         }
     }
 
+    /// A client that may be parked (`crate::park`): plain TCP. TLS and
+    /// WebSocket clients keep their task.
+    pub fn parkable(&self) -> bool {
+        matches!(self, Stream::Plain(_))
+    }
+
+    /// Waits until the socket has no request in the ring (the last send
+    /// completed, the armed receive cancelled), for a parked client.
+    pub async fn quiesce(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.quiesce().await.map_err(io::Error::from),
+            _ => Ok(()),
+        }
+    }
+
+    /// Bytes (or the end) have been received and not read: a read returns at once.
+    pub fn has_buffered(&self) -> bool {
+        match self {
+            Stream::Plain(s) => s.has_buffered(),
+            _ => true,
+        }
+    }
+
     /// Keeps a receive armed while nobody reads (a pooled idle server
     /// connection), so that what the peer sends meanwhile (a notice, a
     /// FATAL error, the end of the connection) is known without a system

@@ -38,13 +38,21 @@ async fn cancel_running_query() {
             let sql = format!("SELECT pg_sleep(30) /* {tag} */");
             let running = tokio::spawn(async move { c2.simple_query(&sql).await });
             // Cancel only once the query runs in a backend (an earlier cancel may rightly be lost).
-            let (dref, tagref) = (&d, &tag);
+            let (dref, tagref, run_ref) = (&d, &tag, &running);
             eventually(
-                &format!("{port}: pg_sleep running"),
+                &format!("{port} round {round}: pg_sleep running"),
                 Duration::from_secs(10),
-                || async move { backends(dref, tagref, "active").await == 1 },
+                || async move {
+                    run_ref.is_finished() || backends(dref, tagref, "active").await == 1
+                },
             )
             .await;
+            if running.is_finished() {
+                panic!(
+                    "{port} round {round}: the query ended before it was cancelled: {:?}",
+                    running.await
+                );
+            }
             let start = Instant::now();
             within("send cancel", token.cancel_query(NoTls))
                 .await

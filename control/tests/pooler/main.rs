@@ -19,6 +19,7 @@ mod hostile_tests;
 mod load;
 mod metrics_tests;
 mod ops;
+mod park_tests;
 mod replica_tests;
 mod tls_tests;
 mod websocket;

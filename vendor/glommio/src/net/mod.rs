@@ -98,3 +98,11 @@ pub use self::{
     udp_socket::UdpSocket,
     unix::{AcceptedUnixStream, UnixDatagram, UnixListener, UnixStream},
 };
+
+/// Waits until `fd` is readable (patched glommio): one poll request through
+/// the executor's ring, for an fd glommio does not otherwise know (an epoll
+/// set the caller owns). Dropping the future cancels the request.
+pub async fn wait_readable(fd: RawFd) -> io::Result<()> {
+    let source = crate::executor().reactor().poll_read_ready(fd);
+    source.collect_rw().await.map(|_| ())
+}

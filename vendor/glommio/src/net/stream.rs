@@ -228,9 +228,7 @@ thread_local! {
 }
 
 fn take_send_buf(len: usize) -> Vec<u8> {
-    let mut buf = SEND_BUFS
-        .with(|b| b.borrow_mut().pop())
-        .unwrap_or_default();
+    let mut buf = SEND_BUFS.with(|b| b.borrow_mut().pop()).unwrap_or_default();
     buf.clear();
     buf.reserve(len);
     buf
@@ -277,6 +275,8 @@ pub(crate) struct NonBufferedStream<S: AsRawFd> {
     rx_held: Option<ProvidedBuf>,
     /// The peer closed its side: reads return 0 from now on, as `recv` does.
     rx_eof: bool,
+    /// The receive in flight has been asked to cancel (`poll_quiesce`).
+    rx_cancelling: bool,
     write_timeout: Timeout,
     read_timeout: Timeout,
 }
@@ -421,6 +421,65 @@ impl<S: AsRawFd> NonBufferedStream<S> {
         if reactor.has_buf_ring() {
             self.source_rx = Some(reactor.recv_select(self.stream.as_raw_fd()));
         }
+    }
+
+    /// Ready once the stream has no request in the kernel: the send in
+    /// flight has completed (its error is returned) and the receive in
+    /// flight has been cancelled; what that receive brought before the
+    /// cancellation is held for the next read ([`Self::has_held`]). The
+    /// socket may then be watched by other means (an epoll set) and the
+    /// stream kept or dropped without losing a byte. A later read arms a
+    /// new receive.
+    pub(crate) fn poll_quiesce(&mut self, cx: &Context<'_>) -> Poll<io::Result<()>> {
+        let reactor = self.reactor.upgrade().unwrap();
+        if !reactor.has_buf_ring() {
+            // glommio 0.9's way: poll sources consume no bytes.
+            self.source_rx = None;
+            self.source_tx = None;
+            return Poll::Ready(Ok(()));
+        }
+        poll_err!(ready!(self.poll_sent(cx, &reactor)));
+        self.source_tx = None;
+        loop {
+            let Some(source) = self.source_rx.as_ref() else {
+                self.rx_cancelling = false;
+                return Poll::Ready(Ok(()));
+            };
+            if source.result().is_none() {
+                if source.is_queued() {
+                    // Not submitted yet: the kernel never saw it.
+                    self.source_rx = None;
+                    continue;
+                }
+                if !self.rx_cancelling {
+                    self.rx_cancelling = source.cancel_in_flight();
+                }
+                source.add_waiter_single(cx.waker());
+                return Poll::Pending;
+            }
+            let cancelled = std::mem::take(&mut self.rx_cancelling);
+            match self.take_received() {
+                Some(Ok(Received::Bytes(b))) => self.rx_held = Some(b),
+                // Bytes left in the socket (no buffer was free) or the end
+                // of stream: the next read finds them.
+                Some(Ok(Received::Eof)) | Some(Ok(Received::NoBuffer)) | None => {}
+                // `-ECANCELED`, which `sys::uring` reports as a timeout.
+                Some(Err(e)) if cancelled && e.kind() == io::ErrorKind::TimedOut => {}
+                Some(Err(e)) => return Poll::Ready(Err(e)),
+            }
+            self.source_rx = None;
+            return Poll::Ready(Ok(()));
+        }
+    }
+
+    /// Bytes were received and not read yet.
+    pub(crate) fn has_held(&self) -> bool {
+        self.rx_held.is_some()
+            || self.rx_eof
+            || matches!(
+                self.source_rx.as_ref().and_then(|s| s.result()),
+                Some(Ok(_))
+            )
     }
 
     pub(crate) fn poll_read(
@@ -654,6 +713,7 @@ where
             source_rx: None,
             rx_held: None,
             rx_eof: false,
+            rx_cancelling: false,
             write_timeout: Timeout::new(reactor.register_timer()),
             read_timeout: Timeout::new(reactor.register_timer()),
         };
@@ -772,6 +832,25 @@ impl<S: AsRawFd, B: RxBuf> GlommioStream<S, B> {
             self.rx_buf.consume(n);
         }
         self.stream.take_buffered(out);
+    }
+
+    /// See [`NonBufferedStream::poll_quiesce`].
+    pub(crate) fn poll_quiesce(&mut self, cx: &Context<'_>) -> Poll<io::Result<()>> {
+        self.stream.poll_quiesce(cx)
+    }
+
+    /// (send, receive) requests this stream holds.
+    #[cfg(test)]
+    pub(crate) fn sources_held(&self) -> (bool, bool) {
+        (
+            self.stream.source_tx.is_some(),
+            self.stream.source_rx.is_some(),
+        )
+    }
+
+    /// Bytes (or the end of stream) wait to be read without a system call.
+    pub(crate) fn has_buffered(&self) -> bool {
+        !self.rx_buf.is_empty() || self.rx_done.get() || self.stream.has_held()
     }
 
     /// See [`NonBufferedStream::arm_read`].

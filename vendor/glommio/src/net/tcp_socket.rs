@@ -568,6 +568,24 @@ impl<B: RxBuf> TcpStream<B> {
         out
     }
 
+    /// Waits until this stream has no request in the kernel (patched
+    /// glommio): the send in flight has completed (its error is returned)
+    /// and the receive in flight has been cancelled, what it brought kept for
+    /// the next read. Then the socket can be watched by other means (an
+    /// epoll set, for a connection that stays idle long) while the stream
+    /// holds no I/O source; the next read or write arms them again.
+    pub async fn quiesce(&mut self) -> Result<()> {
+        poll_fn(|cx| self.stream.poll_quiesce(cx))
+            .await
+            .map_err(Into::into)
+    }
+
+    /// Bytes (or the end of stream) have been received and not read yet
+    /// (patched glommio): a read would return at once.
+    pub fn has_buffered(&self) -> bool {
+        self.stream.has_buffered()
+    }
+
     /// Shuts down the read, write, or both halves of this connection.
     pub async fn shutdown(&self, how: Shutdown) -> Result<()> {
         poll_fn(|cx| self.stream.poll_shutdown(cx, how))
@@ -1035,7 +1053,10 @@ mod tests {
             // A round trip wakes the executor twice (the echo task, then this
             // one); each wake is one enter, plus one when the sends that
             // completed at once ended a sleep without waking anybody.
-            assert!(enters <= 4 * ROUNDS, "{enters} io_uring_enter for {ROUNDS} round trips");
+            assert!(
+                enters <= 4 * ROUNDS,
+                "{enters} io_uring_enter for {ROUNDS} round trips"
+            );
             drop(stream);
             echo.await.unwrap();
         });
@@ -1141,6 +1162,59 @@ mod tests {
             assert_eq!(&got, b"an answer");
             assert_eq!(crate::net::stream::send_bufs_kept(), before.max(1));
             drop(stream);
+        });
+    }
+
+    /// `quiesce` cancels an armed receive without losing what comes after:
+    /// the socket can then be watched by other means (`wait_readable`) and
+    /// read again through the stream.
+    #[test]
+    fn quiesce_cancels_an_armed_receive() {
+        test_executor!(async move {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap();
+            let mut stream = TcpStream::connect(addr).await.unwrap();
+            let mut peer = listener.accept().await.unwrap();
+            stream.write_all(b"answer").await.unwrap();
+            stream.arm_read();
+            // A turn of the reactor submits the receive.
+            crate::executor().yield_task_queue_now().await;
+            crate::timer::sleep(Duration::from_millis(1)).await;
+            stream.quiesce().await.unwrap();
+            assert!(!stream.has_buffered());
+            assert_eq!(stream.stream.sources_held(), (false, false));
+            let mut got = [0u8; 6];
+            peer.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got, b"answer");
+            peer.write_all(b"later").await.unwrap();
+            crate::net::wait_readable(stream.as_raw_fd()).await.unwrap();
+            let mut got = [0u8; 5];
+            stream.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got, b"later");
+        });
+    }
+
+    /// What an armed receive brought before `quiesce` is read afterwards.
+    #[test]
+    fn quiesce_keeps_what_arrived() {
+        test_executor!(async move {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap();
+            let mut stream = TcpStream::connect(addr).await.unwrap();
+            let mut peer = listener.accept().await.unwrap();
+            stream.arm_read();
+            peer.write_all(b"early").await.unwrap();
+            let mut turns = 0;
+            while !stream.has_buffered() {
+                turns += 1;
+                assert!(turns < 1000, "the receive never completed");
+                crate::timer::sleep(Duration::from_millis(1)).await;
+            }
+            stream.quiesce().await.unwrap();
+            assert!(stream.has_buffered());
+            let mut got = [0u8; 5];
+            stream.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got, b"early");
         });
     }
 

@@ -324,6 +324,26 @@ impl Source {
         )
     }
 
+    /// Asks the kernel to cancel this request if it is in flight, keeping
+    /// the source: its completion (`-ECANCELED`, or what the request did
+    /// before the cancellation reached it) is collected as usual. Returns
+    /// false when the request is not in the kernel (not submitted yet, or
+    /// already completed): then nothing was asked.
+    pub(crate) fn cancel_in_flight(&self) -> bool {
+        let inner = self.inner.borrow();
+        match &inner.enqueued {
+            Some(EnqueuedSource {
+                id,
+                queue,
+                status: EnqueuedStatus::Dispatched,
+            }) => {
+                queue.borrow_mut().cancel_request(*id);
+                true
+            }
+            _ => false,
+        }
+    }
+
     pub(crate) fn stats_collection(&self) -> Option<StatsCollection> {
         self.inner.borrow().stats_collection
     }
