@@ -43,6 +43,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--pool-size", type=int, default=20)
     p.add_argument("--warmup", type=int, default=2000,
                    help="connections opened and closed before the measured run (0: none)")
+    p.add_argument("--tls", action="store_true",
+                   help="clients connect with TLS (sslmode=require) to both poolers")
     p.add_argument("--no-pgbouncer", action="store_true")
     p.add_argument("--no-results", action="store_true")
     return p.parse_args()
@@ -57,12 +59,14 @@ def run_idle(args, port: int, user: str, pid: int, name: str) -> dict:
                 "--password", lib.PASSWORD, "--connections", str(args.warmup),
                 "--sources", str(args.sources), "--hold-secs", "3",
                 "--sample-every-secs", "1", "--sample", "50", "--pid", str(pid)]
+        warm += ["--tls"] if args.tls else []
         lib.log(f"{name}: warm-up: {' '.join(warm)}")
         subprocess.run(warm, stdout=subprocess.DEVNULL, check=True, start_new_session=True)
     cmd = [str(IDLE_BIN), "--host", "127.0.0.1", "--port", str(port), "--user", user,
            "--password", lib.PASSWORD, "--connections", str(args.connections),
            "--sources", str(args.sources), "--hold-secs", str(args.hold_secs),
            "--sample-every-secs", "5", "--sample", "50", "--pid", str(pid)]
+    cmd += ["--tls"] if args.tls else []
     lib.log(f"{name}: {' '.join(cmd)}")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
     out_lines = []
@@ -96,12 +100,15 @@ def main() -> int:
         root = lib.make_tempdir(cleanup, "supavisor-idle.")
         pg = lib.Postgres(cleanup, root, max_connections=200)
         max_clients = args.connections + 500
-        sv = lib.Supavisor(cleanup, root, pg, args.pool_size, args.shards, max_clients=max_clients)
+        tls = lib.make_cert(root) if args.tls else None
+        sv = lib.Supavisor(cleanup, root, pg, args.pool_size, args.shards, max_clients=max_clients,
+                           tls=tls)
         results.append(run_idle(args, sv.port, "postgres.bench", sv.pid,
                                 f"supavisor (shards {args.shards})"))
         sv.stop()
         if not args.no_pgbouncer:
-            pgb = lib.PgBouncer(cleanup, root, pg, args.pool_size, max_client_conn=max_clients)
+            pgb = lib.PgBouncer(cleanup, root, pg, args.pool_size, max_client_conn=max_clients,
+                                tls=tls)
             pgb_version = pgb.version
             results.append(run_idle(args, pgb.port, "postgres", pgb.pid,
                                     f"PgBouncer {pgb.version[0]}.{pgb.version[1]}"))
@@ -115,7 +122,8 @@ def main() -> int:
     text = render(args, results)
     print(text)
     if not args.no_results:
-        head = lib.results_header("Idle clients" + (" (quick)" if args.connections < 19000 else ""),
+        head = lib.results_header("Idle clients" + (" over TLS" if args.tls else "")
+                                  + (" (quick)" if args.connections < 19000 else ""),
                                   ["python3"] + sys.argv)
         path = lib.append_results(head + text)
         lib.log(f"appended to {path}")
@@ -123,7 +131,8 @@ def main() -> int:
 
 
 def render(args, results: list[dict]) -> str:
-    out = [f"{args.connections} connections per pooler (startup + SCRAM + ReadyForQuery), from "
+    out = [f"{args.connections} connections per pooler ({'TLS (ECDSA P-256 certificate), ' if args.tls else ''}"
+           "startup + SCRAM + ReadyForQuery), from "
            f"{args.sources} source addresses, held {args.hold_secs} s with `SELECT 1` on 50 random "
            "connections every 5 s. RSS growth = pooler VmRSS after holding minus before opening, "
            "divided by the connections that opened"

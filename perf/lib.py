@@ -215,6 +215,19 @@ def chown_server(path: Path) -> None:
         os.chown(path, pw.pw_uid, pw.pw_gid)
 
 
+def make_cert(root: Path) -> tuple[Path, Path]:
+    """A throwaway self-signed ECDSA P-256 certificate and key for localhost (openssl CLI)."""
+    cert, key = root / "tls.crt", root / "tls.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj", "/CN=localhost",
+                    "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    for p in (cert, key):
+        os.chmod(p, 0o600)
+        chown_server(p)
+    return cert, key
+
+
 class Postgres:
     def __init__(self, cleanup: Cleanup, root: Path, max_connections: int = 1200):
         self.bindir = pg_bindir()
@@ -288,7 +301,7 @@ def pgbouncer_version() -> tuple[int, int]:
 
 class PgBouncer:
     def __init__(self, cleanup: Cleanup, root: Path, pg: Postgres, pool_size: int,
-                 max_client_conn: int = 2000):
+                 max_client_conn: int = 2000, tls: tuple[Path, Path] | None = None):
         self.port = free_port()
         self.version = pgbouncer_version()
         d = root / "pgbouncer"
@@ -301,6 +314,9 @@ class PgBouncer:
         extra = ""
         if self.version >= (1, 21):
             extra = "max_prepared_statements = 200\n"
+        if tls:
+            extra += (f"client_tls_sslmode = allow\nclient_tls_cert_file = {tls[0]}\n"
+                      f"client_tls_key_file = {tls[1]}\n")
         ini = d / "pgbouncer.ini"
         ini.write_text(
             "[databases]\n"
@@ -334,7 +350,8 @@ class PgBouncer:
 
 class Supavisor:
     def __init__(self, cleanup: Cleanup, root: Path, pg: Postgres, pool_size: int, shards: int,
-                 max_clients: int = 2000, binary: Path = SUPAVISOR_BIN):
+                 max_clients: int = 2000, binary: Path = SUPAVISOR_BIN,
+                 tls: tuple[Path, Path] | None = None):
         if not binary.is_file():
             sys.exit(f"{binary} missing: run `cargo build --release` first")
         d = root / f"supavisor-s{shards}"
@@ -360,6 +377,7 @@ class Supavisor:
             "[[tenants.users]]\n"
             f'db_user = "postgres"\ndb_password = "{PASSWORD}"\n'
             f"pool_size = {pool_size}\nmax_clients = {max_clients}\n"
+            + (f'[tls]\ncert = "{tls[0]}"\nkey = "{tls[1]}"\n' if tls else "")
         )
         env = dict(os.environ, VAULT_ENC_KEY="perf-throwaway", RUST_LOG="warn")
         self.stderr_path = d / "stderr.log"

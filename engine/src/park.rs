@@ -1,4 +1,4 @@
-//! Parked clients. A transaction-mode client over plain TCP that stays idle
+//! Parked clients. A transaction-mode client over plain TCP or TLS that stays idle
 //! for `proxy.client_park_after` gives up its task and its I/O requests: its
 //! session waits in its control block ([`ClientCtl::parked`]) and its socket
 //! in the shard's epoll set, registered one-shot with the client's pid. What

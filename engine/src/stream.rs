@@ -301,26 +301,42 @@ impl Stream {
         }
     }
 
-    /// A client that may be parked (`crate::park`): plain TCP. TLS and
+    /// A client that may be parked (`crate::park`): plain TCP or TLS.
     /// WebSocket clients keep their task.
     pub fn parkable(&self) -> bool {
-        matches!(self, Stream::Plain(_))
+        matches!(self, Stream::Plain(_) | Stream::Tls(_))
     }
 
-    /// Waits until the socket has no request in the ring (the last send
-    /// completed, the armed receive cancelled), for a parked client.
+    /// Waits until the socket has no request in the ring (what TLS holds
+    /// sent, the last send completed, the armed receive cancelled), for a
+    /// parked client.
     pub async fn quiesce(&mut self) -> io::Result<()> {
         match self {
             Stream::Plain(s) => s.quiesce().await.map_err(io::Error::from),
-            _ => Ok(()),
+            Stream::Tls(t) => {
+                t.flush().await?;
+                t.tcp.quiesce().await.map_err(io::Error::from)
+            }
+            Stream::Ws(_) => Ok(()),
         }
     }
 
-    /// Bytes (or the end) have been received and not read: a read returns at once.
-    pub fn has_buffered(&self) -> bool {
+    /// Something waits to be read without the socket (bytes received and
+    /// not read, the end of stream, plaintext rustls holds), or to be sent:
+    /// the client is not parked then.
+    pub fn has_buffered(&mut self) -> bool {
         match self {
             Stream::Plain(s) => s.has_buffered(),
-            _ => true,
+            Stream::Tls(t) => {
+                t.eof
+                    || t.tcp.has_buffered()
+                    || t.sent != t.pending.len()
+                    || t.conn.wants_write()
+                    || t.conn.process_new_packets().map_or(true, |s| {
+                        s.plaintext_bytes_to_read() > 0 || s.peer_has_closed()
+                    })
+            }
+            Stream::Ws(_) => true,
         }
     }
 

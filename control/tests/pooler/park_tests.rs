@@ -152,3 +152,61 @@ async fn parked_clients_hear_signals() {
     };
     assert!(status.success(), "{status:?}");
 }
+
+/// A TLS client parks too: its TLS session waits with it and goes on when it sends again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_clients_park_and_come_back() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::Stdio;
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pki = crate::tls_tests::pki(&["localhost", "127.0.0.1"]);
+    let cert = crate::tls_tests::write(dir.path(), "pooler.crt", &pki.cert_pem);
+    let key = crate::tls_tests::write(dir.path(), "pooler.key", &pki.key_pem);
+    let mut cfg = parking(vec![TenantCfg::new("t1", vec![UserCfg::postgres(2)])]);
+    cfg.extra_toml = format!("[tls]\ncert = {cert:?}\nkey = {key:?}\n");
+    let pooler = Pooler::start(&cfg);
+    let port = pooler.transaction.port();
+    let mut child = pg_program("psql")
+        .args([
+            &format!("host=127.0.0.1 port={port} user=postgres.t1 dbname=postgres sslmode=require"),
+            "-X",
+            "-At",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run psql");
+    let mut stdin = child.stdin.take().unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    for round in 1..=3 {
+        writeln!(
+            stdin,
+            "SELECT {round} + 100, ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid();"
+        )
+        .unwrap();
+        stdin.flush().unwrap();
+        let line = within("psql answers", rx.recv())
+            .await
+            .expect("psql output");
+        // The pooler's connection to PostgreSQL is plaintext; the client's is TLS.
+        assert_eq!(line, format!("{}|f", round + 100), "round {round}");
+        assert_eq!(
+            parked_until(&pooler, 1.0).await,
+            1.0,
+            "round {round}: the TLS client parked"
+        );
+    }
+    drop(stdin);
+    let status = blocking(move || child.wait()).expect("psql exits");
+    assert!(status.success(), "psql: {status:?}");
+    assert_eq!(parked_until(&pooler, 0.0).await, 0.0);
+}

@@ -18,7 +18,9 @@ use clap::Parser;
 use rand::seq::index::sample;
 use tokio::net::TcpSocket;
 use tokio::sync::Semaphore;
+use tokio_postgres::tls::MakeTlsConnect;
 use tokio_postgres::{Client, Config, NoTls};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -59,6 +61,69 @@ struct Args {
     /// Give up on one connection after this long.
     #[arg(long, default_value_t = 30)]
     connect_timeout_secs: u64,
+    /// TLS (sslmode=require); the pooler's certificate is not checked (a throwaway one).
+    #[arg(long)]
+    tls: bool,
+}
+
+/// Accepts any server certificate: the benchmark's pooler runs with a throwaway one.
+#[derive(Debug)]
+struct AnyCert(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCert {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+fn tls_connector() -> MakeRustlsConnect {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
+        .with_no_client_auth();
+    MakeRustlsConnect::new(config)
 }
 
 /// VmRSS of a process in KiB.
@@ -117,15 +182,33 @@ async fn open_one(
     cfg: &Config,
     source: Ipv4Addr,
     dest: SocketAddr,
+    tls: Option<&MakeRustlsConnect>,
 ) -> Result<Client, Box<dyn std::error::Error + Send + Sync>> {
     let socket = TcpSocket::new_v4()?;
     socket.bind(SocketAddr::new(IpAddr::V4(source), 0))?;
     let stream = socket.connect(dest).await?;
     stream.set_nodelay(true)?;
-    let (client, conn) = cfg.connect_raw(stream, NoTls).await?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
+    let client = match tls {
+        None => {
+            let (client, conn) = cfg.connect_raw(stream, NoTls).await?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            client
+        }
+        Some(make) => {
+            let connector =
+                <MakeRustlsConnect as MakeTlsConnect<tokio::net::TcpStream>>::make_tls_connect(
+                    &mut make.clone(),
+                    "localhost",
+                )?;
+            let (client, conn) = cfg.connect_raw(stream, connector).await?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            client
+        }
+    };
     Ok(client)
 }
 
@@ -152,7 +235,11 @@ async fn run(args: Args) {
         .password(&args.password)
         .dbname(&args.dbname)
         .application_name("idle-clients");
+    if args.tls {
+        cfg.ssl_mode(tokio_postgres::config::SslMode::Require);
+    }
     let cfg = Arc::new(cfg);
+    let tls = args.tls.then(tls_connector);
 
     let rss_before = args.pid.and_then(rss_kib);
     let mem_before = tcp_mem_pages();
@@ -170,9 +257,10 @@ async fn run(args: Args) {
         let source = Ipv4Addr::new(127, 0, 0, (i % args.sources.max(1) as usize) as u8 + 1);
         let sem = sem.clone();
         let cfg = cfg.clone();
+        let tls = tls.clone();
         tasks.push(tokio::spawn(async move {
             let _permit = sem.acquire_owned().await.expect("semaphore");
-            match tokio::time::timeout(timeout, open_one(&cfg, source, dest)).await {
+            match tokio::time::timeout(timeout, open_one(&cfg, source, dest, tls.as_ref())).await {
                 Ok(r) => r.map_err(|e| e.to_string()),
                 Err(_) => Err("timed out".to_string()),
             }
