@@ -89,6 +89,32 @@ pub(crate) struct Parked {
     joined: Instant,
 }
 
+impl Parked {
+    /// The session back from its parked parts.
+    fn unpark(
+        self,
+        pid: i32,
+        ctl: Rc<ClientCtl>,
+    ) -> (ConnGuard, Box<ClientSide>, Session, Instant) {
+        let Parked {
+            guard,
+            client,
+            pool,
+            slot,
+            reads,
+            joined,
+        } = self;
+        let session = Session {
+            pool,
+            _slot: slot,
+            pid,
+            ctl,
+            reads,
+        };
+        (guard, client, session, joined)
+    }
+}
+
 /// Serves a logged-in client until it leaves or parks.
 async fn run(
     shard: Rc<Shard>,
@@ -117,25 +143,7 @@ async fn run(
         match shard.park_client(&ctl, pid, fd, parked) {
             Ok(()) => return,
             // The kernel refused the socket: serve on.
-            Err(p) => {
-                let Parked {
-                    guard: g,
-                    client: c,
-                    pool,
-                    slot,
-                    reads,
-                    joined: _,
-                } = *p;
-                guard = g;
-                client = c;
-                session = Session {
-                    pool,
-                    _slot: slot,
-                    pid,
-                    ctl,
-                    reads,
-                };
-            }
+            Err(p) => (guard, client, session, _) = p.unpark(pid, ctl),
         }
     }
     pool.stats
@@ -147,21 +155,7 @@ async fn run(
 
 /// Spawns the task of a parked client again.
 pub(crate) fn resume(shard: &Rc<Shard>, ctl: Rc<ClientCtl>, pid: i32, parked: Parked) {
-    let Parked {
-        guard,
-        client,
-        pool,
-        slot,
-        reads,
-        joined,
-    } = parked;
-    let session = Session {
-        pool,
-        _slot: slot,
-        pid,
-        ctl,
-        reads,
-    };
+    let (guard, client, session, joined) = parked.unpark(pid, ctl);
     shard.spawn(run(
         shard.clone(),
         guard,

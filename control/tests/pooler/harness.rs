@@ -582,6 +582,21 @@ impl Pooler {
     }
 
     /// Send SIGTERM and wait (bounded) for exit; returns the exit status.
+    /// Waits (without signalling) until the pooler exits; panics after `limit`.
+    pub async fn exited_within(&mut self, limit: Duration, what: &str) -> std::process::ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(st) = self.exit_status() {
+                return st;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "{what}: not exited within {limit:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub fn terminate(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
         if let Ok(Some(st)) = self.child.try_wait() {
             return Some(st);

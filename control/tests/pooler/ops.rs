@@ -376,17 +376,9 @@ async fn sigusr2_hands_over_to_a_new_process_without_losing_clients() {
     }
     {
         let a = &mut a;
-        let start = std::time::Instant::now();
-        let status = loop {
-            if let Some(st) = a.exit_status() {
-                break st;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "A did not exit after its last client left"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
+        let status = a
+            .exited_within(Duration::from_secs(20), "A after its last client left")
+            .await;
         assert_eq!(status.code(), Some(75), "A's exit status");
     }
     // B serves on both ports.

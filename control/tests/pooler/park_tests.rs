@@ -139,17 +139,12 @@ async fn parked_clients_hear_signals() {
         Some("57P01"),
         "{end:?}"
     );
-    let start = std::time::Instant::now();
-    let status = loop {
-        if let Some(s) = pooler.exit_status() {
-            break s;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(4),
-            "the pooler stops within 4 s (its shutdown_timeout is 5 s)"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let status = pooler
+        .exited_within(
+            Duration::from_secs(4),
+            "the pooler stops before its shutdown_timeout (5 s)",
+        )
+        .await;
     assert!(status.success(), "{status:?}");
 }
 
