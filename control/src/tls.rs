@@ -44,6 +44,12 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig
         .map_err(|e| format!("certificate and key do not go together: {e}"))?;
     // PostgreSQL clients speak the protocol right after the handshake; no ALPN needed.
     cfg.ignore_client_order = true;
+    // No TLS 1.3 session tickets: libpq never resumes a session, and every
+    // login made two tickets and stored two sessions in rustls' cache.
+    cfg.send_tls13_tickets = 0;
+    // The engine's sessions learn the client's SNI name through the
+    // certificate resolver (rustls' unbuffered API does not report it).
+    engine::tls::capture_sni(&mut cfg);
     Ok(Arc::new(cfg))
 }
 

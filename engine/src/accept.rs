@@ -21,7 +21,8 @@ use crate::config::PoolMode;
 use crate::error::{EngineError, Refusal};
 use crate::pool::PoolKey;
 use crate::shard::{Handoff, Shard, ShardMsg};
-use crate::stream::{Stream, TlsStream};
+use crate::stream::Stream;
+use crate::tls::TlsSession;
 
 /// Who the client says it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,11 +96,12 @@ async fn read_first(
                 };
                 tcp.write_all(b"S").await.map_err(EngineError::ClientIo)?;
                 let cfg = tls.cloned().ok_or(EngineError::Refused(Refusal::Busy))?;
-                let conn = rustls::ServerConnection::new(cfg)
+                let conn = TlsSession::server(cfg)
                     .map_err(|e| EngineError::ClientIo(std::io::Error::other(e)))?;
-                let mut t = TlsStream::new(tcp, conn);
-                t.handshake().await.map_err(EngineError::ClientIo)?;
-                *stream = Some(Stream::Tls(Box::new(t)));
+                let tls = Stream::tls_handshake(tcp, conn)
+                    .await
+                    .map_err(EngineError::ClientIo)?;
+                *stream = Some(tls);
             }
             Some(StartupPacket::SslRequest) | Some(StartupPacket::GssEncRequest) => {
                 // No (more) encryption: the client may go on as it is.
@@ -542,12 +544,14 @@ async fn serve_local(shard: &Rc<Shard>, client: Admitted) -> Option<Box<Admitted
             leftover.extend_from_slice(&tcp.take_buffered());
             (tcp, None)
         }
-        Stream::Tls(mut t) => {
-            if t.flush().await.is_err() || t.absorb_buffered().is_err() {
+        mut tls @ Stream::Tls(..) => {
+            if tls.settle_tls().await.is_err() {
                 return None;
             }
-            let (tcp, conn) = t.into_parts();
-            (tcp, Some(Box::new(conn)))
+            let Stream::Tls(tcp, session) = tls else {
+                return None;
+            };
+            (tcp, Some(session))
         }
         // A WebSocket inside a WebSocket is never built.
         Stream::Ws(_) => return None,

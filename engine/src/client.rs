@@ -697,8 +697,13 @@ mod size_tests {
     #[test]
     fn idle_client_parts_stay_small() {
         let sizes = [
-            ("Stream", std::mem::size_of::<Stream>(), 144),
-            ("ClientSide", std::mem::size_of::<ClientSide>(), 328),
+            ("Stream", std::mem::size_of::<Stream>(), 160),
+            ("ClientSide", std::mem::size_of::<ClientSide>(), 344),
+            (
+                "TlsSession",
+                std::mem::size_of::<crate::tls::TlsSession>(),
+                1232,
+            ),
             ("ClientCtl", std::mem::size_of::<ClientCtl>(), 168),
             ("Session", std::mem::size_of::<Session>(), 32),
             ("Parked", std::mem::size_of::<Parked>(), 64),

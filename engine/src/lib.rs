@@ -25,6 +25,7 @@ pub mod server;
 pub mod settings;
 pub mod shard;
 pub mod stream;
+pub mod tls;
 pub mod websocket;
 
 pub use config::{ClientAuth, Config, PoolMode, ProxyConfig, TenantConfig, UserConfig};

@@ -9,7 +9,8 @@ use bytes::{BufMut, BytesMut};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 
-use crate::stream::{Stream, TlsStream};
+use crate::stream::Stream;
+use crate::tls::TlsSession;
 use wire::backend::{
     self, Authentication, BackendKeyData, ErrorFields, AUTHENTICATION_TAG, BACKEND_KEY_DATA_TAG,
     ERROR_RESPONSE_TAG, PARAMETER_STATUS_TAG, READY_FOR_QUERY_TAG,
@@ -119,13 +120,10 @@ async fn upstream_tls(
     }
     let name = rustls::pki_types::ServerName::try_from(host.to_string())
         .map_err(|e| failed(format!("db_host {host:?} is not a TLS server name: {e}")))?;
-    let conn =
-        rustls::ClientConnection::new(cfg, name).map_err(|e| failed(format!("TLS setup: {e}")))?;
-    let mut t = TlsStream::new(tcp, conn);
-    t.handshake()
+    let conn = TlsSession::client(cfg, name).map_err(|e| failed(format!("TLS setup: {e}")))?;
+    Stream::tls_handshake(tcp, conn)
         .await
-        .map_err(|e| failed(format!("TLS handshake with the database: {e}")))?;
-    Ok(Stream::Tls(Box::new(t)))
+        .map_err(|e| failed(format!("TLS handshake with the database: {e}")))
 }
 
 pub struct ServerConn {

@@ -51,7 +51,7 @@ pub const PID_MAX_NODE: u64 = 31;
 pub struct Handoff {
     pub fd: OwnedFd,
     /// The client's TLS session, when the handshake ran on the accepting shard.
-    pub tls: Option<Box<rustls::Connection>>,
+    pub tls: Option<Box<crate::tls::TlsSession>>,
     pub startup: StartupMessage,
     /// Who the client is (from its user name, options or TLS SNI).
     pub ident: crate::accept::Identity,

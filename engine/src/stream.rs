@@ -1,13 +1,12 @@
-//! A socket of the pooler, plain or TLS (rustls), for clients and servers
-//! alike.
+//! A socket of the pooler, plain or TLS, for clients and servers alike.
 //!
-//! TLS is done by hand over glommio's socket: encrypted bytes are read with
-//! one `recv` into a stack buffer and fed to rustls, plaintext comes out of
-//! rustls' buffer; writes are encrypted into one pending buffer that is
-//! flushed with `send`. A plain socket goes straight through, so the
-//! non-TLS hot path costs one `match` per read or write.
+//! TLS is done by hand over glommio's socket with rustls' unbuffered API
+//! (`crate::tls`): encrypted bytes are read straight into the session's
+//! input buffer and decrypted there, writes are encrypted into its output
+//! buffer and flushed with `send`. A plain socket goes straight through, so
+//! the non-TLS hot path costs one `match` per read or write.
 
-use std::io::{self, Read, Write};
+use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -15,188 +14,154 @@ use std::task::{Context, Poll};
 use futures_lite::{ready, AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
 
+use crate::tls::{TlsError, TlsSession};
 use crate::websocket::{WsState, WsStream};
-
-/// Encrypted bytes read from the socket per `recv`. Reads happen only when
-/// rustls holds no plaintext, and a chunk this size decrypts to at most
-/// rustls' received-plaintext limit (16 KiB), so `read_tls` never finds that
-/// buffer full.
-const TLS_READ_CHUNK: usize = 16 * 1024;
 
 pub enum Stream {
     Plain(TcpStream),
-    Tls(Box<TlsStream>),
+    /// The socket inline, the TLS session boxed: an idle TLS client holds
+    /// the socket, rustls' state and nothing else (`crate::tls`).
+    Tls(TcpStream, Box<TlsSession>),
     /// A WebSocket client: the protocol in binary frames over a plain or
     /// TLS stream (`crate::websocket`).
     Ws(Box<WsStream>),
 }
 
-pub struct TlsStream {
-    tcp: TcpStream,
-    conn: rustls::Connection,
-    /// Encrypted bytes not yet sent, from `sent` on.
-    pending: Vec<u8>,
-    sent: usize,
-    /// Plaintext taken by the last `poll_write` that returned Pending while
-    /// its records were still being sent: the retried write reports it.
-    owed: usize,
-    /// The peer sent close_notify or closed the socket.
-    eof: bool,
+/// A TLS stream's socket and session, borrowed together.
+struct TlsIo<'a> {
+    tcp: &'a mut TcpStream,
+    tls: &'a mut TlsSession,
 }
 
-impl TlsStream {
-    pub fn new(tcp: TcpStream, conn: impl Into<rustls::Connection>) -> Self {
-        TlsStream {
-            tcp,
-            conn: conn.into(),
-            pending: Vec::new(),
-            sent: 0,
-            owed: 0,
-            eof: false,
+impl TlsIo<'_> {
+    /// Sends what the session has encrypted; Ready once nothing is pending.
+    fn poll_flush_tls(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            let pending = self.tls.pending();
+            if pending.is_empty() {
+                return Poll::Ready(Ok(()));
+            }
+            let n = ready!(Pin::new(&mut *self.tcp).poll_write(cx, pending))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.tls.sent(n);
         }
     }
 
-    /// The socket and the TLS session, to move to another shard. Call it
-    /// with nothing pending (after a flush); the session goes on from the
-    /// same state on the other side.
-    pub fn into_parts(self) -> (TcpStream, rustls::Connection) {
-        (self.tcp, self.conn)
-    }
-
-    /// Feeds the encrypted bytes the socket has received and not handed
-    /// over yet to rustls, before the session moves to another shard.
-    pub fn absorb_buffered(&mut self) -> io::Result<()> {
-        let held = self.tcp.take_buffered();
-        self.feed(&held)
-    }
-
-    /// Sends whatever rustls holds.
-    pub async fn flush(&mut self) -> io::Result<()> {
+    /// Sends whatever the session has encrypted.
+    async fn flush(&mut self) -> io::Result<()> {
         futures_lite::future::poll_fn(|cx| {
             ready!(self.poll_flush_tls(cx))?;
-            Pin::new(&mut self.tcp).poll_flush(cx)
+            Pin::new(&mut *self.tcp).poll_flush(cx)
         })
         .await
     }
 
-    /// Sends what rustls has encrypted; Ready once nothing is pending.
-    fn poll_flush_tls(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        loop {
-            if self.sent == self.pending.len() {
-                self.pending.clear();
-                self.sent = 0;
-                if !self.conn.wants_write() {
-                    return Poll::Ready(Ok(()));
-                }
-                self.conn.write_tls(&mut self.pending)?;
-                continue;
-            }
-            let n = ready!(Pin::new(&mut self.tcp).poll_write(cx, &self.pending[self.sent..]))?;
-            if n == 0 {
-                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-            }
-            self.sent += n;
+    /// A TLS error: the alert the session queued goes out if the socket
+    /// takes it now, and the caller gets `InvalidData`.
+    fn fail(&mut self, e: TlsError) -> io::Error {
+        let alert = self.tls.pending();
+        if !alert.is_empty() {
+            // SAFETY: send from a live buffer on our own socket, non-blocking.
+            unsafe {
+                libc::send(
+                    self.tcp.as_raw_fd(),
+                    alert.as_ptr().cast(),
+                    alert.len(),
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                )
+            };
         }
+        e.into()
     }
 
-    /// Feeds encrypted bytes to rustls; an error is a TLS alert (sent best
-    /// effort) and `InvalidData`.
-    fn feed(&mut self, mut data: &[u8]) -> io::Result<()> {
-        while !data.is_empty() {
-            if self.conn.read_tls(&mut data)? == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "TLS: rustls took no more bytes",
-                ));
-            }
-            if let Err(e) = self.conn.process_new_packets() {
-                // The alert rustls queued goes out if the socket takes it now.
-                let mut alert = Vec::new();
-                let _ = self.conn.write_tls(&mut alert);
-                // SAFETY: send from a live buffer on our own socket, non-blocking.
-                unsafe {
-                    libc::send(
-                        self.tcp.as_raw_fd(),
-                        alert.as_ptr().cast(),
-                        alert.len(),
-                        libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-                    )
-                };
-                return Err(io::Error::new(io::ErrorKind::InvalidData, e));
-            }
-        }
-        Ok(())
-    }
-
-    /// Reads encrypted bytes from the socket into rustls. Ready(Ok(false))
-    /// at end of stream.
+    /// Reads encrypted bytes from the socket into the session: into the
+    /// thread's scratch buffer unless a partial record is held.
+    /// Ready(Ok(false)) at end of stream.
     fn poll_read_tls(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
-        let mut chunk = [0u8; TLS_READ_CHUNK];
-        let n = ready!(Pin::new(&mut self.tcp).poll_read(cx, &mut chunk))?;
-        if n == 0 {
-            return Poll::Ready(Ok(false));
-        }
-        self.feed(&chunk[..n])?;
+        let TlsIo { tcp, tls } = self;
+        let got = if tls.has_partial_input() {
+            let n = ready!(Pin::new(&mut **tcp).poll_read(cx, tls.read_space()))?;
+            if n == 0 {
+                return Poll::Ready(Ok(false));
+            }
+            tls.received(n)
+        } else {
+            let read =
+                crate::tls::with_scratch(|buf| match Pin::new(&mut **tcp).poll_read(cx, buf) {
+                    Poll::Ready(Ok(n)) if n > 0 => {
+                        Poll::Ready(Ok(Some(tls.received_in(&mut buf[..n]))))
+                    }
+                    Poll::Ready(Ok(_)) => Poll::Ready(Ok(None)),
+                    Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                    Poll::Pending => Poll::Pending,
+                });
+            match ready!(read)? {
+                None => return Poll::Ready(Ok(false)),
+                Some(got) => got,
+            }
+        };
+        got.map_err(|e| self.fail(e))?;
         Poll::Ready(Ok(true))
     }
 
     /// Runs the handshake to its end.
-    pub async fn handshake(&mut self) -> io::Result<()> {
-        while self.conn.is_handshaking() {
+    async fn handshake(&mut self) -> io::Result<()> {
+        loop {
             futures_lite::future::poll_fn(|cx| self.poll_flush_tls(cx)).await?;
-            if self.conn.is_handshaking() && self.conn.wants_read() {
-                let more = futures_lite::future::poll_fn(|cx| self.poll_read_tls(cx)).await?;
-                if !more {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "peer closed during the TLS handshake",
-                    ));
-                }
+            if !self.tls.is_handshaking() {
+                return Ok(());
+            }
+            let more = futures_lite::future::poll_fn(|cx| self.poll_read_tls(cx)).await?;
+            if !more {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "peer closed during the TLS handshake",
+                ));
             }
         }
-        futures_lite::future::poll_fn(|cx| self.poll_flush_tls(cx)).await
     }
 
     fn poll_read_plain(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
         loop {
-            match self.conn.reader().read(buf) {
-                Ok(n) => return Poll::Ready(Ok(n)),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                // Closed without close_notify: an end of stream all the same.
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Poll::Ready(Ok(0)),
-                Err(e) => return Poll::Ready(Err(e)),
+            if !self.tls.plaintext().is_empty() {
+                return Poll::Ready(Ok(self.tls.read_plain(buf)));
             }
-            if self.eof {
+            // Closed without close_notify: an end of stream all the same.
+            if self.tls.eof || self.tls.peer_closed() {
                 return Poll::Ready(Ok(0));
             }
-            // Whatever rustls wants to say (tickets, key updates) goes out
-            // when the socket takes it; reading does not wait for it.
-            if self.conn.wants_write() {
+            // Whatever the session wants to say (key updates) goes out when
+            // the socket takes it; reading does not wait for it.
+            if !self.tls.pending().is_empty() {
                 if let Poll::Ready(Err(e)) = self.poll_flush_tls(cx) {
                     return Poll::Ready(Err(e));
                 }
             }
             if !ready!(self.poll_read_tls(cx))? {
-                self.eof = true;
+                self.tls.eof = true;
             }
         }
     }
 
     /// A write is Ready only once its records are sent, so that a caller
-    /// with nothing more to write never leaves bytes inside rustls. While
+    /// with nothing more to write never leaves bytes in the session. While
     /// they are being sent it is Pending, and the caller's retry (with the
     /// same bytes, as AsyncWrite callers do) reports what was taken.
     fn poll_write_plain(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         ready!(self.poll_flush_tls(cx))?;
-        if self.owed > 0 {
-            return Poll::Ready(Ok(std::mem::take(&mut self.owed)));
+        if self.tls.owed > 0 {
+            return Poll::Ready(Ok(std::mem::take(&mut self.tls.owed)));
         }
-        let n = self.conn.writer().write(buf)?;
+        if let Err(e) = self.tls.encrypt(buf) {
+            return Poll::Ready(Err(self.fail(e)));
+        }
         match self.poll_flush_tls(cx) {
-            Poll::Ready(Ok(())) => Poll::Ready(Ok(n)),
+            Poll::Ready(Ok(())) => Poll::Ready(Ok(buf.len())),
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Pending => {
-                self.owed = n;
+                self.tls.owed = buf.len();
                 Poll::Pending
             }
         }
@@ -205,17 +170,40 @@ impl TlsStream {
     /// Reads what has arrived, without waiting: `Ok(None)` when nothing has.
     fn try_read_now(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
         loop {
-            match self.conn.reader().read(buf) {
-                Ok(n) => return Ok(Some(n)),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(Some(0)),
-                Err(e) => return Err(e),
+            if !self.tls.plaintext().is_empty() {
+                return Ok(Some(self.tls.read_plain(buf)));
             }
-            let mut chunk = [0u8; TLS_READ_CHUNK];
-            match self.tcp.try_read_now(&mut chunk).map_err(io::Error::from)? {
-                None => return Ok(None),
-                Some(0) => return Ok(Some(0)),
-                Some(n) => self.feed(&chunk[..n])?,
+            if self.tls.eof || self.tls.peer_closed() {
+                return Ok(Some(0));
+            }
+            let TlsIo { tcp, tls } = self;
+            let got = if tls.has_partial_input() {
+                match tcp
+                    .try_read_now(tls.read_space())
+                    .map_err(io::Error::from)?
+                {
+                    None => return Ok(None),
+                    Some(0) => None,
+                    Some(n) => Some(tls.received(n)),
+                }
+            } else {
+                let read = crate::tls::with_scratch(|scratch| {
+                    Ok::<_, io::Error>(
+                        match tcp.try_read_now(scratch).map_err(io::Error::from)? {
+                            None => Err(()),
+                            Some(0) => Ok(None),
+                            Some(n) => Ok(Some(tls.received_in(&mut scratch[..n]))),
+                        },
+                    )
+                })?;
+                match read {
+                    Err(()) => return Ok(None),
+                    Ok(got) => got,
+                }
+            };
+            match got {
+                None => self.tls.eof = true,
+                Some(r) => r.map_err(|e| self.fail(e))?,
             }
         }
     }
@@ -227,12 +215,12 @@ impl Stream {
     /// counts this shard's WebSocket connections.
     pub fn assemble(
         tcp: TcpStream,
-        tls: Option<Box<rustls::Connection>>,
+        tls: Option<Box<TlsSession>>,
         ws: Option<Box<WsState>>,
         ws_open: &std::rc::Rc<std::cell::Cell<u64>>,
     ) -> Stream {
         let inner = match tls {
-            Some(conn) => Stream::Tls(Box::new(TlsStream::new(tcp, *conn))),
+            Some(tls) => Stream::Tls(tcp, tls),
             None => Stream::Plain(tcp),
         };
         match ws {
@@ -241,10 +229,46 @@ impl Stream {
         }
     }
 
+    /// Runs a TLS handshake over `tcp` with `tls` (a server session for a
+    /// client, a client session towards a database).
+    pub async fn tls_handshake(tcp: TcpStream, tls: TlsSession) -> io::Result<Stream> {
+        let mut tcp = tcp;
+        let mut tls = Box::new(tls);
+        TlsIo {
+            tcp: &mut tcp,
+            tls: &mut tls,
+        }
+        .handshake()
+        .await?;
+        Ok(Stream::Tls(tcp, tls))
+    }
+
+    /// Sends what a TLS session holds and hands the encrypted bytes the
+    /// socket has read ahead to the session: the TLS stream can move to
+    /// another shard as its parts (`Stream::assemble`).
+    pub async fn settle_tls(&mut self) -> io::Result<()> {
+        if let Stream::Tls(tcp, tls) = self {
+            TlsIo { tcp, tls }.flush().await?;
+        }
+        self.absorb_tls_buffered()
+    }
+
+    /// Hands the encrypted bytes the socket has read ahead to the TLS
+    /// session, if this is a TLS stream.
+    pub fn absorb_tls_buffered(&mut self) -> io::Result<()> {
+        if let Stream::Tls(tcp, tls) = self {
+            let held = tcp.take_buffered();
+            if let Err(e) = tls.feed(&held) {
+                return Err(TlsIo { tcp, tls }.fail(e));
+            }
+        }
+        Ok(())
+    }
+
     pub fn tcp(&self) -> &TcpStream {
         match self {
             Stream::Plain(s) => s,
-            Stream::Tls(t) => &t.tcp,
+            Stream::Tls(tcp, _) => tcp,
             Stream::Ws(w) => w.inner().tcp(),
         }
     }
@@ -252,7 +276,7 @@ impl Stream {
     pub fn is_tls(&self) -> bool {
         match self {
             Stream::Plain(_) => false,
-            Stream::Tls(_) => true,
+            Stream::Tls(..) => true,
             Stream::Ws(w) => w.inner().is_tls(),
         }
     }
@@ -262,10 +286,7 @@ impl Stream {
     /// TLS SNI).
     pub fn sni(&self) -> Option<&str> {
         match self {
-            Stream::Tls(t) => match &t.conn {
-                rustls::Connection::Server(s) => s.server_name(),
-                rustls::Connection::Client(_) => None,
-            },
+            Stream::Tls(_, tls) => tls.sni(),
             Stream::Plain(_) => None,
             Stream::Ws(w) => w.state().host.as_deref().or_else(|| w.inner().sni()),
         }
@@ -284,7 +305,7 @@ impl Stream {
     fn tcp_mut(&mut self) -> &mut TcpStream {
         match self {
             Stream::Plain(s) => s,
-            Stream::Tls(t) => &mut t.tcp,
+            Stream::Tls(tcp, _) => tcp,
             Stream::Ws(w) => w.inner_mut().tcp_mut(),
         }
     }
@@ -295,7 +316,7 @@ impl Stream {
     pub fn try_read_now(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
         match self {
             Stream::Plain(s) => s.try_read_now(buf).map_err(io::Error::from),
-            Stream::Tls(t) => t.try_read_now(buf),
+            Stream::Tls(tcp, tls) => TlsIo { tcp, tls }.try_read_now(buf),
             // Only server connections are probed this way.
             Stream::Ws(_) => Ok(None),
         }
@@ -304,7 +325,7 @@ impl Stream {
     /// A client that may be parked (`crate::park`): plain TCP or TLS.
     /// WebSocket clients keep their task.
     pub fn parkable(&self) -> bool {
-        matches!(self, Stream::Plain(_) | Stream::Tls(_))
+        matches!(self, Stream::Plain(_) | Stream::Tls(..))
     }
 
     /// Waits until the socket has no request in the ring (what TLS holds
@@ -313,28 +334,28 @@ impl Stream {
     pub async fn quiesce(&mut self) -> io::Result<()> {
         match self {
             Stream::Plain(s) => s.quiesce().await.map_err(io::Error::from),
-            Stream::Tls(t) => {
-                t.flush().await?;
-                t.tcp.quiesce().await.map_err(io::Error::from)
+            Stream::Tls(tcp, tls) => {
+                TlsIo { tcp, tls }.flush().await?;
+                tcp.quiesce().await.map_err(io::Error::from)
             }
             Stream::Ws(_) => Ok(()),
         }
     }
 
     /// Something waits to be read without the socket (bytes received and
-    /// not read, the end of stream, plaintext rustls holds), or to be sent:
+    /// not read, the end of stream, plaintext or a partial record the TLS
+    /// session holds), or to be sent:
     /// the client is not parked then.
     pub fn has_buffered(&mut self) -> bool {
         match self {
             Stream::Plain(s) => s.has_buffered(),
-            Stream::Tls(t) => {
-                t.eof
-                    || t.tcp.has_buffered()
-                    || t.sent != t.pending.len()
-                    || t.conn.wants_write()
-                    || t.conn.process_new_packets().map_or(true, |s| {
-                        s.plaintext_bytes_to_read() > 0 || s.peer_has_closed()
-                    })
+            Stream::Tls(tcp, tls) => {
+                tls.eof
+                    || tcp.has_buffered()
+                    || !tls.pending().is_empty()
+                    || !tls.plaintext().is_empty()
+                    || tls.peer_closed()
+                    || tls.has_partial_input()
             }
             Stream::Ws(_) => true,
         }
@@ -355,9 +376,11 @@ impl Stream {
             // the call recurses into this function).
             return Box::pin(w.shutdown_write()).await;
         }
-        if let Stream::Tls(t) = self {
-            t.conn.send_close_notify();
-            futures_lite::future::poll_fn(|cx| t.poll_flush_tls(cx)).await?;
+        if let Stream::Tls(tcp, tls) = self {
+            // Nothing to close before the handshake is over.
+            let _ = tls.close_notify();
+            let mut io = TlsIo { tcp, tls };
+            futures_lite::future::poll_fn(|cx| io.poll_flush_tls(cx)).await?;
         }
         self.tcp()
             .shutdown(std::net::Shutdown::Write)
@@ -380,7 +403,7 @@ impl AsyncRead for Stream {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Stream::Tls(t) => t.poll_read_plain(cx, buf),
+            Stream::Tls(tcp, tls) => TlsIo { tcp, tls }.poll_read_plain(cx, buf),
             Stream::Ws(w) => Pin::new(&mut **w).poll_read(cx, buf),
         }
     }
@@ -394,7 +417,7 @@ impl AsyncWrite for Stream {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Stream::Tls(t) => t.poll_write_plain(cx, buf),
+            Stream::Tls(tcp, tls) => TlsIo { tcp, tls }.poll_write_plain(cx, buf),
             Stream::Ws(w) => Pin::new(&mut **w).poll_write(cx, buf),
         }
     }
@@ -402,9 +425,9 @@ impl AsyncWrite for Stream {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_flush(cx),
-            Stream::Tls(t) => {
-                ready!(t.poll_flush_tls(cx))?;
-                Pin::new(&mut t.tcp).poll_flush(cx)
+            Stream::Tls(tcp, tls) => {
+                ready!(TlsIo { tcp, tls }.poll_flush_tls(cx))?;
+                Pin::new(tcp).poll_flush(cx)
             }
             Stream::Ws(w) => Pin::new(&mut **w).poll_flush(cx),
         }
@@ -413,9 +436,9 @@ impl AsyncWrite for Stream {
     fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_close(cx),
-            Stream::Tls(t) => {
-                ready!(t.poll_flush_tls(cx))?;
-                Pin::new(&mut t.tcp).poll_close(cx)
+            Stream::Tls(tcp, tls) => {
+                ready!(TlsIo { tcp, tls }.poll_flush_tls(cx))?;
+                Pin::new(tcp).poll_close(cx)
             }
             Stream::Ws(w) => Pin::new(&mut **w).poll_close(cx),
         }

@@ -135,7 +135,7 @@ impl WsStream {
                 raw.truncate(n);
                 Ok(raw)
             }
-            Stream::Tls(t) => t.absorb_buffered().map(|()| Vec::new()),
+            tls @ Stream::Tls(..) => tls.absorb_tls_buffered().map(|()| Vec::new()),
             Stream::Ws(_) => Ok(Vec::new()),
         }
     }

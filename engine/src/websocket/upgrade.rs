@@ -18,7 +18,8 @@ use crate::accept::linger_close;
 use crate::config::{PoolMode, ProxyConfig};
 use crate::metrics::bump;
 use crate::shard::Shard;
-use crate::stream::{Stream, TlsStream};
+use crate::stream::Stream;
+use crate::tls::TlsSession;
 
 /// First byte of a TLS handshake record: a wss client.
 const TLS_HANDSHAKE: u8 = 0x16;
@@ -55,14 +56,15 @@ async fn open(
                 return None;
             }
             if first[0] == TLS_HANDSHAKE {
-                let conn = rustls::ServerConnection::new(tls.clone()).ok()?;
-                let mut t = TlsStream::new(tcp, conn);
-                if let Err(e) = t.handshake().await {
-                    bump(&shard.websocket.rejected, 1);
-                    debug!(?peer, error = %e, "WebSocket TLS handshake failed");
-                    return None;
+                let conn = TlsSession::server(tls.clone()).ok()?;
+                match Stream::tls_handshake(tcp, conn).await {
+                    Ok(tls) => tls,
+                    Err(e) => {
+                        bump(&shard.websocket.rejected, 1);
+                        debug!(?peer, error = %e, "WebSocket TLS handshake failed");
+                        return None;
+                    }
                 }
-                Stream::Tls(Box::new(t))
             } else {
                 Stream::Plain(tcp)
             }
