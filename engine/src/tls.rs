@@ -130,6 +130,9 @@ pub struct TlsSession {
     pub(crate) owed: usize,
     /// The peer closed the socket (`crate::stream`).
     pub(crate) eof: bool,
+    /// rustls reported an error: the session is not run again (rustls'
+    /// handshake deframer may still point into input that was dropped).
+    failed: bool,
 }
 
 /// Encrypted input a session holds at most while a record or handshake
@@ -184,6 +187,7 @@ impl TlsSession {
             sni: None,
             owed: 0,
             eof: false,
+            failed: false,
         }
     }
 
@@ -329,31 +333,16 @@ impl TlsSession {
     /// Runs rustls over `input`; returns how many of its bytes were
     /// consumed.
     fn run_on(&mut self, input: &mut [u8], mut want: Want<'_>) -> (usize, Result<(), TlsError>) {
+        if self.failed {
+            return (0, Err(TlsError("the session failed earlier".into())));
+        }
         let mut start = 0;
         loop {
             let capture = self.sni.is_none() && self.is_handshaking();
             if capture {
                 SNI.with(|s| s.borrow_mut().take());
             }
-            let Self {
-                conn,
-                plain,
-                out,
-                out_len,
-                peer_closed,
-                ..
-            } = self;
-            let mut sink = Sink {
-                plain,
-                out,
-                out_len,
-                peer_closed,
-            };
-            let rest = &mut input[start..];
-            let (discard, step) = match conn {
-                Conn::Server(c) => sink.step(c.process_tls_records(rest), &mut want),
-                Conn::Client(c) => sink.step(c.process_tls_records(rest), &mut want),
-            };
+            let (discard, step) = self.turn(&mut input[start..], &mut want);
             start += discard;
             if capture {
                 if let Some(name) = SNI.with(|s| s.borrow_mut().take()) {
@@ -371,7 +360,8 @@ impl TlsSession {
                 },
                 Ok(Step::Wrote) => Ok(()),
                 Err(e) => {
-                    self.harvest_alert();
+                    self.harvest_alert(&mut input[start..]);
+                    self.failed = true;
                     Err(e)
                 }
             };
@@ -379,29 +369,47 @@ impl TlsSession {
         }
     }
 
+    /// One turn of rustls' state machine over `input`: the bytes to
+    /// discard from its front and where it left the session. A panic in
+    /// rustls (a bug meeting hostile input) is a TLS error of this session,
+    /// not the end of the shard.
+    fn turn(&mut self, input: &mut [u8], want: &mut Want<'_>) -> (usize, Result<Step, TlsError>) {
+        if self.failed {
+            return (0, Err(TlsError("the session failed earlier".into())));
+        }
+        let Self {
+            conn,
+            plain,
+            out,
+            out_len,
+            peer_closed,
+            ..
+        } = self;
+        let mut sink = Sink {
+            plain,
+            out,
+            out_len,
+            peer_closed,
+        };
+        let turn = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match conn {
+            Conn::Server(c) => sink.step(c.process_tls_records(input), want),
+            Conn::Client(c) => sink.step(c.process_tls_records(input), want),
+        }));
+        turn.unwrap_or_else(|_| {
+            self.failed = true;
+            (0, Err(TlsError("rustls failed on this input".into())))
+        })
+    }
+
     /// After an error, the alert rustls queued goes to the pending output
-    /// (best effort: the caller sends it if the socket takes it).
-    fn harvest_alert(&mut self) {
+    /// (best effort: the caller sends it if the socket takes it). `input`
+    /// is what is left of the input that failed: rustls may look at it
+    /// again.
+    fn harvest_alert(&mut self, input: &mut [u8]) {
+        let mut start = 0;
         for _ in 0..4 {
-            let Self {
-                conn,
-                plain,
-                out,
-                out_len,
-                peer_closed,
-                ..
-            } = self;
-            let mut sink = Sink {
-                plain,
-                out,
-                out_len,
-                peer_closed,
-            };
-            let mut none = Want::Nothing;
-            let step = match conn {
-                Conn::Server(c) => sink.step(c.process_tls_records(&mut []), &mut none).1,
-                Conn::Client(c) => sink.step(c.process_tls_records(&mut []), &mut none).1,
-            };
+            let (discard, step) = self.turn(&mut input[start..], &mut Want::Nothing);
+            start += discard;
             if !matches!(step, Ok(Step::Again)) {
                 return;
             }
@@ -643,6 +651,142 @@ mod tests {
         assert!(err.to_string().contains("TLS"), "{err}");
         // The alert for the peer waits to be sent.
         assert!(!s.pending().is_empty());
+        // A failed session refuses everything after, without running rustls.
+        assert!(s.close_notify().is_err());
+        assert!(s.feed(b"more").is_err());
+        assert!(s.encrypt(b"data").is_err());
+    }
+
+    /// Garbage after a real ClientHello's first bytes, in pieces of every
+    /// size: an error each time, never a panic inside rustls.
+    #[test]
+    fn garbage_never_reaches_a_rustls_panic() {
+        let (scfg, ccfg) = configs();
+        let name = rustls::pki_types::ServerName::try_from("db.example.com").unwrap();
+        let hello = TlsSession::client(ccfg, name).unwrap().pending().to_vec();
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for round in 0..300 {
+            let mut s = TlsSession::server(scfg.clone()).unwrap();
+            let keep = (next() as usize) % hello.len();
+            let mut data = hello[..keep].to_vec();
+            let extra = (next() as usize) % 40_000;
+            data.extend((0..extra).map(|_| next() as u8));
+            if round % 3 == 0 {
+                // Well-formed record headers around random bodies.
+                data.extend_from_slice(&[22, 3, 3, 0x10, 0x00]);
+                data.extend((0..0x1000).map(|_| next() as u8));
+            }
+            let piece = 1 + (next() as usize) % 3000;
+            for chunk in data.chunks(piece) {
+                match s.feed(chunk) {
+                    Ok(()) => {}
+                    Err(e) => {
+                        assert!(
+                            !e.to_string().contains("rustls failed"),
+                            "round {round}: {e}"
+                        );
+                        break;
+                    }
+                }
+            }
+            let _ = s.close_notify();
+        }
+    }
+
+    #[test]
+    fn tls12_sessions_work_too() {
+        let (scfg, _) = configs();
+        let prov = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        let ck = rcgen::generate_simple_self_signed(vec!["db.example.com".into()]).unwrap();
+        roots.add(ck.cert.der().clone()).unwrap();
+        // The server's certificate is not in these roots: verification is
+        // not what is tested here, so the client trusts anything.
+        let ccfg = ClientConfig::builder_with_provider(prov.clone())
+            .with_protocol_versions(&[&rustls::version::TLS12])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyCert(prov)))
+            .with_no_client_auth();
+        let mut s = TlsSession::server(scfg).unwrap();
+        let name = rustls::pki_types::ServerName::try_from("db.example.com").unwrap();
+        let mut c = TlsSession::client(Arc::new(ccfg), name).unwrap();
+        while pump(&mut c, &mut s, 50) | pump(&mut s, &mut c, 50) {}
+        assert!(!s.is_handshaking());
+        assert_eq!(s.sni(), Some("db.example.com"));
+        c.encrypt(b"over TLS 1.2").unwrap();
+        pump(&mut c, &mut s, 3);
+        assert_eq!(s.plaintext(), b"over TLS 1.2");
+    }
+
+    #[derive(Debug)]
+    struct AnyCert(Arc<rustls::crypto::CryptoProvider>);
+
+    impl rustls::client::danger::ServerCertVerifier for AnyCert {
+        fn verify_server_cert(
+            &self,
+            _: &rustls::pki_types::CertificateDer<'_>,
+            _: &[rustls::pki_types::CertificateDer<'_>],
+            _: &rustls::pki_types::ServerName<'_>,
+            _: &[u8],
+            _: rustls::pki_types::UnixTime,
+        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            m: &[u8],
+            c: &rustls::pki_types::CertificateDer<'_>,
+            d: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(
+                m,
+                c,
+                d,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+        fn verify_tls13_signature(
+            &self,
+            m: &[u8],
+            c: &rustls::pki_types::CertificateDer<'_>,
+            d: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                m,
+                c,
+                d,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+
+    #[test]
+    fn an_endless_handshake_message_is_refused() {
+        let (scfg, _) = configs();
+        let mut s = TlsSession::server(scfg).unwrap();
+        // A ClientHello that says it is 16 MiB long, sent in full records.
+        let mut first = vec![22, 3, 1, 0x40, 0x00, 1, 0xff, 0xff, 0xff];
+        first.resize(5 + 0x4000, 0);
+        let mut more = vec![22, 3, 1, 0x40, 0x00];
+        more.resize(5 + 0x4000, 0);
+        let mut result = s.feed(&first);
+        let mut records = 1;
+        while result.is_ok() && records < 100 {
+            result = s.feed(&more);
+            records += 1;
+        }
+        assert!(result.is_err(), "still buffering after {records} records");
+        assert!(records < 10, "refused only after {records} records");
     }
 
     #[test]
