@@ -8,17 +8,24 @@ use crate::model::TenantSpec;
 use crate::model::UserSpec;
 use crate::pgtemp::TempPostgres;
 
-fn free_addr() -> Result<SocketAddr, String> {
-    let l = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-    l.local_addr().map_err(|e| e.to_string())
+/// `N` loopback addresses with free ports, all different: every listener
+/// is held until all are picked, so the kernel cannot hand a port out twice
+/// (the pooler refuses two listeners on one port).
+fn free_addrs<const N: usize>() -> Result<[SocketAddr; N], String> {
+    let listeners = (0..N)
+        .map(|_| TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut addrs = [SocketAddr::from(([127, 0, 0, 1], 0)); N];
+    for (addr, l) in addrs.iter_mut().zip(&listeners) {
+        *addr = l.local_addr().map_err(|e| e.to_string())?;
+    }
+    Ok(addrs)
 }
 
 pub fn run() -> Result<(), String> {
     eprintln!("starting a throwaway PostgreSQL (initdb into a temporary directory)...");
     let pg = TempPostgres::start().map_err(|e| format!("cannot start PostgreSQL: {e}"))?;
-    let session = free_addr()?;
-    let transaction = free_addr()?;
-    let websocket = free_addr()?;
+    let [session, transaction, websocket, api] = free_addrs::<4>()?;
     let file = ConfigFile {
         proxy: ProxyFile {
             session_addr: session,
@@ -59,7 +66,7 @@ pub fn run() -> Result<(), String> {
     let jwt_secret = format!("{:032x}", rand::random::<u128>());
     let file = ConfigFile {
         api: ApiFile {
-            addr: free_addr()?,
+            addr: api,
             jwt_secret: Some(jwt_secret.clone()),
             metrics_jwt_secret: Some(jwt_secret.clone()),
         },
@@ -96,4 +103,18 @@ pub fn run() -> Result<(), String> {
     });
     drop(pg);
     result
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn demo_ports_are_all_different() {
+        for _ in 0..50 {
+            let addrs = super::free_addrs::<4>().unwrap();
+            let mut ports: Vec<u16> = addrs.iter().map(|a| a.port()).collect();
+            ports.sort_unstable();
+            ports.dedup();
+            assert_eq!(ports.len(), 4, "{addrs:?}");
+        }
+    }
 }
