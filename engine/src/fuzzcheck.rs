@@ -322,3 +322,113 @@ fn answer_all(expect: &mut VecDeque<Expect>, server: &mut ServerStmts) {
         assert_eq!(expect.len() + 1, before, "each reply consumes its entry");
     }
 }
+
+/// The TLS session of a client connection (`crate::tls`) under arbitrary
+/// bytes from the socket, for the `tls` fuzz target and its corpus replay.
+///
+/// Input: `data[0]` sets the size of the pieces the bytes arrive in
+/// (1 + 64 x `data[0]`), `data[1] % 3` the mode, the rest is the traffic:
+/// - 0: raw bytes to a fresh server session (a hostile ClientHello);
+/// - 1: a real handshake with a client session first, then raw bytes (forged
+///   records in an established session);
+/// - 2: a real handshake, then the client encrypts the traffic as
+///   application data: the server must read exactly those bytes back.
+///
+/// Invariants: no panic, and no panic caught inside rustls (which the
+/// session would turn into the error "rustls failed on this input"); after
+/// an error the session refuses everything; in mode 2 plaintext in equals
+/// plaintext out.
+pub fn tls(data: &[u8]) {
+    use std::sync::{Arc, OnceLock};
+
+    use crate::tls::TlsSession;
+
+    static CONFIGS: OnceLock<(Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>)> =
+        OnceLock::new();
+    let (scfg, ccfg) = CONFIGS.get_or_init(|| {
+        let cert = rustls::pki_types::CertificateDer::from(&include_bytes!("fuzzcert.der")[..]);
+        let key =
+            rustls::pki_types::PrivateKeyDer::Pkcs8(include_bytes!("fuzzkey.der").to_vec().into());
+        let prov = Arc::new(rustls::crypto::ring::default_provider());
+        let mut scfg = rustls::ServerConfig::builder_with_provider(prov.clone())
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.clone().into_owned()], key)
+            .expect("the fuzz certificate");
+        crate::tls::capture_sni(&mut scfg);
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(cert.into_owned())
+            .expect("the fuzz certificate as a root");
+        let ccfg = rustls::ClientConfig::builder_with_provider(prov)
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        (Arc::new(scfg), Arc::new(ccfg))
+    });
+    let [size, mode, traffic @ ..] = data else {
+        return;
+    };
+    let piece = 1 + *size as usize * 64;
+    let mode = mode % 3;
+    let mut server = TlsSession::server(scfg.clone()).expect("server session");
+    let mut client = None;
+    if mode > 0 {
+        let name = rustls::pki_types::ServerName::try_from("fuzz.example").expect("name");
+        let mut c = TlsSession::client(ccfg.clone(), name).expect("client session");
+        loop {
+            let to_server = c.pending().to_vec();
+            c.sent(to_server.len());
+            server
+                .feed(&to_server)
+                .expect("a real handshake (client side)");
+            let to_client = server.pending().to_vec();
+            server.sent(to_client.len());
+            c.feed(&to_client).expect("a real handshake (server side)");
+            if to_server.is_empty() && to_client.is_empty() {
+                break;
+            }
+        }
+        assert!(!server.is_handshaking() && !c.is_handshaking());
+        assert_eq!(server.sni(), Some("fuzz.example"));
+        client = Some(c);
+    }
+    let wire = match (&mut client, mode) {
+        (Some(c), 2) => {
+            for chunk in traffic.chunks(piece) {
+                c.encrypt(chunk).expect("encrypt");
+            }
+            c.pending().to_vec()
+        }
+        _ => traffic.to_vec(),
+    };
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    for chunk in wire.chunks(piece) {
+        if let Err(e) = server.feed(chunk) {
+            assert!(mode != 2, "mode 2 traffic refused: {e}");
+            assert!(!e.to_string().contains("rustls failed"), "{e}");
+            assert!(server.feed(b"more").is_err());
+            assert!(server.close_notify().is_err());
+            return;
+        }
+        loop {
+            let n = server.read_plain(&mut buf);
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+    }
+    if mode == 2 {
+        assert_eq!(got, traffic, "plaintext out differs from plaintext in");
+        assert!(server.holds_nothing());
+    }
+    if !server.is_handshaking() {
+        server
+            .encrypt(b"reply")
+            .expect("encrypt after the handshake");
+    }
+}

@@ -402,12 +402,19 @@ impl TlsSession {
     }
 
     /// After an error, the alert rustls queued goes to the pending output
-    /// (best effort: the caller sends it if the socket takes it). `input`
-    /// is what is left of the input that failed: rustls may look at it
-    /// again.
+    /// (best effort: the caller sends it if the socket takes it). Only
+    /// queued records are taken: rustls is not made to read `input` (what
+    /// is left of the input that failed) again, which would fail again.
     fn harvest_alert(&mut self, input: &mut [u8]) {
         let mut start = 0;
         for _ in 0..4 {
+            let queued = match &self.conn {
+                Conn::Server(c) => c.wants_write(),
+                Conn::Client(c) => c.wants_write(),
+            };
+            if !queued {
+                return;
+            }
             let (discard, step) = self.turn(&mut input[start..], &mut Want::Nothing);
             start += discard;
             if !matches!(step, Ok(Step::Again)) {
