@@ -529,6 +529,14 @@ mod tests {
     use super::*;
 
     fn configs() -> (Arc<ServerConfig>, Arc<ClientConfig>) {
+        configs_for(rustls::DEFAULT_VERSIONS)
+    }
+
+    /// A server and a client that trusts its certificate, the client
+    /// limited to `versions`.
+    fn configs_for(
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> (Arc<ServerConfig>, Arc<ClientConfig>) {
         let ck = rcgen::generate_simple_self_signed(vec!["db.example.com".into()]).unwrap();
         let cert = ck.cert.der().clone();
         let key = rustls::pki_types::PrivateKeyDer::Pkcs8(ck.key_pair.serialize_der().into());
@@ -543,7 +551,7 @@ mod tests {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(cert).unwrap();
         let ccfg = ClientConfig::builder_with_provider(prov)
-            .with_safe_default_protocol_versions()
+            .with_protocol_versions(versions)
             .unwrap()
             .with_root_certificates(roots)
             .with_no_client_auth();
@@ -708,73 +716,16 @@ mod tests {
 
     #[test]
     fn tls12_sessions_work_too() {
-        let (scfg, _) = configs();
-        let prov = Arc::new(rustls::crypto::ring::default_provider());
-        let mut roots = rustls::RootCertStore::empty();
-        let ck = rcgen::generate_simple_self_signed(vec!["db.example.com".into()]).unwrap();
-        roots.add(ck.cert.der().clone()).unwrap();
-        // The server's certificate is not in these roots: verification is
-        // not what is tested here, so the client trusts anything.
-        let ccfg = ClientConfig::builder_with_provider(prov.clone())
-            .with_protocol_versions(&[&rustls::version::TLS12])
-            .unwrap()
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AnyCert(prov)))
-            .with_no_client_auth();
+        let (scfg, ccfg) = configs_for(&[&rustls::version::TLS12]);
         let mut s = TlsSession::server(scfg).unwrap();
         let name = rustls::pki_types::ServerName::try_from("db.example.com").unwrap();
-        let mut c = TlsSession::client(Arc::new(ccfg), name).unwrap();
+        let mut c = TlsSession::client(ccfg, name).unwrap();
         while pump(&mut c, &mut s, 50) | pump(&mut s, &mut c, 50) {}
         assert!(!s.is_handshaking());
         assert_eq!(s.sni(), Some("db.example.com"));
         c.encrypt(b"over TLS 1.2").unwrap();
         pump(&mut c, &mut s, 3);
         assert_eq!(s.plaintext(), b"over TLS 1.2");
-    }
-
-    #[derive(Debug)]
-    struct AnyCert(Arc<rustls::crypto::CryptoProvider>);
-
-    impl rustls::client::danger::ServerCertVerifier for AnyCert {
-        fn verify_server_cert(
-            &self,
-            _: &rustls::pki_types::CertificateDer<'_>,
-            _: &[rustls::pki_types::CertificateDer<'_>],
-            _: &rustls::pki_types::ServerName<'_>,
-            _: &[u8],
-            _: rustls::pki_types::UnixTime,
-        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-            Ok(rustls::client::danger::ServerCertVerified::assertion())
-        }
-        fn verify_tls12_signature(
-            &self,
-            m: &[u8],
-            c: &rustls::pki_types::CertificateDer<'_>,
-            d: &rustls::DigitallySignedStruct,
-        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls12_signature(
-                m,
-                c,
-                d,
-                &self.0.signature_verification_algorithms,
-            )
-        }
-        fn verify_tls13_signature(
-            &self,
-            m: &[u8],
-            c: &rustls::pki_types::CertificateDer<'_>,
-            d: &rustls::DigitallySignedStruct,
-        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls13_signature(
-                m,
-                c,
-                d,
-                &self.0.signature_verification_algorithms,
-            )
-        }
-        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-            self.0.signature_verification_algorithms.supported_schemes()
-        }
     }
 
     #[test]
