@@ -477,6 +477,9 @@ fn valid_setting_name(k: &str) -> bool {
 /// connection's settings the client's (SET what differs, RESET what another
 /// client changed), as one query whose replies are swallowed.
 pub fn sync_params(client: &mut ClientSide, server: &mut ServerConn, tracker: &mut Tracker) {
+    if server.params.synced_with(&client.params) {
+        return;
+    }
     let mut calls = Vec::new();
     for (k, v) in client.params.iter() {
         if server.params.get(k).map(String::as_str) != Some(v) && valid_setting_name(k) {
@@ -488,7 +491,7 @@ pub fn sync_params(client: &mut ClientSide, server: &mut ServerConn, tracker: &m
         }
     }
     let mut resets = Vec::new();
-    for (k, v) in &server.params {
+    for (k, v) in server.params.iter() {
         if !client.params.contains_key(k)
             && server.defaults.get(k) != Some(v)
             && valid_setting_name(k)
@@ -497,6 +500,7 @@ pub fn sync_params(client: &mut ClientSide, server: &mut ServerConn, tracker: &m
         }
     }
     if calls.is_empty() && resets.is_empty() {
+        server.params.mark_synced(&client.params);
         return;
     }
     let mut sql = String::new();
@@ -519,6 +523,7 @@ pub fn sync_params(client: &mut ClientSide, server: &mut ServerConn, tracker: &m
             None => server.params.remove(&k),
         };
     }
+    server.params.mark_synced(&client.params);
     let mut b = bytes::BytesMut::new();
     wire::frontend::encode_query(&sql, &mut b);
     client.out.extend_from_slice(&b);
@@ -598,7 +603,7 @@ fn walk_server(
                         }
                         if reset.settings {
                             // The client's DISCARD ALL / RESET ALL has run.
-                            *params = defaults.clone();
+                            params.reset_to(defaults);
                             // As on PostgreSQL itself: back to what the client
                             // asked for at startup (applied at its next checkout,
                             // or at once in session mode).

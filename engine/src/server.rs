@@ -147,10 +147,63 @@ pub struct ServerConn {
     pub prepared: crate::prepared::ServerStmts,
     /// Session settings as they are now (ParameterStatus, and what the
     /// pooler set), and as they were after login.
-    pub params: std::collections::BTreeMap<String, String>,
+    pub params: ServerParams,
     pub defaults: std::collections::BTreeMap<String, String>,
     /// For the admin console.
     pub meta: std::rc::Rc<ServerMeta>,
+}
+
+/// A server connection's session settings, and which client settings they
+/// were last made to match. Every change forgets that match, so that the
+/// next checkout compares again; a checkout by a client with the same
+/// settings as the last one (the usual case: clients of one application)
+/// then costs one comparison instead of a lookup per setting.
+#[derive(Debug, Default)]
+pub struct ServerParams {
+    map: std::collections::BTreeMap<String, String>,
+    synced: Option<std::rc::Rc<crate::settings::Settings>>,
+}
+
+impl ServerParams {
+    pub fn new(map: std::collections::BTreeMap<String, String>) -> Self {
+        Self { map, synced: None }
+    }
+
+    pub fn insert(&mut self, name: String, value: String) {
+        self.synced = None;
+        self.map.insert(name, value);
+    }
+
+    pub fn remove(&mut self, name: &str) {
+        self.synced = None;
+        self.map.remove(name);
+    }
+
+    /// Back to `defaults` (after DISCARD ALL or RESET ALL).
+    pub fn reset_to(&mut self, defaults: &std::collections::BTreeMap<String, String>) {
+        self.synced = None;
+        self.map.clone_from(defaults);
+    }
+
+    /// Nothing changed since the settings were made to match `client`'s.
+    pub fn synced_with(&self, client: &std::rc::Rc<crate::settings::Settings>) -> bool {
+        self.synced
+            .as_ref()
+            .is_some_and(|s| std::rc::Rc::ptr_eq(s, client) || **s == **client)
+    }
+
+    /// The settings now match `client`'s.
+    pub fn mark_synced(&mut self, client: &std::rc::Rc<crate::settings::Settings>) {
+        self.synced = Some(client.clone());
+    }
+}
+
+impl std::ops::Deref for ServerParams {
+    type Target = std::collections::BTreeMap<String, String>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.map
+    }
 }
 
 impl std::fmt::Debug for ServerConn {
@@ -408,7 +461,7 @@ impl ServerConn {
                         generation: 0,
                         prepared: crate::prepared::ServerStmts::default(),
                         defaults: params.clone(),
-                        params,
+                        params: ServerParams::new(params),
                     });
                 }
                 // NoticeResponse, NegotiateProtocolVersion: nothing to do.
@@ -508,7 +561,7 @@ impl ServerConn {
             }
             if sqls.iter().any(|s| s.eq_ignore_ascii_case("DISCARD ALL")) {
                 self.prepared.clear();
-                self.params = self.defaults.clone();
+                self.params.reset_to(&self.defaults);
             }
             match error {
                 Some(fields) => Err(EngineError::Database(fields)),
@@ -577,5 +630,33 @@ impl ServerConn {
         frontend::encode_terminate(&mut out);
         let _ = self.stream.write_all(&out).await;
         let _ = self.stream.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ServerParams;
+    use crate::settings::Settings;
+    use std::rc::Rc;
+
+    #[test]
+    fn params_forget_their_match_when_changed() {
+        let client: Rc<Settings> = Rc::new([("DateStyle", "ISO")].into_iter().collect());
+        let twin: Rc<Settings> = Rc::new([("DateStyle", "ISO")].into_iter().collect());
+        let other: Rc<Settings> = Rc::new([("DateStyle", "German")].into_iter().collect());
+        let mut params = ServerParams::new(Default::default());
+        assert!(!params.synced_with(&client), "nothing matched yet");
+        params.mark_synced(&client);
+        assert!(params.synced_with(&client));
+        assert!(params.synced_with(&twin), "equal settings match too");
+        assert!(!params.synced_with(&other));
+        params.insert("TimeZone".into(), "UTC".into());
+        assert!(!params.synced_with(&client), "insert forgets");
+        params.mark_synced(&client);
+        params.remove("TimeZone");
+        assert!(!params.synced_with(&client), "remove forgets");
+        params.mark_synced(&client);
+        params.reset_to(&Default::default());
+        assert!(!params.synced_with(&client), "reset forgets");
     }
 }
