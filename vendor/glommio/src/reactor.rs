@@ -74,6 +74,18 @@ impl SharedChannels {
     }
 }
 
+/// Nanoseconds on `clock` (a monotonic one, through the vDSO).
+#[inline(always)]
+fn clock_ns(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec; monotonic clocks always exist.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 struct Timers {
     timer_id: u64,
     timers_by_id: AHashMap<u64, Instant>,
@@ -121,11 +133,15 @@ impl Timers {
     fn process_timers(&mut self) -> (Option<Duration>, usize) {
         let now = Instant::now();
 
-        // Split timers into ready and pending timers.
-        let pending = self.timers.split_off(&(now, 0));
-        let ready = mem::replace(&mut self.timers, pending);
-        let woke = ready.len();
-        for (_, waker) in ready {
+        // Wake the timers that are due (earlier than now), first to last.
+        // Nothing is allocated when none is: most parks find none.
+        let mut woke = 0;
+        while let Some(entry) = self.timers.first_entry() {
+            if entry.key().0 >= now {
+                break;
+            }
+            let waker = entry.remove();
+            woke += 1;
             wake!(waker);
         }
 
@@ -162,7 +178,10 @@ pub(crate) struct Reactor {
     /// ([`Reactor::need_preempt`]). Set when the executor starts running
     /// tasks; a clock read replaces the timer requests glommio used to arm
     /// and cancel in a latency ring at every turn of the executor.
-    preempt_deadline: Cell<Instant>,
+    /// When the running task queues should yield: nanoseconds on
+    /// `preempt_clock` (see [`Reactor::start_preempt_window`]).
+    preempt_deadline: Cell<u64>,
+    preempt_clock: Cell<libc::clockid_t>,
 }
 
 impl Reactor {
@@ -180,7 +199,8 @@ impl Reactor {
             shared_channels: RefCell::new(SharedChannels::new()),
             io_scheduler: Rc::new(IoScheduler::new()),
             record_io_latencies,
-            preempt_deadline: Cell::new(Instant::now()),
+            preempt_deadline: Cell::new(0),
+            preempt_clock: Cell::new(libc::CLOCK_MONOTONIC),
         })
     }
 
@@ -194,12 +214,25 @@ impl Reactor {
 
     #[inline(always)]
     pub(crate) fn need_preempt(&self) -> bool {
-        Instant::now() >= self.preempt_deadline.get()
+        clock_ns(self.preempt_clock.get()) >= self.preempt_deadline.get()
     }
 
     /// Tasks start running now; they should yield after `slice`.
+    ///
+    /// `need_preempt` is asked before every task, so its clock is read
+    /// often. A slice of 20 ms or more (glommio's default is 100 ms) is
+    /// timed with `CLOCK_MONOTONIC_COARSE`, which the vDSO reads without
+    /// the TSC and whose tick (1-4 ms) is small against the slice; shorter
+    /// slices use `CLOCK_MONOTONIC`.
     pub(crate) fn start_preempt_window(&self, slice: Duration) {
-        self.preempt_deadline.set(Instant::now() + slice);
+        let clock = if slice >= Duration::from_millis(20) {
+            libc::CLOCK_MONOTONIC_COARSE
+        } else {
+            libc::CLOCK_MONOTONIC
+        };
+        self.preempt_clock.set(clock);
+        self.preempt_deadline
+            .set(clock_ns(clock).saturating_add(slice.as_nanos().min(u64::MAX as u128) as u64));
     }
 
     pub(crate) fn id(&self) -> usize {

@@ -793,6 +793,33 @@ mod test {
         rc::Rc,
     };
 
+    /// Patch 7: due timers are taken off the front one by one (no
+    /// `split_off` per park): they fire in deadline order, the later ones
+    /// stay armed, and a dropped timer never fires.
+    #[test]
+    fn due_timers_fire_in_order_and_only_they() {
+        test_executor!(async move {
+            let order = Rc::new(RefCell::new(Vec::new()));
+            let mut tasks = Vec::new();
+            for (i, ms) in [(0u32, 30u64), (1, 10), (2, 20), (3, 400)] {
+                let order = order.clone();
+                tasks.push(crate::spawn_local(async move {
+                    Timer::new(Duration::from_millis(ms)).await;
+                    order.borrow_mut().push(i);
+                }));
+            }
+            let dropped = Timer::new(Duration::from_millis(5));
+            drop(dropped);
+            Timer::new(Duration::from_millis(100)).await;
+            assert_eq!(*order.borrow(), vec![1, 2, 0], "the 400 ms timer is not due");
+            tasks.pop().unwrap().await;
+            for t in tasks {
+                t.await;
+            }
+            assert_eq!(*order.borrow(), vec![1, 2, 0, 3]);
+        });
+    }
+
     #[test]
     fn timeout_does_not_expire() {
         test_executor!(async move {
