@@ -20,6 +20,12 @@ use crate::oneshot;
 use crate::prepared::Registry;
 use crate::server::{Endpoint, ServerConn, ServerLogin, ServerMeta};
 
+/// A checkout waiting for a connection.
+struct Waiter {
+    deadline: Instant,
+    tx: oneshot::Sender<Option<Box<ServerConn>>>,
+}
+
 /// How long a login may take for a new server connection.
 /// Pauses between attempts to reach a database that is down.
 const RECONNECT_PAUSE_MIN: Duration = Duration::from_millis(50);
@@ -89,8 +95,12 @@ pub struct Pool {
     idle: RefCell<Vec<Box<ServerConn>>>,
     /// Connections that exist or are being opened, idle or not.
     total: Cell<usize>,
-    /// Waiters get a connection, or `None`: "a slot is free, try again".
-    waiters: RefCell<VecDeque<oneshot::Sender<Option<Box<ServerConn>>>>>,
+    /// Waiters get a connection, or `None`: "a slot is free, try again"
+    /// (or "your time is up", from the timeout keeper).
+    waiters: RefCell<VecDeque<Waiter>>,
+    /// The waiters' timeout keeper: which one is current, and when it
+    /// wakes next (see [`Pool::keep_timeouts`]).
+    keeper: Cell<(u64, Option<Instant>)>,
     clients: Cell<usize>,
     /// ParameterStatus frames of the first server connection, replayed at login.
     params: RefCell<Option<Bytes>>,
@@ -184,6 +194,7 @@ impl Pool {
             idle: RefCell::new(Vec::new()),
             total: Cell::new(0),
             waiters: RefCell::new(VecDeque::new()),
+            keeper: Cell::new((0, None)),
             clients: Cell::new(0),
             params: RefCell::new(None),
             client_key: Cell::new(None),
@@ -234,7 +245,7 @@ impl Pool {
             return;
         }
         for waiter in self.waiters.borrow_mut().drain(..) {
-            let _ = waiter.send(None);
+            let _ = waiter.tx.send(None);
         }
     }
 
@@ -277,7 +288,7 @@ impl Pool {
         self.waiters
             .borrow()
             .iter()
-            .filter(|w| !w.is_closed())
+            .filter(|w| !w.tx.is_closed())
             .count()
     }
 
@@ -319,7 +330,7 @@ impl Pool {
             let Some(waiter) = self.waiters.borrow_mut().pop_front() else {
                 break;
             };
-            if waiter.send(None).is_ok() {
+            if waiter.tx.send(None).is_ok() {
                 free -= 1;
             }
         }
@@ -354,7 +365,7 @@ impl Pool {
         self.retired.set(true);
         self.close_idle();
         for waiter in self.waiters.borrow_mut().drain(..) {
-            let _ = waiter.send(None);
+            let _ = waiter.tx.send(None);
         }
     }
 
@@ -435,19 +446,8 @@ impl Pool {
                 if now >= deadline {
                     return Err(EngineError::CheckoutTimeout(wait));
                 }
-                let (tx, mut rx) = oneshot::channel();
-                self.waiters.borrow_mut().push_back(tx);
-                futures_lite::future::or(
-                    async {
-                        let _ = (&mut rx).await;
-                    },
-                    async {
-                        Timer::new(deadline - now).await;
-                    },
-                )
-                .await;
                 // A connection handed over meanwhile goes back to the pool.
-                if let Some(conn) = rx.try_take().flatten() {
+                if let Some(Some(conn)) = self.wait_turn(deadline).await {
                     self.checkin(PooledConn {
                         conn: Some(conn),
                         pool: self.clone(),
@@ -526,22 +526,81 @@ impl Pool {
             if now >= deadline {
                 return Err(EngineError::CheckoutTimeout(wait));
             }
-            let (tx, mut rx) = oneshot::channel();
-            self.waiters.borrow_mut().push_back(tx);
-            let got = futures_lite::future::or(async { (&mut rx).await }, async {
-                Timer::new(deadline - now).await;
-                None
-            })
-            .await;
-            // A connection may have been handed over just as the timer fired.
-            let got = got.flatten().or_else(|| rx.try_take().flatten());
-            if let Some(conn) = got {
+            if let Some(Some(conn)) = self.wait_turn(deadline).await {
                 return Ok(PooledConn {
                     conn: Some(conn),
                     pool: self.clone(),
                 });
             }
             // Woken with "slot free" or timed out: loop re-checks both.
+        }
+    }
+
+    /// Queues a checkout until a connection or a free slot comes its way,
+    /// or `deadline` passes (then it gets `None` from the timeout keeper).
+    ///
+    /// No timer per waiter: under load nearly every checkout waits, and a
+    /// timer armed and cancelled per transaction cost more than the rest of
+    /// the checkout. One keeper task per pool sleeps until the earliest
+    /// deadline instead.
+    fn wait_turn(self: &Rc<Self>, deadline: Instant) -> oneshot::Receiver<Option<Box<ServerConn>>> {
+        let (tx, rx) = oneshot::channel();
+        self.waiters.borrow_mut().push_back(Waiter { deadline, tx });
+        let (generation, wakes) = self.keeper.get();
+        if wakes.is_none_or(|at| at > deadline) {
+            // No keeper, or one that wakes too late: a new one takes over
+            // (the old one finds it is no longer current when it wakes).
+            let generation = generation.wrapping_add(1);
+            self.keeper.set((generation, Some(deadline)));
+            glommio::spawn_local(Self::keep_timeouts(
+                Rc::downgrade(self),
+                generation,
+                deadline,
+            ))
+            .detach();
+        }
+        rx
+    }
+
+    /// The timeout keeper: sleeps until the earliest waiter's deadline,
+    /// sends `None` to the waiters whose time is up (by dropping their
+    /// sender), and stops when no waiter is left.
+    async fn keep_timeouts(pool: std::rc::Weak<Self>, generation: u64, mut at: Instant) {
+        loop {
+            Timer::new(at.saturating_duration_since(Instant::now())).await;
+            let Some(pool) = pool.upgrade() else {
+                return;
+            };
+            if pool.keeper.get().0 != generation {
+                return;
+            }
+            let now = Instant::now();
+            let mut expired = Vec::new();
+            let next = {
+                let mut waiters = pool.waiters.borrow_mut();
+                let mut kept = VecDeque::with_capacity(waiters.len());
+                for w in waiters.drain(..) {
+                    if w.tx.is_closed() || w.deadline <= now {
+                        expired.push(w);
+                    } else {
+                        kept.push_back(w);
+                    }
+                }
+                *waiters = kept;
+                waiters.iter().map(|w| w.deadline).min()
+            };
+            // Dropped outside the borrow: each wakes its checkout.
+            drop(expired);
+            match next {
+                Some(next) => {
+                    pool.keeper.set((generation, Some(next)));
+                    at = next;
+                }
+                None => {
+                    pool.keeper.set((generation, None));
+                    return;
+                }
+            }
         }
     }
 
@@ -580,7 +639,7 @@ impl Pool {
             let Some(waiter) = self.waiters.borrow_mut().pop_front() else {
                 break;
             };
-            match waiter.send(Some(conn)) {
+            match waiter.tx.send(Some(conn)) {
                 Ok(()) => return,
                 Err(back) => conn = back.expect("sent Some"),
             }
@@ -595,7 +654,7 @@ impl Pool {
             let Some(waiter) = self.waiters.borrow_mut().pop_front() else {
                 return;
             };
-            if waiter.send(None).is_ok() {
+            if waiter.tx.send(None).is_ok() {
                 return;
             }
         }

@@ -165,7 +165,42 @@ async fn checkout_timeout() {
         "checkout timeout of 500 ms took {elapsed:?}"
     );
 
+    // Waiters that queue at different times each get their own 500 ms:
+    // the second is not timed out with the first, nor left waiting.
+    let c = connect(addr).await;
+    let d = connect(addr).await;
+    let first = tokio::spawn(async move {
+        let start = Instant::now();
+        let r = c.simple_query("SELECT 5").await;
+        (r.is_err(), start.elapsed(), c)
+    });
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let start = Instant::now();
+    let second = within_for(
+        Duration::from_secs(10),
+        "D must fail, not hang",
+        d.simple_query("SELECT 6"),
+    )
+    .await;
+    let second_took = start.elapsed();
+    let (first_failed, first_took, _c) = within("C's query", first).await.unwrap();
+    assert!(first_failed && second.is_err(), "both waiters time out");
+    for (who, took) in [("first", first_took), ("second", second_took)] {
+        assert!(
+            took >= Duration::from_millis(400) && took < Duration::from_secs(2),
+            "{who} waiter of a 500 ms checkout timeout took {took:?}"
+        );
+    }
+    // A waiter served before its deadline gets the connection.
+    let e = connect(addr).await;
+    let waiting = tokio::spawn(async move {
+        let v: i32 = e.query_one("SELECT 7", &[]).await.unwrap().get(0);
+        v
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
     within("A COMMIT", a.batch_execute("COMMIT")).await.unwrap();
+    assert_eq!(within("E's query", waiting).await.unwrap(), 7);
+
     let c = connect(addr).await;
     let v: i32 = within("C after A committed", c.query_one("SELECT 3", &[]))
         .await
