@@ -51,6 +51,11 @@ pub struct Effects {
 
 impl Effects {
     pub fn of_sql(sql: &[u8]) -> Effects {
+        // Nearly every statement is none of these: one keyword decides.
+        let kw = first_keyword(sql).0;
+        if !(kw == "SET" || kw == "RESET" || kw == "DISCARD" || kw == "DEALLOCATE") {
+            return Effects::default();
+        }
         Effects {
             resets: Resets::of_sql(sql),
             sets: set_target(sql),
