@@ -1062,6 +1062,54 @@ mod tests {
         });
     }
 
+    /// Patch 8: a pending timer does not cost a kernel timer per sleep: one
+    /// timeout request, armed once, ends the sleep when the timer is due.
+    #[test]
+    fn pending_timer_is_armed_once_across_sleeps() {
+        test_executor!(async move {
+            const ROUNDS: u64 = 100;
+            let timer = crate::spawn_local(async {
+                crate::timer::Timer::new(Duration::from_secs(30)).await;
+            })
+            .detach();
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap();
+            let echo = crate::spawn_local(async move {
+                let mut stream = listener.accept().await?;
+                let mut buf = [0u8; 64];
+                loop {
+                    let n = stream.read(&mut buf).await?;
+                    if n == 0 {
+                        return io::Result::Ok(());
+                    }
+                    stream.write_all(&buf[..n]).await?;
+                }
+            });
+            let mut stream = TcpStream::connect(addr).await.unwrap();
+            let mut buf = [0u8; 16];
+            stream.write_all(b"x").await.unwrap();
+            stream.read_exact(&mut buf[..1]).await.unwrap();
+            let sys = &crate::executor().reactor().sys;
+            let (armed, enters) = (sys.wakeups_armed(), sys.enters());
+            for i in 0..ROUNDS {
+                let msg = [i as u8; 16];
+                stream.write_all(&msg).await.unwrap();
+                stream.read_exact(&mut buf).await.unwrap();
+                assert_eq!(buf, msg);
+            }
+            let sys = &crate::executor().reactor().sys;
+            assert!(sys.enters() - enters >= ROUNDS, "the round trips slept");
+            assert!(
+                sys.wakeups_armed() - armed <= 1,
+                "{} timeout requests armed over {ROUNDS} round trips",
+                sys.wakeups_armed() - armed
+            );
+            drop(stream);
+            echo.await.unwrap();
+            drop(timer);
+        });
+    }
+
     /// Bytes that arrive while nobody reads wait in the stream: found by
     /// `try_read_now` with no system call once a receive is armed, and the
     /// end of the stream is sticky like `recv`'s.

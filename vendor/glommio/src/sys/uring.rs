@@ -1269,13 +1269,21 @@ impl UringCommon for SleepableRing {
     }
 }
 
+/// How late the wake-up request may end a sleep after the next timer is
+/// due before another one is armed (see [`Reactor::arm_wakeup`]).
+const WAKEUP_SLACK: Duration = Duration::from_micros(50);
+
 pub(crate) struct Reactor {
     // FIXME: it is starting to feel we should clean this up to a Inner pattern
     main_ring: RefCell<SleepableRing>,
     poll_ring: RefCell<PollRing>,
 
-    /// Bounds a sleep when the kernel has no `IORING_FEAT_EXT_ARG`.
-    timeout_src: Cell<Option<Source>>,
+    /// The timeout request that ends a sleep when the next timer is due,
+    /// and when it fires. It stays armed from one sleep to the next (see
+    /// [`Reactor::arm_wakeup`]).
+    timeout_src: Cell<Option<(Instant, Source)>>,
+    /// Timeout requests armed by `arm_wakeup`, for tests.
+    wakeups_armed: Cell<u64>,
 
     // This keeps the `eventfd` alive. Drop will close it when we're done
     notifier: Arc<sys::SleepNotifier>,
@@ -1378,6 +1386,7 @@ impl Reactor {
             main_ring: RefCell::new(main_ring),
             poll_ring: RefCell::new(poll_ring),
             timeout_src: Cell::new(None),
+            wakeups_armed: Cell::new(0),
             blocking_thread,
             notifier,
             eventfd_src,
@@ -1506,6 +1515,12 @@ impl Reactor {
             op,
             &mut self.source_map.borrow_mut(),
         );
+    }
+
+    /// Timeout requests armed to end sleeps for timers (tests).
+    #[cfg(test)]
+    pub(crate) fn wakeups_armed(&self) -> u64 {
+        self.wakeups_armed.get()
     }
 
     /// `io_uring_enter` calls the main ring has made (those that submit
@@ -1806,8 +1821,9 @@ impl Reactor {
     /// thread) or `user_timer` passes, with one `io_uring_enter` that also
     /// submits everything queued.
     ///
-    /// Nothing is armed and cancelled per sleep: no timeout request (the
-    /// timeout goes in `io_uring_enter` itself), no preemption timer (there
+    /// Nothing is armed and cancelled per sleep: no timeout per sleep (a
+    /// timeout request stays armed for the next timer, see
+    /// [`Reactor::arm_wakeup`]), no preemption timer (there
     /// is nothing else to run), no second ring to link, and no
     /// `membarrier` (remote producers fence themselves, see
     /// [`sys::SleepNotifier::notify`]). Completions that wake no task (a
@@ -1852,18 +1868,16 @@ impl Reactor {
 
     fn sleep(&self, main_ring: &mut SleepableRing, user_timer: Option<Duration>) -> io::Result<()> {
         let deadline = user_timer.map(|d| Instant::now() + d);
-        if let (false, Some(d)) = (main_ring.ext_arg, user_timer) {
-            self.timeout_src.set(Some(main_ring.prepare_timeout(d)));
-            main_ring.fill_sq()?;
-        }
         loop {
-            let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-            if timeout == Some(Duration::ZERO) {
-                main_ring.enter(0, None)?;
-                main_ring.consume_completion_queue(&mut 0);
-                break;
+            if let Some(d) = deadline {
+                if Instant::now() >= d {
+                    main_ring.enter(0, None)?;
+                    main_ring.consume_completion_queue(&mut 0);
+                    break;
+                }
+                self.arm_wakeup(main_ring, d)?;
             }
-            main_ring.enter(1, timeout)?;
+            main_ring.enter(1, None)?;
             let mut woke = 0;
             main_ring.consume_completion_queue(&mut woke);
             let foreign = !self.eventfd_src.is_installed().unwrap();
@@ -1872,9 +1886,34 @@ impl Reactor {
                 break;
             }
         }
-        // A fallback timer that did not fire is cancelled.
-        drop(self.timeout_src.take());
         Ok(())
+    }
+
+    /// Makes sure a timeout request ends the coming sleep by `deadline`
+    /// (the next timer), without arming one per sleep.
+    ///
+    /// A timeout given to `io_uring_enter` itself arms a kernel timer at
+    /// every sleep, and in a virtual machine programming the timer device
+    /// is an exit to the hypervisor: under load there is nearly always some
+    /// timer pending (idle timeouts, pool checkouts), so every sleep paid
+    /// for it. The request here is armed once per timer instead, and stays
+    /// in the ring across sleeps while it fires in time for the next timer
+    /// (at most `WAKEUP_SLACK` late). One that fires early (the timer it
+    /// was armed for was cancelled) ends a sleep for nothing, and the next
+    /// one is armed then.
+    fn arm_wakeup(&self, main_ring: &mut SleepableRing, deadline: Instant) -> io::Result<()> {
+        if let Some((at, src)) = self.timeout_src.take() {
+            if at <= deadline + WAKEUP_SLACK && src.result().is_none() {
+                self.timeout_src.set(Some((at, src)));
+                return Ok(());
+            }
+            // Fired, or too late for this deadline: dropped (a request
+            // still in the ring is cancelled).
+        }
+        let src = main_ring.prepare_timeout(deadline.saturating_duration_since(Instant::now()));
+        self.timeout_src.set(Some((deadline, src)));
+        self.wakeups_armed.set(self.wakeups_armed.get() + 1);
+        main_ring.fill_sq()
     }
 
     pub(crate) fn flush_syscall_thread(&self) -> usize {

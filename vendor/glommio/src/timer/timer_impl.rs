@@ -820,6 +820,43 @@ mod test {
         });
     }
 
+    /// Patch 8: the wake-up request armed for a far timer does not delay a
+    /// nearer one added later, and one armed for a cancelled timer (it
+    /// fires early, for nothing) does not make the next timer fire early.
+    #[test]
+    fn wakeup_request_follows_the_next_timer() {
+        test_executor!(async move {
+            let far = crate::spawn_local(async {
+                Timer::new(Duration::from_secs(30)).await;
+            })
+            .detach();
+            // Let the executor sleep once with the far timer armed.
+            crate::executor().yield_task_queue_now().await;
+            Timer::new(Duration::from_millis(1)).await;
+            let start = Instant::now();
+            Timer::new(Duration::from_millis(30)).await;
+            let took = start.elapsed();
+            assert!(
+                took >= Duration::from_millis(30) && took < Duration::from_secs(5),
+                "a 30 ms timer after a 30 s one took {took:?}"
+            );
+            drop(far);
+
+            // A near timer gets a request armed, then is cancelled; a later
+            // timer must not fire when the cancelled one would have.
+            let near = crate::spawn_local(async {
+                Timer::new(Duration::from_millis(20)).await;
+            })
+            .detach();
+            crate::executor().yield_task_queue_now().await;
+            drop(near);
+            let start = Instant::now();
+            Timer::new(Duration::from_millis(120)).await;
+            let took = start.elapsed();
+            assert!(took >= Duration::from_millis(120), "fired early: {took:?}");
+        });
+    }
+
     #[test]
     fn timeout_does_not_expire() {
         test_executor!(async move {
