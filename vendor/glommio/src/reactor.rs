@@ -178,8 +178,7 @@ pub(crate) struct Reactor {
     /// ([`Reactor::need_preempt`]). Set when the executor starts running
     /// tasks; a clock read replaces the timer requests glommio used to arm
     /// and cancel in a latency ring at every turn of the executor.
-    /// When the running task queues should yield: nanoseconds on
-    /// `preempt_clock` (see [`Reactor::start_preempt_window`]).
+    /// Nanoseconds on `preempt_clock` (see [`Reactor::start_preempt_window`]).
     preempt_deadline: Cell<u64>,
     preempt_clock: Cell<libc::clockid_t>,
 }

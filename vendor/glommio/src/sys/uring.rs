@@ -905,9 +905,6 @@ struct SleepableRing {
     /// (`IORING_SETUP_DEFER_TASKRUN`): no task-work interrupts while tasks
     /// run, and the kernel flags pending completions (`IORING_SQ_TASKRUN`).
     defer_taskrun: bool,
-    /// `io_uring_enter` takes a timeout (`IORING_FEAT_EXT_ARG`, 5.11), so a
-    /// sleep with a timer due needs no timeout request.
-    ext_arg: bool,
     /// Provided buffers for socket receives (5.19); `None` on older kernels.
     buf_ring: Option<Rc<BufRing>>,
     /// `io_uring_enter` calls made on this ring, for tests.
@@ -940,7 +937,7 @@ impl SleepableRing {
         for &flags in MAIN_RING_SETUPS {
             let flags = flags | uring_sys::IORING_SETUP_CQSIZE;
             match iou::IoUring::new_with_raw_flags(size as _, flags, (size * 4) as _) {
-                Ok((ring, features)) => {
+                Ok((ring, _features)) => {
                     return Ok(SleepableRing {
                         ring,
                         size,
@@ -951,7 +948,6 @@ impl SleepableRing {
                         source_map,
                         in_kernel: 0,
                         defer_taskrun: flags & uring_sys::IORING_SETUP_DEFER_TASKRUN != 0,
-                        ext_arg: features & uring_sys::IORING_FEAT_EXT_ARG != 0,
                         buf_ring: None,
                         enters: 0,
                     })
@@ -1059,7 +1055,7 @@ impl SleepableRing {
                     Some(false) => break,
                     None => {
                         // Full: hand what is there to the kernel and go on.
-                        self.enter(0, None)?;
+                        self.enter(0)?;
                         if self.ring.sq().space_left() == 0 {
                             return Ok(());
                         }
@@ -1085,10 +1081,11 @@ impl SleepableRing {
     }
 
     /// One `io_uring_enter`: submits every prepared request and, with
-    /// `wait_nr` > 0, waits until that many completions are posted or
-    /// `timeout` passes. Interruptions, timeouts and a busy kernel are not
-    /// errors: the caller looks at what completed.
-    fn enter(&mut self, wait_nr: u32, timeout: Option<Duration>) -> io::Result<()> {
+    /// `wait_nr` > 0, waits until that many completions are posted (a timer
+    /// ends a wait through the timeout request `Reactor::arm_wakeup` keeps
+    /// in the ring). Interruptions and a busy kernel are not errors: the
+    /// caller looks at what completed.
+    fn enter(&mut self, wait_nr: u32) -> io::Result<()> {
         // SAFETY: the ring is ours and alive; flushing publishes SQEs that
         // `prepare_sqe` handed out and `fill_sqe` filled.
         let raw = unsafe { self.ring.raw_mut() };
@@ -1097,34 +1094,11 @@ impl SleepableRing {
         if wait_nr > 0 || self.defer_taskrun {
             flags |= uring_sys::IORING_ENTER_GETEVENTS;
         }
-        let ts;
-        let arg;
-        let (argp, argsz) = match timeout {
-            Some(d) if wait_nr > 0 && self.ext_arg => {
-                ts = uring_sys::__kernel_timespec {
-                    tv_sec: d.as_secs() as _,
-                    tv_nsec: d.subsec_nanos() as _,
-                };
-                arg = uring_sys::io_uring_getevents_arg {
-                    sigmask: 0,
-                    sigmask_sz: 8,
-                    pad: 0,
-                    ts: &ts as *const _ as u64,
-                };
-                flags |= uring_sys::IORING_ENTER_EXT_ARG;
-                (
-                    &arg as *const _ as *const libc::c_void,
-                    std::mem::size_of::<uring_sys::io_uring_getevents_arg>(),
-                )
-            }
-            _ => (ptr::null(), 0),
-        };
         if to_submit == 0 && flags == 0 {
             return Ok(());
         }
         self.enters += 1;
-        // SAFETY: io_uring_enter on our ring fd; `argp` is null or points to
-        // `arg`, alive until the call returns.
+        // SAFETY: io_uring_enter on our ring fd, with no argument.
         let ret = unsafe {
             libc::syscall(
                 libc::SYS_io_uring_enter,
@@ -1132,8 +1106,8 @@ impl SleepableRing {
                 to_submit,
                 wait_nr,
                 flags,
-                argp,
-                argsz,
+                ptr::null::<libc::c_void>(),
+                0usize,
             )
         };
         if ret >= 0 {
@@ -1801,7 +1775,7 @@ impl Reactor {
         main_ring.consume_completion_queue(woke);
         main_ring.fill_sq()?;
         if main_ring.waiting_kernel_submission() > 0 || main_ring.taskrun_pending() {
-            main_ring.enter(0, None)?;
+            main_ring.enter(0)?;
             main_ring.consume_completion_queue(woke);
         }
         *woke += self.flush_syscall_thread();
@@ -1861,7 +1835,7 @@ impl Reactor {
             }
             self.notifier.wake_up();
         }
-        main_ring.enter(0, None)?;
+        main_ring.enter(0)?;
         main_ring.consume_completion_queue(&mut 0);
         Ok(())
     }
@@ -1871,13 +1845,13 @@ impl Reactor {
         loop {
             if let Some(d) = deadline {
                 if Instant::now() >= d {
-                    main_ring.enter(0, None)?;
+                    main_ring.enter(0)?;
                     main_ring.consume_completion_queue(&mut 0);
                     break;
                 }
                 self.arm_wakeup(main_ring, d)?;
             }
-            main_ring.enter(1, None)?;
+            main_ring.enter(1)?;
             let mut woke = 0;
             main_ring.consume_completion_queue(&mut woke);
             let foreign = !self.eventfd_src.is_installed().unwrap();
@@ -2200,7 +2174,7 @@ mod tests {
         // for events: DEFER_TASKRUN)
         ring.submit_one_event(&mut queue.submissions);
         assert_eq!(2, ring.submit_sqes().unwrap());
-        ring.enter(0, None).unwrap();
+        ring.enter(0).unwrap();
         assert_eq!(2, ring.consume_completion_queue(&mut 0));
     }
 
