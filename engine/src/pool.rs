@@ -575,19 +575,13 @@ impl Pool {
                 return;
             }
             let now = Instant::now();
-            let mut expired = Vec::new();
-            let next = {
+            let (expired, next) = {
                 let mut waiters = pool.waiters.borrow_mut();
-                let mut kept = VecDeque::with_capacity(waiters.len());
-                for w in waiters.drain(..) {
-                    if w.tx.is_closed() || w.deadline <= now {
-                        expired.push(w);
-                    } else {
-                        kept.push_back(w);
-                    }
-                }
+                let (expired, kept): (VecDeque<Waiter>, VecDeque<Waiter>) = waiters
+                    .drain(..)
+                    .partition(|w| w.tx.is_closed() || w.deadline <= now);
                 *waiters = kept;
-                waiters.iter().map(|w| w.deadline).min()
+                (expired, waiters.iter().map(|w| w.deadline).min())
             };
             // Dropped outside the borrow: each wakes its checkout.
             drop(expired);

@@ -167,6 +167,20 @@ async fn checkout_timeout() {
 
     // Waiters that queue at different times each get their own 500 ms:
     // the second is not timed out with the first, nor left waiting.
+    let admin = crate::console_tests::console(pooler.session).await;
+    let waiting_clients = |n: &'static str| {
+        let admin = &admin;
+        eventually(
+            "the checkout is queued",
+            Duration::from_secs(5),
+            move || async move {
+                crate::console_tests::show(admin, "SHOW POOLS")
+                    .await
+                    .iter()
+                    .any(|p| p["database"] == "t1" && p["cl_waiting"] == n)
+            },
+        )
+    };
     let c = connect(addr).await;
     let d = connect(addr).await;
     let first = tokio::spawn(async move {
@@ -174,6 +188,8 @@ async fn checkout_timeout() {
         let r = c.simple_query("SELECT 5").await;
         (r.is_err(), start.elapsed(), c)
     });
+    waiting_clients("1").await;
+    // The second waiter queues 250 ms after the first (the offset under test).
     tokio::time::sleep(Duration::from_millis(250)).await;
     let start = Instant::now();
     let second = within_for(
@@ -197,7 +213,7 @@ async fn checkout_timeout() {
         let v: i32 = e.query_one("SELECT 7", &[]).await.unwrap().get(0);
         v
     });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    waiting_clients("1").await;
     within("A COMMIT", a.batch_execute("COMMIT")).await.unwrap();
     assert_eq!(within("E's query", waiting).await.unwrap(), 7);
 
