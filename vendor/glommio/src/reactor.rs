@@ -128,11 +128,9 @@ impl Timers {
         self.timers.insert((when, id), waker);
     }
 
-    /// Return the duration until next event and the number of
-    /// ready and woke timers.
-    fn process_timers(&mut self) -> (Option<Duration>, usize) {
-        let now = Instant::now();
-
+    /// Wakes the timers due at `now`; returns when the next one is due and
+    /// the number of timers woken.
+    fn process_timers(&mut self, now: Instant) -> (Option<Instant>, usize) {
         // Wake the timers that are due (earlier than now), first to last.
         // Nothing is allocated when none is: most parks find none.
         let mut woke = 0;
@@ -144,14 +142,7 @@ impl Timers {
             woke += 1;
             wake!(waker);
         }
-
-        // Calculate the duration until the next event.
-        let next = self
-            .timers
-            .keys()
-            .next()
-            .map(|(when, _)| when.saturating_duration_since(now));
-        (next, woke)
+        (self.timers.keys().next().map(|(when, _)| *when), woke)
     }
 }
 
@@ -168,6 +159,9 @@ pub(crate) struct Reactor {
     pub(crate) sys: sys::Reactor,
 
     timers: RefCell<Timers>,
+
+    /// When the clock was last read for the timers (see `recent_now`).
+    now: Cell<Instant>,
 
     shared_channels: RefCell<SharedChannels>,
 
@@ -195,6 +189,7 @@ impl Reactor {
         Ok(Reactor {
             sys,
             timers: RefCell::new(Timers::new()),
+            now: Cell::new(Instant::now()),
             shared_channels: RefCell::new(SharedChannels::new()),
             io_scheduler: Rc::new(IoScheduler::new()),
             record_io_latencies,
@@ -863,9 +858,18 @@ impl Reactor {
     /// Processes ready timers and extends the list of wakers to wake.
     ///
     /// Returns the duration until the next timer
-    fn process_timers(&self) -> (Option<Duration>, usize) {
+    fn process_timers(&self) -> (Option<Instant>, usize) {
+        let now = Instant::now();
+        self.now.set(now);
         let mut timers = self.timers.borrow_mut();
-        timers.process_timers()
+        timers.process_timers(now)
+    }
+
+    /// The time this executor last read the clock for its timers: after its
+    /// last sleep (or poll for I/O), before the tasks it woke ran. Reading it
+    /// costs no clock read; it is as old as the current run of tasks.
+    pub(crate) fn recent_now(&self) -> Instant {
+        self.now.get()
     }
 
     fn process_shared_channels(&self) -> usize {
@@ -904,7 +908,7 @@ impl Reactor {
         Ok(woke > 0)
     }
 
-    fn process_external_events(&self) -> (Option<Duration>, usize) {
+    fn process_external_events(&self) -> (Option<Instant>, usize) {
         let (next_timer, mut woke) = self.process_timers();
         woke += self.process_shared_channels();
         (next_timer, woke)

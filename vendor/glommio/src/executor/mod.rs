@@ -1509,13 +1509,15 @@ impl LocalExecutor {
                             break;
                         }
                     }
+                    // reset the timer for deduct spin loop time
+                    pre_time = Instant::now();
                 } else {
                     this.parker
                         .park()
                         .expect("Failed to park! This is actually pretty bad!");
+                    // The park read the clock for the timers as it woke.
+                    pre_time = this.reactor.recent_now();
                 }
-                // reset the timer for deduct spin loop time
-                pre_time = Instant::now();
             }
         };
 

@@ -1792,7 +1792,7 @@ impl Reactor {
     }
 
     /// Sleeps until a task is woken (by I/O, a remote executor or a blocking
-    /// thread) or `user_timer` passes, with one `io_uring_enter` that also
+    /// thread) or `next_timer` is due, with one `io_uring_enter` that also
     /// submits everything queued.
     ///
     /// Nothing is armed and cancelled per sleep: no timeout per sleep (a
@@ -1807,7 +1807,7 @@ impl Reactor {
     /// polled I/O (O_DIRECT files on the poll ring) is in flight.
     pub(crate) fn park<F>(
         &self,
-        user_timer: Option<Duration>,
+        next_timer: Option<Instant>,
         process_remote_channels: F,
     ) -> io::Result<()>
     where
@@ -1829,7 +1829,7 @@ impl Reactor {
             // they queued before that is found here.
             self.notifier.prepare_to_sleep();
             if process_remote_channels() + self.flush_syscall_thread() == 0 {
-                self.sleep(&mut main_ring, user_timer)?;
+                self.sleep(&mut main_ring, next_timer)?;
                 self.notifier.wake_up();
                 return Ok(());
             }
@@ -1840,23 +1840,22 @@ impl Reactor {
         Ok(())
     }
 
-    fn sleep(&self, main_ring: &mut SleepableRing, user_timer: Option<Duration>) -> io::Result<()> {
-        let deadline = user_timer.map(|d| Instant::now() + d);
+    /// Sleeps until a completion, a remote wake-up or `deadline`. The clock
+    /// is read only when a wake-up brought nothing: the caller has just
+    /// read it to find `deadline`, and an armed wake-up that fires late is
+    /// found by the timers the caller processes next.
+    fn sleep(&self, main_ring: &mut SleepableRing, deadline: Option<Instant>) -> io::Result<()> {
         loop {
             if let Some(d) = deadline {
-                if Instant::now() >= d {
-                    main_ring.enter(0)?;
-                    main_ring.consume_completion_queue(&mut 0);
-                    break;
-                }
                 self.arm_wakeup(main_ring, d)?;
             }
             main_ring.enter(1)?;
             let mut woke = 0;
             main_ring.consume_completion_queue(&mut woke);
-            let foreign = !self.eventfd_src.is_installed().unwrap();
-            let due = deadline.is_some_and(|d| Instant::now() >= d);
-            if woke > 0 || foreign || due {
+            if woke > 0 || !self.eventfd_src.is_installed().unwrap() {
+                break;
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
                 break;
             }
         }

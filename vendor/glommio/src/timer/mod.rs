@@ -11,6 +11,29 @@ pub use timer_impl::{Timer, TimerActionOnce, TimerActionRepeat};
 
 type Result<T> = crate::Result<T, ()>;
 
+/// The time the executor last read the clock: after it last woke up (or
+/// polled for I/O), before the tasks it woke ran. No clock is read, which
+/// makes it the cheap way to stamp events (a reply's arrival, a connection's
+/// last use) with the wake-up that brought them; it lags the clock by as
+/// long as the current run of tasks has taken. Outside an executor it is
+/// `Instant::now()`.
+///
+/// ```
+/// use glommio::{timer::recent_now, LocalExecutor};
+/// use std::time::Instant;
+///
+/// LocalExecutor::default().run(async {
+///     assert!(recent_now() <= Instant::now());
+/// });
+/// ```
+pub fn recent_now() -> std::time::Instant {
+    if crate::executor::executor_id().is_some() {
+        crate::executor().reactor().recent_now()
+    } else {
+        std::time::Instant::now()
+    }
+}
+
 /// Sleep for some time.
 ///
 /// ```

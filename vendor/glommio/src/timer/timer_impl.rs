@@ -820,6 +820,26 @@ mod test {
         });
     }
 
+    /// Patch 9: `recent_now` is the clock read when the executor last woke
+    /// up, and running tasks do not move it.
+    #[test]
+    fn recent_now_is_the_clock_at_the_last_wake_up() {
+        test_executor!(async move {
+            let before = Instant::now();
+            Timer::new(Duration::from_millis(20)).await;
+            let woke = crate::timer::recent_now();
+            assert!(woke >= before + Duration::from_millis(20), "read before the timer fired");
+            assert!(woke <= Instant::now());
+            let busy_until = Instant::now() + Duration::from_millis(5);
+            while Instant::now() < busy_until {}
+            assert_eq!(crate::timer::recent_now(), woke, "moved while tasks ran");
+            Timer::new(Duration::from_millis(1)).await;
+            assert!(crate::timer::recent_now() >= busy_until, "not read at the next wake-up");
+        });
+        let outside = crate::timer::recent_now();
+        assert!(outside <= Instant::now());
+    }
+
     /// Patch 8: the wake-up request armed for a far timer does not delay a
     /// nearer one added later, and one armed for a cancelled timer (it
     /// fires early, for nothing) does not make the next timer fire early.
