@@ -424,6 +424,13 @@ impl Pool {
     /// with a growing pause, up to the same deadline, so that clients wait
     /// for the database instead of failing.
     pub async fn checkout(self: &Rc<Self>, wait: Duration) -> Result<PooledConn, EngineError> {
+        // The common case first, without reading the clock.
+        if let Some(conn) = self.take_idle() {
+            return Ok(PooledConn {
+                conn: Some(conn),
+                pool: self.clone(),
+            });
+        }
         let deadline = Instant::now() + wait;
         let mut pause = RECONNECT_PAUSE_MIN;
         loop {
@@ -616,7 +623,6 @@ impl Pool {
         let Some(mut conn) = pooled.conn.take() else {
             return;
         };
-        conn.last_used = Instant::now();
         conn.buf.release_if_empty();
         conn.stream.arm_read();
         if !conn.is_clean()

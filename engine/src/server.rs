@@ -3,7 +3,7 @@
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::os::fd::AsRawFd;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
@@ -137,8 +137,6 @@ pub struct ServerConn {
     pub cancel: Option<std::rc::Rc<CancelTarget>>,
     /// ParameterStatus frames received at login, as they came.
     pub login_params: BytesMut,
-    pub created: Instant,
-    pub last_used: Instant,
     /// Last ReadyForQuery status.
     pub status: u8,
     /// The pool generation (database address) it was opened for.
@@ -441,7 +439,6 @@ impl ServerConn {
                 READY_FOR_QUERY_TAG => {
                     let status = backend::decode_ready_for_query(&body)
                         .map_err(EngineError::ServerProtocol)?;
-                    let now = Instant::now();
                     let meta = std::rc::Rc::new(ServerMeta {
                         addr,
                         backend_pid: cancel.as_ref().map_or(0, |c| c.key.process_id),
@@ -455,8 +452,6 @@ impl ServerConn {
                         walker: Walker::default(),
                         cancel,
                         login_params,
-                        created: now,
-                        last_used: now,
                         status,
                         generation: 0,
                         prepared: crate::prepared::ServerStmts::default(),
