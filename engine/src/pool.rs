@@ -418,20 +418,13 @@ impl Pool {
     }
 
     /// Takes a connection: an idle one, a new one while below `pool_size`, or
-    /// the next one given back, waiting at most `wait`.
-    /// A connection for a client, within `wait`. While the database is
+    /// the next one given back, waiting at most `wait`. While the database is
     /// unreachable (restarting, failing over) new connections are retried
     /// with a growing pause, up to the same deadline, so that clients wait
     /// for the database instead of failing.
     pub async fn checkout(self: &Rc<Self>, wait: Duration) -> Result<PooledConn, EngineError> {
-        // The common case first, without reading the clock.
-        if let Some(conn) = self.take_idle() {
-            return Ok(PooledConn {
-                conn: Some(conn),
-                pool: self.clone(),
-            });
-        }
-        let deadline = Instant::now() + wait;
+        // Set when the first idle connection is missed: the common case reads no clock.
+        let mut deadline = None;
         let mut pause = RECONNECT_PAUSE_MIN;
         loop {
             if let Some(conn) = self.take_idle() {
@@ -440,6 +433,7 @@ impl Pool {
                     pool: self.clone(),
                 });
             }
+            let deadline = *deadline.get_or_insert_with(|| Instant::now() + wait);
             if self.retired.get() {
                 return Err(EngineError::Refused(if self.fenced.get() {
                     Refusal::Cluster(crate::error::FENCED.to_string())

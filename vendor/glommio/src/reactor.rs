@@ -855,9 +855,8 @@ impl Reactor {
         timers.timers.contains_key(id)
     }
 
-    /// Processes ready timers and extends the list of wakers to wake.
-    ///
-    /// Returns the duration until the next timer
+    /// Reads the clock (kept for `recent_now`) and wakes the timers due;
+    /// returns when the next timer is due and how many were woken.
     fn process_timers(&self) -> (Option<Instant>, usize) {
         let now = Instant::now();
         self.now.set(now);

@@ -109,6 +109,26 @@ pub(crate) fn executor_id() -> Option<usize> {
     }
 }
 
+/// See [`crate::timer::recent_now`]: one thread-local access, no clock read
+/// inside an executor.
+pub(crate) fn recent_now() -> Instant {
+    #[cfg(not(feature = "native-tls"))]
+    {
+        if LOCAL_EX.is_set() {
+            LOCAL_EX.with(|ex| ex.reactor.recent_now())
+        } else {
+            Instant::now()
+        }
+    }
+
+    #[cfg(feature = "native-tls")]
+    unsafe {
+        LOCAL_EX
+            .as_ref()
+            .map_or_else(Instant::now, |ex| ex.reactor.recent_now())
+    }
+}
+
 #[derive(Default, Debug, Copy, Clone, Eq, PartialEq, Hash)]
 /// An opaque handle indicating in which queue a group of tasks will execute.
 /// Tasks in the same group will execute in FIFO order but no guarantee is made

@@ -27,11 +27,7 @@ type Result<T> = crate::Result<T, ()>;
 /// });
 /// ```
 pub fn recent_now() -> std::time::Instant {
-    if crate::executor::executor_id().is_some() {
-        crate::executor().reactor().recent_now()
-    } else {
-        std::time::Instant::now()
-    }
+    crate::executor::recent_now()
 }
 
 /// Sleep for some time.
