@@ -600,8 +600,7 @@ async fn one_pool_per_key_in_the_cluster() {
     })
     .await;
     let cancelled_at = Instant::now();
-    token
-        .cancel_query(tokio_postgres::NoTls)
+    cancel_and_wait(&token, cluster.pooler(other).transaction)
         .await
         .expect("send cancel");
     let r = within("cancelled query", sleeping).await.expect("task");

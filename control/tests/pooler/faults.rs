@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use crate::harness::*;
 
@@ -54,9 +54,9 @@ async fn cancel_running_query() {
                 );
             }
             let start = Instant::now();
-            within("send cancel", token.cancel_query(NoTls))
+            within("send cancel", cancel_and_wait(&token, addr))
                 .await
-                .unwrap_or_else(|e| panic!("{port} round {round}: cancel request failed: {e:?}"));
+                .unwrap_or_else(|e| panic!("{port} round {round}: {e}"));
             let r = within_for(Duration::from_secs(5), "cancelled query returns", running)
                 .await
                 .unwrap();

@@ -72,6 +72,36 @@ pub async fn within_for<T>(limit: Duration, what: &str, fut: impl Future<Output 
     }
 }
 
+/// Sends the client's cancel request to `addr` the way libpq's PQcancel does: the request,
+/// then a wait until the pooler closes the connection, which it does once the database has
+/// processed the request. tokio-postgres' `cancel_query` returns as soon as the request is
+/// written, so a query sent right after it could still be hit by the cancel (PostgreSQL 15
+/// signals the backend twice, pid then process group; a cancel process preempted between the
+/// two lets the second SIGINT land on the next query of the same backend).
+pub async fn cancel_and_wait(
+    token: &tokio_postgres::CancelToken,
+    addr: SocketAddr,
+) -> Result<(), String> {
+    use tokio::io::AsyncReadExt;
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect for cancel: {e}"))?;
+    token
+        .cancel_query_raw(&mut s, NoTls)
+        .await
+        .map_err(|e| format!("send cancel: {e}"))?;
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest)
+        .await
+        .map_err(|e| format!("waiting for the pooler to close the cancel connection: {e}"))?;
+    if !rest.is_empty() {
+        return Err(format!(
+            "the pooler answered a cancel request with {rest:?}"
+        ));
+    }
+    Ok(())
+}
+
 /// Poll `cond` every 50 ms until it holds, panicking after `limit`.
 pub async fn eventually<F, Fut>(what: &str, limit: Duration, mut cond: F)
 where
