@@ -525,6 +525,10 @@ async fn serve_local(shard: &Rc<Shard>, client: Admitted) -> Option<Box<Admitted
     // travel with it: as leftover (deframed, for a WebSocket), or inside
     // the TLS session.
     let mut leftover = leftover;
+    let mut stream = stream;
+    if stream.quiesce().await.is_err() {
+        return None;
+    }
     let (stream, ws) = match stream {
         Stream::Ws(mut w) => {
             if w.flush().await.is_err() {

@@ -329,8 +329,9 @@ impl Stream {
     }
 
     /// Waits until the socket has no request in the ring (what TLS holds
-    /// sent, the last send completed, the armed receive cancelled), for a
-    /// parked client.
+    /// sent, the last send completed, the armed receive cancelled): for a
+    /// parked client, and before a socket changes shards (a receive stays
+    /// armed after a read, and would take what arrives meanwhile).
     pub async fn quiesce(&mut self) -> io::Result<()> {
         match self {
             Stream::Plain(s) => s.quiesce().await.map_err(io::Error::from),
@@ -338,7 +339,10 @@ impl Stream {
                 TlsIo { tcp, tls }.flush().await?;
                 tcp.quiesce().await.map_err(io::Error::from)
             }
-            Stream::Ws(_) => Ok(()),
+            Stream::Ws(w) => {
+                w.flush().await?;
+                Box::pin(w.inner_mut().quiesce()).await
+            }
         }
     }
 
