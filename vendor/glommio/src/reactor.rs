@@ -175,6 +175,10 @@ pub(crate) struct Reactor {
     /// Nanoseconds on `preempt_clock` (see [`Reactor::start_preempt_window`]).
     preempt_deadline: Cell<u64>,
     preempt_clock: Cell<libc::clockid_t>,
+
+    /// Sockets receive with multishot requests (cleared when the kernel
+    /// refuses one: before 6.0).
+    multishot_recv: Cell<bool>,
 }
 
 impl Reactor {
@@ -195,6 +199,7 @@ impl Reactor {
             record_io_latencies,
             preempt_deadline: Cell::new(0),
             preempt_clock: Cell::new(libc::CLOCK_MONOTONIC),
+            multishot_recv: Cell::new(true),
         })
     }
 
@@ -556,6 +561,33 @@ impl Reactor {
     pub(crate) fn recv_select(&self, fd: RawFd) -> Source {
         let source = self.new_source(fd, SourceType::SockRecvSelect(None), None);
         self.sys.recv_select(&source);
+        source
+    }
+
+    /// A receive armed for a stream: multishot where the kernel has it,
+    /// else a single receive into a provided buffer.
+    pub(crate) fn recv_armed(&self, fd: RawFd) -> Source {
+        if self.multishot_recv.get() {
+            self.recv_multi(fd)
+        } else {
+            self.recv_select(fd)
+        }
+    }
+
+    /// The kernel refused a multishot receive: single receives from now on.
+    pub(crate) fn no_multishot_recv(&self) {
+        self.multishot_recv.set(false);
+    }
+
+    /// A multishot receive through the ring into provided buffers,
+    /// submitted with the next `io_uring_enter` (see `sys::recv_multi`).
+    pub(crate) fn recv_multi(&self, fd: RawFd) -> Source {
+        let source = self.new_source(
+            fd,
+            SourceType::SockRecvMulti(crate::sys::MultiRecv::default()),
+            None,
+        );
+        self.sys.recv_multi(&source);
         source
     }
 

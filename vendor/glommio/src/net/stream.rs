@@ -332,15 +332,48 @@ impl<S: AsRawFd> NonBufferedStream<S> {
         Some(n)
     }
 
-    /// The outcome of the receive in flight, once it has completed.
+    /// What the armed receive brought: its next buffer (a multishot
+    /// receive may have several), else its outcome once it has ended;
+    /// `None` while nothing has arrived, or when a multishot receive ended
+    /// with nothing more to say (cancelled, or stopped after its last
+    /// buffer): the next read arms another.
     fn take_received(&mut self) -> Option<io::Result<Received>> {
         if self.rx_eof {
             return Some(Ok(Received::Eof));
         }
-        let result = self.source_rx.as_ref()?.result()?;
+        let source = self.source_rx.as_ref()?;
+        if let SourceType::SockRecvMulti(multi) = &mut *source.source_type_mut() {
+            if let Some(b) = multi.bufs.pop_front() {
+                return Some(Ok(Received::Bytes(b)));
+            }
+        }
+        let result = source.result()?;
         let source = self.source_rx.take()?;
         let slot = match source.extract_source_type() {
             SourceType::SockRecvSelect(slot) => slot,
+            SourceType::SockRecvMulti(multi) => {
+                return match result {
+                    Ok(0) => {
+                        self.rx_eof = true;
+                        Some(Ok(Received::Eof))
+                    }
+                    Ok(_) => None,
+                    // `-ECANCELED` (reported as a timeout) after a cancel
+                    // of ours: too many buffers unread, or `quiesce`.
+                    Err(e) if multi.cancelling && e.kind() == io::ErrorKind::TimedOut => None,
+                    Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                        Some(Ok(Received::NoBuffer))
+                    }
+                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                        // A kernel without multishot receives (before 6.0).
+                        if let Some(r) = self.reactor.upgrade() {
+                            r.no_multishot_recv();
+                        }
+                        None
+                    }
+                    Err(e) => Some(Err(e)),
+                };
+            }
             _ => None,
         };
         Some(match (result, slot) {
@@ -419,7 +452,7 @@ impl<S: AsRawFd> NonBufferedStream<S> {
         }
         let reactor = self.reactor.upgrade().unwrap();
         if reactor.has_buf_ring() {
-            self.source_rx = Some(reactor.recv_select(self.stream.as_raw_fd()));
+            self.source_rx = Some(reactor.recv_armed(self.stream.as_raw_fd()));
         }
     }
 
@@ -452,10 +485,29 @@ impl<S: AsRawFd> NonBufferedStream<S> {
                     continue;
                 }
                 if !self.rx_cancelling {
+                    if let SourceType::SockRecvMulti(multi) = &mut *source.source_type_mut() {
+                        multi.cancelling = true;
+                    }
                     self.rx_cancelling = source.cancel_in_flight();
                 }
                 source.add_waiter_single(cx.waker());
                 return Poll::Pending;
+            }
+            let multi = match &*source.source_type() {
+                SourceType::SockRecvMulti(multi) => Some(!multi.bufs.is_empty()),
+                _ => None,
+            };
+            if let Some(has_bufs) = multi {
+                self.rx_cancelling = false;
+                if has_bufs {
+                    // Out of the kernel: it keeps its buffers (and its
+                    // outcome) for the next read.
+                    return Poll::Ready(Ok(()));
+                }
+                return match self.take_received() {
+                    Some(Err(e)) => Poll::Ready(Err(e)),
+                    _ => Poll::Ready(Ok(())),
+                };
             }
             let cancelled = std::mem::take(&mut self.rx_cancelling);
             match self.take_received() {
@@ -472,14 +524,24 @@ impl<S: AsRawFd> NonBufferedStream<S> {
         }
     }
 
-    /// Bytes were received and not read yet.
+    /// Bytes were received and not read yet (or the end of the stream).
     pub(crate) fn has_held(&self) -> bool {
-        self.rx_held.is_some()
-            || self.rx_eof
-            || matches!(
-                self.source_rx.as_ref().and_then(|s| s.result()),
-                Some(Ok(_))
-            )
+        if self.rx_held.is_some() || self.rx_eof {
+            return true;
+        }
+        let Some(source) = self.source_rx.as_ref() else {
+            return false;
+        };
+        let multi = match &*source.source_type() {
+            SourceType::SockRecvMulti(multi) if !multi.bufs.is_empty() => return true,
+            SourceType::SockRecvMulti(_) => true,
+            _ => false,
+        };
+        match source.result() {
+            Some(Ok(0)) => true,
+            Some(Ok(_)) => !multi,
+            _ => false,
+        }
     }
 
     pub(crate) fn poll_read(
@@ -517,7 +579,7 @@ impl<S: AsRawFd> NonBufferedStream<S> {
         }
         poll_err!(self.read_timeout.check(&reactor));
         if self.source_rx.is_none() {
-            self.source_rx = Some(reactor.recv_select(self.stream.as_raw_fd()));
+            self.source_rx = Some(reactor.recv_armed(self.stream.as_raw_fd()));
         }
         let source = self.source_rx.as_ref().unwrap();
         source.add_waiter_single(cx.waker());
@@ -846,6 +908,19 @@ impl<S: AsRawFd, B: RxBuf> GlommioStream<S, B> {
             self.stream.source_tx.is_some(),
             self.stream.source_rx.is_some(),
         )
+    }
+
+    /// The armed receive: its identity, the buffers it holds unread, and
+    /// whether it has ended.
+    #[cfg(test)]
+    pub(crate) fn rx_state(&self) -> Option<(*const (), usize, bool)> {
+        let source = self.stream.source_rx.as_ref()?;
+        let held = match &*source.source_type() {
+            SourceType::SockRecvMulti(multi) => multi.bufs.len(),
+            _ => 0,
+        };
+        let id = &*source.inner as *const _ as *const ();
+        Some((id, held, source.result().is_some()))
     }
 
     /// Bytes (or the end of stream) wait to be read without a system call.

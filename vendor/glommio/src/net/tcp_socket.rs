@@ -562,6 +562,9 @@ impl<B: RxBuf> TcpStream<B> {
     /// yet (patched glommio: a receive through the ring may bring more than
     /// the read asked for). For a socket that is about to change hands (its
     /// fd sent to another executor): what is returned must travel with it.
+    /// A receive stays armed after a read (a multishot receive): call
+    /// [`Self::quiesce`] first, or bytes arriving meanwhile may be taken by
+    /// it and lost with this stream.
     pub fn take_buffered(&mut self) -> Vec<u8> {
         let mut out = Vec::new();
         self.stream.take_buffered(&mut out);
@@ -1239,6 +1242,78 @@ mod tests {
             let mut got = [0u8; 5];
             stream.read_exact(&mut got).await.unwrap();
             assert_eq!(&got, b"later");
+        });
+    }
+
+    /// Patch 10: one multishot receive serves every read of a stream; no
+    /// request is submitted per read.
+    #[test]
+    fn multishot_receive_stays_armed() {
+        test_executor!(async move {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap();
+            let mut stream = TcpStream::connect(addr).await.unwrap();
+            let mut peer = listener.accept().await.unwrap();
+            let mut first = None;
+            for round in 0..20u8 {
+                peer.write_all(&[round; 100]).await.unwrap();
+                peer.flush().await.unwrap();
+                let mut got = [0u8; 100];
+                stream.read_exact(&mut got).await.unwrap();
+                assert_eq!(got, [round; 100]);
+                let (id, _, ended) = stream.stream.rx_state().expect("no receive armed");
+                assert!(!ended, "round {round}: the multishot receive ended");
+                assert_eq!(*first.get_or_insert(id), id, "round {round}: a new receive");
+            }
+            drop(peer);
+            let mut buf = [0u8; 8];
+            assert_eq!(stream.read(&mut buf).await.unwrap(), 0);
+        });
+    }
+
+    /// Patch 10: a stream nobody reads stops taking buffers from the
+    /// executor's ring once it holds `MULTISHOT_HELD_MAX` of them; the rest
+    /// waits in the socket, and reading gets every byte, in order.
+    #[test]
+    fn unread_multishot_receive_stops_taking_buffers() {
+        use crate::sys::MULTISHOT_HELD_MAX;
+        const TOTAL: usize = 512 * 1024;
+        test_executor!(async move {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap();
+            let mut stream = TcpStream::connect(addr).await.unwrap();
+            let mut peer = listener.accept().await.unwrap();
+            let writer = crate::spawn_local(async move {
+                let data: Vec<u8> = (0..TOTAL).map(|i| (i % 251) as u8).collect();
+                for chunk in data.chunks(16 * 1024) {
+                    peer.write_all(chunk).await.unwrap();
+                    peer.flush().await.unwrap();
+                }
+                peer
+            });
+            stream.arm_read();
+            let mut turns = 0;
+            let held = loop {
+                match stream.stream.rx_state() {
+                    Some((_, held, true)) => break held,
+                    _ => {
+                        turns += 1;
+                        assert!(turns < 2000, "the unread receive never stopped");
+                        crate::timer::sleep(Duration::from_millis(1)).await;
+                    }
+                }
+            };
+            assert!(
+                (MULTISHOT_HELD_MAX..=2 * MULTISHOT_HELD_MAX).contains(&held),
+                "{held} buffers held unread"
+            );
+            let mut got = vec![0u8; TOTAL];
+            stream.read_exact(&mut got).await.unwrap();
+            assert!(
+                got.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8),
+                "bytes lost or out of order"
+            );
+            drop(writer.await);
         });
     }
 

@@ -41,6 +41,9 @@ pub(crate) enum SourceType {
     /// A receive into a buffer the kernel picks from the executor's ring of
     /// provided buffers when bytes arrive.
     SockRecvSelect(Option<crate::sys::buf_ring::ProvidedBuf>),
+    /// A multishot receive into provided buffers: what it received and the
+    /// reader has not taken yet.
+    SockRecvMulti(MultiRecv),
     // The large variants are boxed: every source (one per socket waiting
     // to read, in a pooler with many idle clients) is as large as the
     // largest variant.
@@ -92,6 +95,14 @@ impl TryFrom<SourceType> for Statx {
             )),
         }
     }
+}
+
+/// The buffers a multishot receive filled, oldest first.
+#[derive(Debug, Default)]
+pub(crate) struct MultiRecv {
+    pub(crate) bufs: std::collections::VecDeque<crate::sys::buf_ring::ProvidedBuf>,
+    /// Cancelled because the reader left too many buffers unread.
+    pub(crate) cancelling: bool,
 }
 
 #[derive(PartialEq, Clone, Copy)]

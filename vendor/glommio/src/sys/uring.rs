@@ -56,6 +56,14 @@ const MSG_ZEROCOPY: i32 = 0x4000000;
 const IOSQE_BUFFER_SELECT: u8 = 1 << 5;
 const IORING_CQE_F_BUFFER: u32 = 1 << 0;
 const IORING_CQE_BUFFER_SHIFT: u32 = 16;
+/// More completions will follow for this request (a multishot receive).
+const IORING_CQE_F_MORE: u32 = 1 << 1;
+/// In a receive's `ioprio`: stay armed, one completion per arrival (6.0).
+const IORING_RECV_MULTISHOT: u16 = 1 << 1;
+/// A multishot receive whose reader has not taken this many buffers is
+/// cancelled (and armed again once they are read), so that a stream nobody
+/// reads cannot take the executor's ring of provided buffers for itself.
+pub(crate) const MULTISHOT_HELD_MAX: usize = 4;
 /// The provided-buffer ring of the main ring: this many buffers of this
 /// size per executor (4 MiB), buffer group 0.
 const BUF_RING_ENTRIES: u16 = 256;
@@ -88,6 +96,8 @@ enum UringOpDescriptor {
     SockRecv(usize, i32),
     /// `len`, buffer group.
     SockRecvSelect(usize, u16),
+    /// Multishot receive into provided buffers of this group.
+    SockRecvMulti(u16),
     SockRecvMsg(usize, i32),
     Nop,
 }
@@ -432,6 +442,16 @@ fn fill_sqe<F>(
                 raw.buf_index.buf_index.index_or_group = bgid;
             }
 
+            UringOpDescriptor::SockRecvMulti(bgid) => {
+                // Armed once: every arrival completes with a buffer of group
+                // `bgid` and `IORING_CQE_F_MORE` while it stays armed.
+                let raw = sqe.raw_mut();
+                uring_sys::io_uring_prep_recv(raw, op.fd, ptr::null_mut(), 0, 0);
+                raw.flags |= IOSQE_BUFFER_SELECT;
+                raw.ioprio |= IORING_RECV_MULTISHOT;
+                raw.buf_index.buf_index.index_or_group = bgid;
+            }
+
             UringOpDescriptor::SockRecvMsg(len, flags) => {
                 let mut buf = DmaBuffer::new(len).expect("failed to allocate buffer");
                 source_map.peek_source_mut(from_user_data(op.user_data), |mut src| {
@@ -585,21 +605,26 @@ where
             return Some(false);
         }
 
-        let src = source_map
-            .borrow_mut()
-            .consume_source(from_user_data(value.user_data()));
+        let flags = value.raw_flags();
+        let id = from_user_data(value.user_data());
+        // A multishot request stays in the map until its last completion
+        // (the one without `IORING_CQE_F_MORE`).
+        let more = flags & IORING_CQE_F_MORE != 0;
+        let src = if more {
+            source_map.borrow()[id].clone()
+        } else {
+            source_map.borrow_mut().consume_source(id)
+        };
 
         let result = value.result();
 
         let mut woke = false;
         if try_process(src.borrow()).is_none() {
-            let res = Some(post_process(
-                src.borrow_mut(),
-                transmute_error(result),
-                value.raw_flags(),
-            ));
+            let res = post_process(src.borrow_mut(), transmute_error(result), flags);
             let mut inner_source = src.borrow_mut();
-            inner_source.wakers.result = res;
+            if !more {
+                inner_source.wakers.result = Some(res);
+            }
             woke = inner_source.wakers.wake_waiters();
         }
         return Some(woke);
@@ -1172,12 +1197,17 @@ impl UringCommon for SleepableRing {
     fn consume_one_event(&mut self) -> Option<bool> {
         let source_map = self.source_map.clone();
         let buf_ring = self.buf_ring.clone();
+        let cqe = self.ring.peek_for_cqe();
+        let more = cqe
+            .as_ref()
+            .is_some_and(|c| c.raw_flags() & IORING_CQE_F_MORE != 0);
         process_one_event(
-            self.ring.peek_for_cqe(),
+            cqe,
             |_| None,
             |mut src, res, flags| {
                 record_stats(self, &mut src, &res);
-                match &mut src.source_type {
+                let inner = &mut *src;
+                match &mut inner.source_type {
                     SourceType::ForeignNotifier(_, installed) => *installed = false,
                     SourceType::SockSendOwned(buf) => {
                         // The bytes are in the socket (or never will be): the
@@ -1191,6 +1221,24 @@ impl UringCommon for SleepableRing {
                                 io::ErrorKind::BrokenPipe,
                                 "the connection failed during a send",
                             ));
+                        }
+                    }
+                    SourceType::SockRecvMulti(multi) => {
+                        if let (Some(ring), Ok(len), true) =
+                            (&buf_ring, &res, flags & IORING_CQE_F_BUFFER != 0)
+                        {
+                            let bid = (flags >> IORING_CQE_BUFFER_SHIFT) as u16;
+                            multi.bufs.push_back(ring.take(bid, *len));
+                        }
+                        if flags & IORING_CQE_F_MORE != 0
+                            && multi.bufs.len() >= MULTISHOT_HELD_MAX
+                            && !multi.cancelling
+                        {
+                            // Nobody reads: stop taking buffers.
+                            if let Some(e) = &inner.enqueued {
+                                e.queue.borrow_mut().cancel_request(e.id);
+                                multi.cancelling = true;
+                            }
                         }
                     }
                     SourceType::SockRecvSelect(slot) if flags & IORING_CQE_F_BUFFER != 0 => {
@@ -1208,7 +1256,9 @@ impl UringCommon for SleepableRing {
             source_map,
         )
         .map(|x| {
-            self.in_kernel -= 1;
+            if !more {
+                self.in_kernel = self.in_kernel.saturating_sub(1);
+            }
             x
         })
     }
@@ -1519,6 +1569,24 @@ impl Reactor {
             &mut *self.ring_for_source(source),
             source,
             UringOpDescriptor::SockRecvSelect(len, bgid),
+            &mut self.source_map.borrow_mut(),
+        );
+    }
+
+    /// Queues a multishot receive into provided buffers: it stays armed and
+    /// completes once per arrival, each completion with a buffer queued in
+    /// the source (`SourceType::SockRecvMulti`), until the peer closes, an
+    /// error, no buffer is free (`ENOBUFS`), the reader leaves
+    /// [`MULTISHOT_HELD_MAX`] buffers unread, or it is cancelled.
+    pub(crate) fn recv_multi(&self, source: &Source) {
+        let bgid = match &self.main_ring.borrow().buf_ring {
+            Some(ring) => ring.bgid(),
+            None => unreachable!("recv_multi without a ring of provided buffers"),
+        };
+        queue_request_into_ring(
+            &mut *self.ring_for_source(source),
+            source,
+            UringOpDescriptor::SockRecvMulti(bgid),
             &mut self.source_map.borrow_mut(),
         );
     }
