@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Paired comparison of two pooler builds beside PgBouncer.
 
-Starts one PostgreSQL, two supavisor binaries (A and B, 1 shard each, pool 5) and PgBouncer, then
+Starts one PostgreSQL, two supavisor binaries (A and B, `--shards` each, default 1; pool 5) and PgBouncer, then
 runs `pgbench -S` against each in turn for several rounds, alternating the order of A and B, and
 prints per target the median tps and the median pooler CPU per transaction (utime + stime from
 /proc). On a noisy machine only numbers from one run are comparable; use this to decide whether a
@@ -10,6 +10,7 @@ change helps before running the full `perf/compare.py` table.
     cargo build --release && cp target/release/supavisor /tmp/sv-b
     git stash && cargo build --release && cp target/release/supavisor /tmp/sv-a && git stash pop
     python3 perf/ab.py /tmp/sv-a /tmp/sv-b --clients 100 --rounds 6 --seconds 3
+    python3 perf/ab.py /tmp/sv-a /tmp/sv-b --clients 4 --connect      # CPU per login
 
 Prints only; nothing is appended to RESULTS.md.
 """
@@ -34,6 +35,9 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--mode", default="extended", choices=["simple", "extended", "prepared"])
     p.add_argument("--pool", type=int, default=5)
+    p.add_argument("--shards", type=int, default=1)
+    p.add_argument("--connect", action="store_true",
+                   help="pgbench -C: a new connection (SCRAM login) per transaction")
     args = p.parse_args()
     cleanup = lib.Cleanup()
     try:
@@ -44,8 +48,8 @@ def main() -> int:
                         "-U", "postgres", "postgres"], env=env, capture_output=True, check=True)
         (root / "a").mkdir()
         (root / "b").mkdir()
-        a = lib.Supavisor(cleanup, root / "a", pg, args.pool, 1, binary=args.a.resolve())
-        b = lib.Supavisor(cleanup, root / "b", pg, args.pool, 1, binary=args.b.resolve())
+        a = lib.Supavisor(cleanup, root / "a", pg, args.pool, args.shards, binary=args.a.resolve())
+        b = lib.Supavisor(cleanup, root / "b", pg, args.pool, args.shards, binary=args.b.resolve())
         pgb = lib.PgBouncer(cleanup, root, pg, args.pool, max_client_conn=300)
         targets = [("A", a.port, a.pid, "postgres.bench"), ("B", b.port, b.pid, "postgres.bench"),
                    ("pgbouncer", pgb.port, pgb.pid, "postgres")]
@@ -55,7 +59,8 @@ def main() -> int:
             for name, port, pid, user in order:
                 t0 = lib.proc_cpu_ticks(pid)
                 run = subprocess.run(
-                    ["pgbench", "-n", "-S", "-M", args.mode, "-c", str(args.clients),
+                    ["pgbench", "-n", "-S", *(["-C"] if args.connect else []),
+                     "-M", args.mode, "-c", str(args.clients),
                      "-j", "2" if args.clients > 1 else "1", "-T", str(args.seconds),
                      "-h", "127.0.0.1", "-p", str(port), "-U", user, "postgres"],
                     env=env, capture_output=True, text=True)
