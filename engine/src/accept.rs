@@ -183,9 +183,20 @@ pub fn for_log(s: &str) -> &str {
     }
 }
 
-pub async fn handle(shard: Rc<Shard>, tcp: TcpStream, mode: PoolMode) {
+pub async fn handle(shard: Rc<Shard>, mut tcp: TcpStream, mode: PoolMode) {
     let peer = tcp.peer_addr().ok();
+    may_change_shards(&shard, &mut tcp);
     serve(shard, Stream::Plain(tcp), mode, peer, 0, false).await
+}
+
+/// A socket read here before it may go to the shard that owns its tenant:
+/// one receive per read until then, so that no receive stays armed that
+/// the hand-over would first have to cancel (`serve_local` turns the
+/// multishot receive back on for a client that stays).
+pub(crate) fn may_change_shards(shard: &Shard, tcp: &mut TcpStream) {
+    if shard.peers.len() > 1 {
+        tcp.set_multishot_recv(false);
+    }
 }
 
 /// A connection from its first byte: a client (`hops` 0), or one proxied
@@ -507,6 +518,8 @@ async fn route(
 async fn serve_local(shard: &Rc<Shard>, client: Admitted) -> Option<Box<Admitted>> {
     let owner = shard.owner_of(&client.ident.tenant);
     if owner == shard.id {
+        let mut client = client;
+        client.stream.tcp_mut().set_multishot_recv(true);
         return Some(Box::new(client));
     }
     let Admitted {

@@ -302,7 +302,7 @@ impl Stream {
         self.tcp().set_nodelay(on).map_err(io::Error::from)
     }
 
-    fn tcp_mut(&mut self) -> &mut TcpStream {
+    pub fn tcp_mut(&mut self) -> &mut TcpStream {
         match self {
             Stream::Plain(s) => s,
             Stream::Tls(tcp, _) => tcp,

@@ -25,8 +25,9 @@ use crate::tls::TlsSession;
 const TLS_HANDSHAKE: u8 = 0x16;
 
 /// Serves a connection accepted on the WebSocket listener.
-pub async fn handle(shard: Rc<Shard>, tcp: TcpStream) {
+pub async fn handle(shard: Rc<Shard>, mut tcp: TcpStream) {
     let peer = tcp.peer_addr().ok();
+    crate::accept::may_change_shards(&shard, &mut tcp);
     let timeout = shard.config().proxy.client_startup_timeout;
     let opened = glommio::timer::timeout(timeout, async {
         Ok(Box::pin(open(&shard, tcp, peer)).await)

@@ -566,8 +566,8 @@ impl Reactor {
 
     /// A receive armed for a stream: multishot where the kernel has it,
     /// else a single receive into a provided buffer.
-    pub(crate) fn recv_armed(&self, fd: RawFd) -> Source {
-        if self.multishot_recv.get() {
+    pub(crate) fn recv_armed(&self, fd: RawFd, multishot: bool) -> Source {
+        if multishot && self.multishot_recv.get() {
             self.recv_multi(fd)
         } else {
             self.recv_select(fd)

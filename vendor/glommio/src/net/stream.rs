@@ -277,6 +277,8 @@ pub(crate) struct NonBufferedStream<S: AsRawFd> {
     rx_eof: bool,
     /// The receive in flight has been asked to cancel (`poll_quiesce`).
     rx_cancelling: bool,
+    /// Reads arm a multishot receive (see `TcpStream::set_multishot_recv`).
+    multishot: bool,
     write_timeout: Timeout,
     read_timeout: Timeout,
 }
@@ -452,7 +454,7 @@ impl<S: AsRawFd> NonBufferedStream<S> {
         }
         let reactor = self.reactor.upgrade().unwrap();
         if reactor.has_buf_ring() {
-            self.source_rx = Some(reactor.recv_armed(self.stream.as_raw_fd()));
+            self.source_rx = Some(reactor.recv_armed(self.stream.as_raw_fd(), self.multishot));
         }
     }
 
@@ -579,7 +581,7 @@ impl<S: AsRawFd> NonBufferedStream<S> {
         }
         poll_err!(self.read_timeout.check(&reactor));
         if self.source_rx.is_none() {
-            self.source_rx = Some(reactor.recv_armed(self.stream.as_raw_fd()));
+            self.source_rx = Some(reactor.recv_armed(self.stream.as_raw_fd(), self.multishot));
         }
         let source = self.source_rx.as_ref().unwrap();
         source.add_waiter_single(cx.waker());
@@ -776,6 +778,7 @@ where
             rx_held: None,
             rx_eof: false,
             rx_cancelling: false,
+            multishot: true,
             write_timeout: Timeout::new(reactor.register_timer()),
             read_timeout: Timeout::new(reactor.register_timer()),
         };
@@ -926,6 +929,10 @@ impl<S: AsRawFd, B: RxBuf> GlommioStream<S, B> {
     /// Bytes (or the end of stream) wait to be read without a system call.
     pub(crate) fn has_buffered(&self) -> bool {
         !self.rx_buf.is_empty() || self.rx_done.get() || self.stream.has_held()
+    }
+
+    pub(crate) fn set_multishot_recv(&mut self, on: bool) {
+        self.stream.multishot = on;
     }
 
     /// See [`NonBufferedStream::arm_read`].

@@ -551,6 +551,15 @@ impl<B: RxBuf> TcpStream<B> {
         self.stream.try_read_now(buf).map_err(Into::into)
     }
 
+    /// Whether reads arm a multishot receive, which stays armed after them
+    /// (patched glommio; the default), or one receive per read. Off for a
+    /// socket read once or twice before it changes hands (a connection an
+    /// acceptor routes to another executor): an armed receive would have to
+    /// be cancelled ([`Self::quiesce`]) before the hand-over.
+    pub fn set_multishot_recv(&mut self, on: bool) {
+        self.stream.set_multishot_recv(on)
+    }
+
     /// Arms a receive through the ring if none is in flight (patched
     /// glommio): bytes that arrive while nobody reads are waiting when
     /// [`Self::try_read_now`] or a read comes, with no system call.
@@ -1314,6 +1323,31 @@ mod tests {
                 "bytes lost or out of order"
             );
             drop(writer.await);
+        });
+    }
+
+    /// Patch 10: with multishot receives off, a read leaves no receive armed
+    /// (nothing to cancel before the socket changes hands).
+    #[test]
+    fn single_receives_when_multishot_is_off() {
+        test_executor!(async move {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap();
+            let mut stream = TcpStream::connect(addr).await.unwrap();
+            let mut peer = listener.accept().await.unwrap();
+            stream.set_multishot_recv(false);
+            peer.write_all(b"startup").await.unwrap();
+            peer.flush().await.unwrap();
+            let mut got = [0u8; 7];
+            stream.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got, b"startup");
+            assert!(stream.stream.rx_state().is_none(), "a receive stayed armed");
+            stream.set_multishot_recv(true);
+            peer.write_all(b"more").await.unwrap();
+            peer.flush().await.unwrap();
+            let mut got = [0u8; 4];
+            stream.read_exact(&mut got).await.unwrap();
+            assert!(stream.stream.rx_state().is_some(), "no multishot receive armed");
         });
     }
 
