@@ -925,7 +925,6 @@ struct SleepableRing {
     stats: RingIoStats,
     task_queue_stats: AHashMap<TaskQueueHandle, RingIoStats>,
     source_map: Rc<RefCell<SourceMap>>,
-    in_kernel: usize,
     /// Completions are posted only when this thread enters the kernel
     /// (`IORING_SETUP_DEFER_TASKRUN`): no task-work interrupts while tasks
     /// run, and the kernel flags pending completions (`IORING_SQ_TASKRUN`).
@@ -971,7 +970,6 @@ impl SleepableRing {
                         stats: RingIoStats::default(),
                         task_queue_stats: AHashMap::new(),
                         source_map,
-                        in_kernel: 0,
                         defer_taskrun: flags & uring_sys::IORING_SETUP_DEFER_TASKRUN != 0,
                         buf_ring: None,
                         enters: 0,
@@ -1136,7 +1134,6 @@ impl SleepableRing {
             )
         };
         if ret >= 0 {
-            self.in_kernel += ret as usize;
             return Ok(());
         }
         let err = io::Error::last_os_error();
@@ -1189,20 +1186,14 @@ impl UringCommon for SleepableRing {
     }
 
     fn submit_sqes(&mut self) -> io::Result<usize> {
-        let x = self.ring.submit_sqes()? as usize;
-        self.in_kernel += x;
-        Ok(x)
+        Ok(self.ring.submit_sqes()? as usize)
     }
 
     fn consume_one_event(&mut self) -> Option<bool> {
         let source_map = self.source_map.clone();
         let buf_ring = self.buf_ring.clone();
-        let cqe = self.ring.peek_for_cqe();
-        let more = cqe
-            .as_ref()
-            .is_some_and(|c| c.raw_flags() & IORING_CQE_F_MORE != 0);
         process_one_event(
-            cqe,
+            self.ring.peek_for_cqe(),
             |_| None,
             |mut src, res, flags| {
                 record_stats(self, &mut src, &res);
@@ -1255,12 +1246,6 @@ impl UringCommon for SleepableRing {
             },
             source_map,
         )
-        .map(|x| {
-            if !more {
-                self.in_kernel = self.in_kernel.saturating_sub(1);
-            }
-            x
-        })
     }
 
     fn submit_one_event(&mut self, queue: &mut VecDeque<UringDescriptor>) -> Option<bool> {
