@@ -191,8 +191,9 @@ pub async fn handle(shard: Rc<Shard>, mut tcp: TcpStream, mode: PoolMode) {
 
 /// A socket read here before it may go to the shard that owns its tenant:
 /// one receive per read until then, so that no receive stays armed that
-/// the hand-over would first have to cancel (`serve_local` turns the
-/// multishot receive back on for a client that stays).
+/// the hand-over would first have to cancel (`serve_local` and the proxy
+/// path of `route` turn the multishot receive back on for a client that
+/// stays).
 pub(crate) fn may_change_shards(shard: &Shard, tcp: &mut TcpStream) {
     if shard.peers.len() > 1 {
         tcp.set_multishot_recv(false);
@@ -467,6 +468,8 @@ async fn route(
                     }
                 }
                 let dialled = Instant::now();
+                // Relayed from this shard: it stays here.
+                stream.tcp_mut().set_multishot_recv(true);
                 // Cut (the client closed) if the claim moves away from `o`.
                 let link = shard.register_link(pool.clone(), o);
                 let source = shard.config().proxy.proxy_addr.map(|a| a.ip());
@@ -543,10 +546,8 @@ async fn serve_local(shard: &Rc<Shard>, client: Admitted) -> Option<Box<Admitted
         return None;
     }
     let (stream, ws) = match stream {
+        // `quiesce` above flushed what the WebSocket held.
         Stream::Ws(mut w) => {
-            if w.flush().await.is_err() {
-                return None;
-            }
             match w.take_buffered_data() {
                 Ok(data) => leftover.extend_from_slice(&data),
                 Err(_) => return None,

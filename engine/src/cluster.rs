@@ -311,6 +311,8 @@ pub async fn accept_peer(shard: Rc<Shard>, mut tcp: TcpStream) {
         return;
     };
     let _ = tcp.set_nodelay(true);
+    // A proxied client may still go to the shard that owns its tenant.
+    crate::accept::may_change_shards(&shard, &mut tcp);
     let nonce: [u8; NONCE_LEN] = rand::random();
     let got = glommio::timer::timeout(HANDSHAKE_TIMEOUT, async {
         tcp.write_all(&nonce).await?;
