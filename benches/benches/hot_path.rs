@@ -9,7 +9,8 @@
 //!   PostgreSQL, against the same round trip straight to the fake server; the difference is
 //!   what the pooler adds per transaction (two loopback hops included).
 //! - `shard_handoff`: a message to another shard and its answer (`ShardHandle::send` of a
-//!   `ShardMsg::Barrier`: crossbeam channel + socketpair wake-up + the shard's inbox loop).
+//!   `ShardMsg::Barrier`: crossbeam channel + socketpair wake-up + the shard's inbox loop), to
+//!   a sleeping shard and to one that spins 200 us before it sleeps (`spin_before_park_us`).
 //! - `pool`: `Pool::checkout` + `Pool::checkin` of an idle connection on a glommio executor.
 
 use std::collections::HashMap;
@@ -359,7 +360,7 @@ fn bench_tenant(db: SocketAddr, pool_size: usize) -> Arc<TenantConfig> {
     })
 }
 
-fn engine_config(db: SocketAddr, shards: usize) -> Arc<Config> {
+fn engine_config(db: SocketAddr, shards: usize, spin_before_park: Duration) -> Arc<Config> {
     Arc::new(Config::new(
         ProxyConfig {
             session_addr: free_addr(),
@@ -373,6 +374,7 @@ fn engine_config(db: SocketAddr, shards: usize) -> Arc<Config> {
             proxy_addr: None,
             websocket_addr: None,
             websocket_cleartext: Vec::new(),
+            spin_before_park,
         },
         HashMap::from([("bench".to_string(), bench_tenant(db, 4))]),
     ))
@@ -450,7 +452,7 @@ fn bench_relay_e2e(c: &mut Criterion) {
     });
     drop(direct);
 
-    let config = engine_config(db, 1);
+    let config = engine_config(db, 1, Duration::ZERO);
     let addr = config.proxy.transaction_addr;
     let running = engine::start(config).expect("engine starts");
     let mut client = login(addr);
@@ -479,19 +481,30 @@ fn bench_relay_e2e(c: &mut Criterion) {
 
 fn bench_shard_handoff(c: &mut Criterion) {
     let db = fake_postgres();
-    let running = engine::start(engine_config(db, 2)).expect("engine starts");
-    let handles = running.handles().clone();
-    let (tx, rx) = crossbeam_channel::bounded(1);
-    c.bench_function("shard_handoff/barrier_round_trip", |b| {
-        b.iter(|| {
-            if handles[1].send(ShardMsg::Barrier(tx.clone())).is_err() {
-                panic!("inbox full");
-            }
-            black_box(rx.recv().unwrap())
-        })
-    });
-    running.shutdown();
-    let _ = running.join();
+    // A sleeping shard (the default), then one that polls for 200 us before it
+    // sleeps (`proxy.spin_before_park_us`); spinning needs pinned shards, so
+    // on a machine with fewer than 2 cores both measure the sleeping shard.
+    for (name, spin) in [
+        ("shard_handoff/barrier_round_trip", Duration::ZERO),
+        (
+            "shard_handoff/barrier_round_trip_spin_200us",
+            Duration::from_micros(200),
+        ),
+    ] {
+        let running = engine::start(engine_config(db, 2, spin)).expect("engine starts");
+        let handles = running.handles().clone();
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        c.bench_function(name, |b| {
+            b.iter(|| {
+                if handles[1].send(ShardMsg::Barrier(tx.clone())).is_err() {
+                    panic!("inbox full");
+                }
+                black_box(rx.recv().unwrap())
+            })
+        });
+        running.shutdown();
+        let _ = running.join();
+    }
 }
 
 // ---------------------------------------------------------------- pool

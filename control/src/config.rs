@@ -53,6 +53,9 @@ pub struct ProxyFile {
     /// Plain ws:// clients from these addresses (CIDRs) may log in with a
     /// cleartext password; wss:// clients always may.
     pub websocket_cleartext_allow: Vec<String>,
+    /// Microseconds an idle shard polls before it sleeps; 0 (default): it
+    /// sleeps at once. See `engine::ProxyConfig::spin_before_park`.
+    pub spin_before_park_us: u64,
 }
 
 impl Default for ProxyFile {
@@ -67,6 +70,7 @@ impl Default for ProxyFile {
             listen_backlog: 4096,
             websocket_addr: "0.0.0.0:4001".into(),
             websocket_cleartext_allow: vec!["127.0.0.0/8".into(), "::1/128".into()],
+            spin_before_park_us: 0,
         }
     }
 }
@@ -343,6 +347,11 @@ impl ProxyFile {
                 "proxy.shards must be at most 256".into(),
             ));
         }
+        if self.spin_before_park_us > 10_000 {
+            return Err(ConfigError::Invalid(
+                "proxy.spin_before_park_us must be at most 10000 (10 ms)".into(),
+            ));
+        }
         let websocket_addr = match self.websocket_addr.trim() {
             "" => None,
             a => Some(a.parse::<SocketAddr>().map_err(|e| {
@@ -372,6 +381,7 @@ impl ProxyFile {
             proxy_addr: None,
             websocket_addr,
             websocket_cleartext,
+            spin_before_park: Duration::from_micros(self.spin_before_park_us),
         })
     }
 }
@@ -629,6 +639,21 @@ heartbeat_ms = 200
         assert!(ConfigFile::parse("[cluster]\nnode_id = 1\naddr = \"x:1\"\nbogus = 1\n").is_err());
         let solo = ClusterFile::standalone().validate().unwrap();
         assert_eq!((solo.node_id, solo.listen.as_str()), (1, "127.0.0.1:0"));
+    }
+
+    #[test]
+    fn spin_before_park_is_bounded() {
+        let ok = ConfigFile::parse("[proxy]\nspin_before_park_us = 200\n").unwrap();
+        let proxy = ok.proxy.build(None).unwrap();
+        assert_eq!(proxy.spin_before_park, Duration::from_micros(200));
+        let off = ConfigFile::parse("").unwrap().proxy.build(None).unwrap();
+        assert!(off.spin_before_park.is_zero());
+        let err = ConfigFile::parse("[proxy]\nspin_before_park_us = 20000\n")
+            .unwrap()
+            .proxy
+            .build(None)
+            .unwrap_err();
+        assert!(err.to_string().contains("spin_before_park_us"), "{err}");
     }
 
     #[test]

@@ -114,6 +114,9 @@ fn reload(node: &Node, started: &ConfigFile, opts: &Options) -> Result<(), Strin
     if new.websocket_addr != live.websocket_addr {
         restart.push("proxy.websocket_addr");
     }
+    if new.spin_before_park != live.spin_before_park {
+        restart.push("proxy.spin_before_park_us");
+    }
     if file.api.addr != started.api.addr {
         restart.push("api.addr");
     }

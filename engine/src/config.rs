@@ -60,6 +60,15 @@ pub struct ProxyConfig {
     /// Plain (ws://) WebSocket clients from these addresses may log in with
     /// a cleartext password; wss:// clients always may.
     pub websocket_cleartext: Vec<Cidr>,
+    /// How long an idle shard polls its ring, timers and inbox before it
+    /// sleeps (glommio's `spin_before_park`). Zero (the default): it sleeps
+    /// at once. Spinning turns the wake-up of a sleeping shard (an
+    /// inter-processor interrupt and a context switch, 20-40 us in a VM)
+    /// into a poll, for a cross-shard handoff or a request that arrives
+    /// shortly after the last one, at the price of a core busy for that
+    /// long after every burst of work. Only pinned shards spin (shards <=
+    /// cores).
+    pub spin_before_park: Duration,
 }
 
 /// A secret fetched through a tenant's `auth_query` (`pg_authid.rolpassword`).

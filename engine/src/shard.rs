@@ -1297,8 +1297,18 @@ pub fn start(config: Arc<Config>) -> io::Result<Running> {
         let config = config.clone();
         let peers = handles.clone();
         let ready = ready_tx.clone();
-        let join = LocalExecutorBuilder::new(placement)
-            .name(&format!("shard-{id}"))
+        let pinned = matches!(placement, Placement::Fixed(_));
+        let mut builder = LocalExecutorBuilder::new(placement).name(&format!("shard-{id}"));
+        if !config.proxy.spin_before_park.is_zero() {
+            if pinned {
+                builder = builder.spin_before_park(config.proxy.spin_before_park);
+            } else if id == 0 {
+                warn!(
+                    "proxy.spin_before_park_us is ignored: shards are not pinned (more shards than cores, or SUPAVISOR_UNPINNED)"
+                );
+            }
+        }
+        let join = builder
             .spawn(move || async move {
                 let wake_fd = wake_rx.into_raw_fd();
                 shard_main(id, config, peers, rx, wake_fd, ready).await

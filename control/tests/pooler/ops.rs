@@ -389,3 +389,62 @@ async fn sigusr2_hands_over_to_a_new_process_without_losing_clients() {
             .unwrap();
     }
 }
+
+/// `proxy.spin_before_park_us`: with 2 pinned shards that poll before they sleep, clients
+/// of two tenants (one per shard, so that connections accepted on the other shard are handed
+/// off) log in and query, the handoffs are counted, and SIGTERM still stops a polling shard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spinning_shards_serve_hand_off_and_stop() {
+    let mut cfg = PoolerConfig::tenants(vec![
+        TenantCfg::new("t1", vec![UserCfg::postgres(2)]),
+        TenantCfg::new("t2", vec![UserCfg::postgres(2)]),
+    ]);
+    cfg.shards = 2;
+    cfg.proxy_toml = "spin_before_park_us = 200".into();
+    let mut pooler = Pooler::start(&cfg);
+    let mut clients = Vec::new();
+    for i in 0..16i32 {
+        let user = if i % 2 == 0 {
+            "postgres.t1"
+        } else {
+            "postgres.t2"
+        };
+        let c = within(
+            "login to a spinning shard",
+            connect_with(&client_config(pooler.transaction, user, PG_PASSWORD)),
+        )
+        .await
+        .unwrap();
+        let v: i32 = c
+            .client
+            .query_one("SELECT $1::int * 2", &[&i])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(v, i * 2);
+        clients.push(c);
+    }
+    let m = crate::metrics_tests::scrape_until(pooler.api, |s| {
+        s.sum("supavisor_shard_clients", &[]) == 16.0
+    })
+    .await;
+    // 16 connections spread by SO_REUSEPORT over 2 shards, each tenant served by one:
+    // some were accepted by the shard that does not serve their tenant.
+    assert!(
+        m.sum("supavisor_shard_handoffs_in", &[]) > 0.0,
+        "{}",
+        m.lines("handoffs")
+    );
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2 {
+        assert!(
+            !pooler.stderr().contains("spin_before_park_us is ignored"),
+            "2 shards on 2+ cores are pinned and spin:\n{}",
+            pooler.stderr()
+        );
+    }
+    drop(clients);
+    let st = pooler
+        .terminate(Duration::from_secs(15))
+        .expect("a spinning pooler exits on SIGTERM");
+    assert!(st.success(), "exit status {st:?}:\n{}", pooler.stderr());
+}
