@@ -594,7 +594,7 @@ impl Reactor {
     /// A send of `buf` through the ring, submitted with the next
     /// `io_uring_enter`; it completes when every byte is sent, or fails.
     pub(crate) fn send_all(&self, fd: RawFd, buf: Vec<u8>) -> Source {
-        let source = self.new_source(fd, SourceType::SockSendOwned(buf), None);
+        let source = self.new_source(fd, SourceType::SockSendOwned(buf, false), None);
         self.sys.send_all(&source);
         source
     }

@@ -744,7 +744,7 @@ impl<S: AsRawFd> Drop for NonBufferedStream<S> {
         // in flight is cancelled, like a receive in flight.
         if let Some(source) = self.source_tx.take() {
             if source.is_queued() {
-                if let SourceType::SockSendOwned(buf) = &*source.source_type() {
+                if let SourceType::SockSendOwned(buf, _) = &*source.source_type() {
                     let _ = sys::send_syscall(
                         self.stream.as_raw_fd(),
                         buf.as_ptr(),

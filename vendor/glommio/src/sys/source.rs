@@ -35,8 +35,10 @@ pub(crate) enum SourceType {
     PollAdd,
     SockSend(DmaBuffer),
     /// A send of bytes the stream copied in; the buffer lives until the send
-    /// completes.
-    SockSendOwned(Vec<u8>),
+    /// completes. The flag: the request in flight is a send that does not
+    /// wait (`MSG_DONTWAIT`), which the kernel completes while it submits it
+    /// (what it could not send is sent again by a send that waits).
+    SockSendOwned(Vec<u8>, bool),
     SockRecv(Option<DmaBuffer>),
     /// A receive into a buffer the kernel picks from the executor's ring of
     /// provided buffers when bytes arrive.

@@ -92,6 +92,9 @@ enum UringOpDescriptor {
     SockSend(*const u8, usize, i32),
     /// A send that completes only once every byte is sent (or fails).
     SockSendAll(*const u8, usize),
+    /// A send that does not wait (`MSG_DONTWAIT`): the kernel completes it
+    /// while it submits it, with what the socket took (possibly nothing).
+    SockSendNow(*const u8, usize),
     SockSendMsg(*mut libc::msghdr, i32),
     SockRecv(usize, i32),
     /// `len`, buffer group.
@@ -412,6 +415,15 @@ fn fill_sqe<F>(
                     op.fd,
                     buf,
                     MsgFlags::MSG_WAITALL | MsgFlags::MSG_NOSIGNAL,
+                );
+            }
+
+            UringOpDescriptor::SockSendNow(ptr, len) => {
+                let buf = std::slice::from_raw_parts(ptr, len);
+                sqe.prep_send(
+                    op.fd,
+                    buf,
+                    MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
                 );
             }
 
@@ -933,6 +945,13 @@ struct SleepableRing {
     buf_ring: Option<Rc<BufRing>>,
     /// `io_uring_enter` calls made on this ring, for tests.
     enters: u64,
+    /// Sends that do not wait (`SockSendNow`) in the submission queue: the
+    /// next `io_uring_enter` completes each while it submits it, so a sleep
+    /// waits for one completion more for each that no task waits for (see
+    /// `enter`).
+    sends_now: Vec<SourceId>,
+    /// Short sends that do not wait, sent again by a send that waits (tests).
+    sends_again: u64,
 }
 
 /// What the main ring is set up with, best first; a kernel that refuses a
@@ -973,6 +992,8 @@ impl SleepableRing {
                         defer_taskrun: flags & uring_sys::IORING_SETUP_DEFER_TASKRUN != 0,
                         buf_ring: None,
                         enters: 0,
+                        sends_now: Vec::new(),
+                        sends_again: 0,
                     })
                 }
                 Err(e) => last_err = Some(e),
@@ -1120,6 +1141,24 @@ impl SleepableRing {
         if to_submit == 0 && flags == 0 {
             return Ok(());
         }
+        // A send that does not wait completes while it is submitted, before
+        // the kernel starts to wait: without counting those completions, the
+        // first one would end the sleep at once and a second call would be
+        // needed to sleep. Exact because such a send never goes async
+        // (REQ_F_NOWAIT); a count too low only costs that second call.
+        // A send whose completion a task waits for (a flush) is an event
+        // like any other and is not counted.
+        let min_complete = if wait_nr > 0 && to_submit > 0 && !self.sends_now.is_empty() {
+            let map = self.source_map.borrow();
+            let unawaited = self
+                .sends_now
+                .iter()
+                .filter(|id| map[**id].borrow().wakers.waiters.is_empty())
+                .count() as u32;
+            wait_nr + unawaited.min(to_submit)
+        } else {
+            wait_nr
+        };
         self.enters += 1;
         // SAFETY: io_uring_enter on our ring fd, with no argument.
         let ret = unsafe {
@@ -1127,20 +1166,73 @@ impl SleepableRing {
                 libc::SYS_io_uring_enter,
                 raw.ring_fd,
                 to_submit,
-                wait_nr,
+                min_complete,
                 flags,
                 ptr::null::<libc::c_void>(),
                 0usize,
             )
         };
         if ret >= 0 {
+            // Submitted (all of them, or the kernel stopped early and did not
+            // wait; those left are counted as waiting sends no more, which
+            // can only end a later sleep early).
+            if to_submit > 0 {
+                self.sends_now.clear();
+            }
             return Ok(());
         }
+        // An error: nothing was submitted.
         let err = io::Error::last_os_error();
         match err.raw_os_error() {
             Some(libc::ETIME | libc::EINTR | libc::EAGAIN | libc::EBUSY) => Ok(()),
             _ => Err(err),
         }
+    }
+
+    /// A send that did not wait and was short (or found the socket full):
+    /// the rest goes out in a send that waits, under the same request, and
+    /// the completion wakes nobody. `false` for any other completion.
+    fn send_rest(&mut self, cqe: &iou::CQE) -> bool {
+        let user_data = cqe.user_data();
+        if user_data == 0 || cqe.raw_flags() & IORING_CQE_F_MORE != 0 {
+            return false;
+        }
+        let src = self.source_map.borrow()[from_user_data(user_data)].clone();
+        let mut inner = src.borrow_mut();
+        let inner = &mut *inner;
+        let (SourceType::SockSendOwned(buf, now @ true), Some(enqueued)) =
+            (&mut inner.source_type, inner.enqueued.as_mut())
+        else {
+            return false;
+        };
+        if enqueued.status != EnqueuedStatus::Dispatched {
+            // Its stream is gone: it completes as it is.
+            return false;
+        }
+        let sent = match cqe.result() {
+            Ok(n) => n as usize,
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => 0,
+            Err(_) => return false,
+        };
+        if sent >= buf.len() {
+            return false;
+        }
+        buf.drain(..sent);
+        *now = false;
+        // Queued like a new request: a stream dropped before it is submitted
+        // sends the rest itself and cancels it (`NonBufferedStream::drop`).
+        enqueued.status = EnqueuedStatus::Enqueued;
+        self.submission_queue
+            .borrow_mut()
+            .submissions
+            .push_back(UringDescriptor {
+                args: UringOpDescriptor::SockSendAll(buf.as_ptr(), buf.len()),
+                fd: inner.raw,
+                flags: SubmissionFlags::empty(),
+                user_data,
+            });
+        self.sends_again += 1;
+        true
     }
 }
 
@@ -1186,21 +1278,29 @@ impl UringCommon for SleepableRing {
     }
 
     fn submit_sqes(&mut self) -> io::Result<usize> {
-        Ok(self.ring.submit_sqes()? as usize)
+        let n = self.ring.submit_sqes()? as usize;
+        // The sends that do not wait went in with these: their completions
+        // are posted, and the next sleep must not wait for them.
+        self.sends_now.clear();
+        Ok(n)
     }
 
     fn consume_one_event(&mut self) -> Option<bool> {
         let source_map = self.source_map.clone();
         let buf_ring = self.buf_ring.clone();
+        let cqe = self.ring.peek_for_cqe();
+        if cqe.as_ref().is_some_and(|c| self.send_rest(c)) {
+            return Some(false);
+        }
         process_one_event(
-            self.ring.peek_for_cqe(),
+            cqe,
             |_| None,
             |mut src, res, flags| {
                 record_stats(self, &mut src, &res);
                 let inner = &mut *src;
                 match &mut inner.source_type {
                     SourceType::ForeignNotifier(_, installed) => *installed = false,
-                    SourceType::SockSendOwned(buf) => {
+                    SourceType::SockSendOwned(buf, _) => {
                         // The bytes are in the socket (or never will be): the
                         // buffer goes back to the thread's pool now, not when
                         // the stream next writes, which for an idle client
@@ -1261,6 +1361,9 @@ impl UringCommon for SleepableRing {
                 }
 
                 for (op, mut sqe) in ops.into_iter().zip(sqes.into_iter()) {
+                    if matches!(op.args, UringOpDescriptor::SockSendNow(..)) {
+                        self.sends_now.push(from_user_data(op.user_data));
+                    }
                     let allocator = self.allocator.clone();
                     fill_sqe(
                         &mut sqe,
@@ -1539,6 +1642,12 @@ impl Reactor {
         self.main_ring.borrow().enters
     }
 
+    /// Short sends that did not wait, sent again by a send that waits (tests).
+    #[cfg(test)]
+    pub(crate) fn sends_again(&self) -> u64 {
+        self.main_ring.borrow().sends_again
+    }
+
     /// The ring of provided buffers socket receives take theirs from.
     pub(crate) fn has_buf_ring(&self) -> bool {
         self.main_ring.borrow().buf_ring.is_some()
@@ -1578,8 +1687,18 @@ impl Reactor {
 
     /// Queues a send of the source's own bytes, complete or failed.
     pub(crate) fn send_all(&self, source: &Source) {
-        let op = match &*source.source_type() {
-            SourceType::SockSendOwned(buf) => UringOpDescriptor::SockSendAll(buf.as_ptr(), buf.len()),
+        // A send that does not wait only where the sleep can count its
+        // completion (DEFER_TASKRUN: 6.1, where such a send never goes async).
+        let now = self.main_ring.borrow().defer_taskrun;
+        let op = match &mut *source.source_type_mut() {
+            SourceType::SockSendOwned(buf, in_flight_now) => {
+                *in_flight_now = now;
+                if now {
+                    UringOpDescriptor::SockSendNow(buf.as_ptr(), buf.len())
+                } else {
+                    UringOpDescriptor::SockSendAll(buf.as_ptr(), buf.len())
+                }
+            }
             _ => unreachable!(),
         };
         queue_request_into_ring(
