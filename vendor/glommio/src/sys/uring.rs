@@ -1197,8 +1197,9 @@ impl SleepableRing {
         if user_data == 0 || cqe.raw_flags() & IORING_CQE_F_MORE != 0 {
             return false;
         }
-        let src = self.source_map.borrow()[from_user_data(user_data)].clone();
-        let mut inner = src.borrow_mut();
+        // Looked at in place: no reference counted per completion.
+        let map = self.source_map.borrow();
+        let mut inner = map[from_user_data(user_data)].borrow_mut();
         let inner = &mut *inner;
         let (SourceType::SockSendOwned(buf, now @ true), Some(enqueued)) =
             (&mut inner.source_type, inner.enqueued.as_mut())
