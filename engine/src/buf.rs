@@ -158,11 +158,18 @@ impl IoBuf {
         }
     }
 
-    /// Free space at the tail (after compaction if that helps).
-    fn spare(&mut self, min: usize) -> &mut [u8] {
+    /// Free space at the tail (after compaction if that helps), at least
+    /// `min` bytes; [`IoBuf::filled`] then counts what was written there.
+    pub fn spare(&mut self, min: usize) -> &mut [u8] {
         self.reserve(min);
         let end = self.end;
         &mut self.data[end..]
+    }
+
+    /// Adds `n` bytes written into [`IoBuf::spare`] to the queue.
+    pub fn filled(&mut self, n: usize) {
+        debug_assert!(self.end + n <= self.data.len());
+        self.end += n;
     }
 
     /// One read from `src` into the tail. Ready(Ok(0)) means end of stream.

@@ -396,7 +396,7 @@ async fn serve(
 
     if mode == PoolMode::Session {
         let read = reads == Reads::Replicas;
-        match Box::pin(checkout_busy(shard, &pool, &ctl, checkout_timeout, read)).await {
+        match checkout_busy(shard, &pool, &ctl, checkout_timeout, read).await {
             Ok(mut c) => {
                 *ctl.cancel.borrow_mut() = c.cancel.clone();
                 sync_params(&mut client, &mut c, &mut tracker);
@@ -436,7 +436,7 @@ async fn serve(
                     Reads::Replicas => true,
                     Reads::Classify => crate::readsql::batch_is_read(client.buf.bytes()),
                 };
-                match Box::pin(checkout_busy(shard, &pool, &ctl, checkout_timeout, read)).await {
+                match checkout_busy(shard, &pool, &ctl, checkout_timeout, read).await {
                     Ok(mut c) => {
                         *ctl.cancel.borrow_mut() = c.cancel.clone();
                         sync_params(&mut client, &mut c, &mut tracker);
@@ -642,17 +642,46 @@ async fn checkout_busy(
     read: bool,
 ) -> Result<PooledConn, EngineError> {
     ctl.set_phase(crate::shard::Phase::Busy);
-    let start = std::time::Instant::now();
+    if !read {
+        // The common case, an idle connection: no boxed future per
+        // transaction, no wait to time.
+        if let Some(c) = pool.checkout_now() {
+            pool.stats
+                .checkout_duration
+                .observe(std::time::Duration::ZERO);
+            return Ok(adopted(pool, c));
+        }
+    }
+    Box::pin(checkout_wait(shard, pool, wait, read)).await
+}
+
+/// The connection forgets statement names of another registry.
+fn adopted(pool: &Pool, mut c: PooledConn) -> PooledConn {
+    c.prepared.adopt(pool.statements.borrow().id());
+    c
+}
+
+/// [`checkout_busy`] when no idle connection is at hand (or for a read),
+/// boxed so that its future takes no room in the task of an idle client.
+async fn checkout_wait(
+    shard: &Shard,
+    pool: &Rc<Pool>,
+    wait: std::time::Duration,
+    read: bool,
+) -> Result<PooledConn, EngineError> {
+    // Stamped with the time of the wake-ups (no clock read): a checkout
+    // that finds an idle connection takes 0, one that waits is stamped at
+    // the wake-up that handed it a connection.
+    let start = glommio::timer::recent_now();
     let r = if read {
         crate::replica::checkout_read(shard, pool, wait).await
     } else {
         pool.checkout(wait).await
     };
-    pool.stats.checkout_duration.observe(start.elapsed());
-    r.map(|mut c| {
-        c.prepared.adopt(pool.statements.borrow().id());
-        c
-    })
+    pool.stats
+        .checkout_duration
+        .observe(glommio::timer::recent_now().saturating_duration_since(start));
+    r.map(|c| adopted(pool, c))
 }
 
 /// Returns a connection whose client left: clean it when that is safe, close

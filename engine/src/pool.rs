@@ -599,6 +599,15 @@ impl Pool {
         }
     }
 
+    /// An idle connection at once, if there is one: what [`Pool::checkout`]
+    /// first tries, without a future to poll.
+    pub fn checkout_now(self: &Rc<Self>) -> Option<PooledConn> {
+        self.take_idle().map(|conn| PooledConn {
+            conn: Some(conn),
+            pool: self.clone(),
+        })
+    }
+
     fn take_idle(&self) -> Option<Box<ServerConn>> {
         loop {
             let mut conn = self.idle.borrow_mut().pop()?;

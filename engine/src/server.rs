@@ -474,14 +474,13 @@ impl ServerConn {
     /// idle in the pool (notices, notifications, or a FATAL error before it
     /// closed). False if the connection is dead or unusable.
     pub fn check_idle(&mut self) -> bool {
-        let mut scratch = [0u8; 2048];
         loop {
-            let n = match self.stream.try_read_now(&mut scratch) {
+            // Straight into the buffer's tail: no scratch to zero per checkout.
+            match self.stream.try_read_now(self.buf.spare(2048)) {
                 Ok(None) => return true,
                 Ok(Some(0)) | Err(_) => return false,
-                Ok(Some(n)) => n,
-            };
-            self.buf.extend_from_slice(&scratch[..n]);
+                Ok(Some(n)) => self.buf.filled(n),
+            }
             // Only asynchronous messages may arrive while idle: notices,
             // notifications, parameter changes. Anything else, or an error,
             // means the connection is not fit for a new client.

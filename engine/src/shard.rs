@@ -352,6 +352,8 @@ pub struct Shard {
     pub tasks_spawned: Cell<u64>,
     pub refused: Cell<u64>,
     pub stalls: Cell<u64>,
+    /// Wakes the fencing loop when this node becomes part of a cluster.
+    fence_kick: glommio::sync::Semaphore,
     /// Clients parked now.
     parked: Cell<u64>,
     clients: RefCell<HashMap<i32, Rc<ClientCtl>>>,
@@ -1069,7 +1071,13 @@ impl Shard {
 
     /// Applies a new configuration snapshot.
     fn apply_config(&self, config: Arc<Config>) {
+        let was_clustered = self.config.borrow().cluster.is_some();
         *self.config.borrow_mut() = config.clone();
+        if config.cluster.is_some() && !was_clustered {
+            // The fencing loop of a node that was alone sleeps long: a
+            // node that has just formed a cluster checks every FENCE_CHECK.
+            self.fence_kick.signal(1);
+        }
         self.fence();
         self.cut_moved_links();
         let mut gone = Vec::new();
@@ -1338,10 +1346,20 @@ pub fn start(config: Arc<Config>) -> io::Result<Running> {
 const LAG_PROBE: Duration = Duration::from_millis(50);
 const STALL_LATENESS: Duration = Duration::from_millis(10);
 
+/// How often a shard's periodic checks that have nothing to do wake: the
+/// lag probe of a shard without clients, the fencing of a node without a
+/// cluster. An idle shard wakes a few times a second, not 20.
+const IDLE_CHECK: Duration = Duration::from_secs(1);
+
 /// Measures the executor's lag: a timer that wakes late means something
-/// kept the executor busy.
+/// kept the executor busy. A shard without clients has nobody to stall and
+/// is probed only every [`IDLE_CHECK`], uncounted.
 async fn lag_probe(shard: Rc<Shard>) {
     loop {
+        if shard.clients.borrow().is_empty() {
+            glommio::timer::sleep(IDLE_CHECK).await;
+            continue;
+        }
         let start = Instant::now();
         glommio::timer::sleep(LAG_PROBE).await;
         if start.elapsed() > LAG_PROBE + STALL_LATENESS {
@@ -1389,6 +1407,7 @@ async fn shard_main(
     let shard = Rc::new(Shard {
         id,
         config: RefCell::new(config.clone()),
+        fence_kick: glommio::sync::Semaphore::new(0),
         peers,
         pools: RefCell::new(HashMap::new()),
         failed_joins: RefCell::new(HashMap::new()),
@@ -1470,7 +1489,16 @@ async fn shard_main(
         let shard = shard.clone();
         async move {
             loop {
-                glommio::timer::sleep(FENCE_CHECK).await;
+                // Without a cluster there is nothing to fence: the loop
+                // sleeps until a cluster forms (or IDLE_CHECK passes).
+                if shard.config.borrow().cluster.is_some() {
+                    glommio::timer::sleep(FENCE_CHECK).await;
+                } else {
+                    futures_lite::future::or(glommio::timer::sleep(IDLE_CHECK), async {
+                        let _ = shard.fence_kick.acquire(1).await;
+                    })
+                    .await;
+                }
                 shard.fence();
             }
         }

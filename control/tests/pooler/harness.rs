@@ -560,6 +560,25 @@ impl Pooler {
             .unwrap_or(0)
     }
 
+    /// Times each of the pooler's threads has been scheduled in so far
+    /// (`/proc/<pid>/task/<tid>/schedstat`, third field), by thread id, with
+    /// the thread's name.
+    pub fn thread_runs(&self) -> std::collections::HashMap<String, (String, u64)> {
+        let mut out = std::collections::HashMap::new();
+        let dir = format!("/proc/{}/task", self.child.id());
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let tid = e.file_name().to_string_lossy().into_owned();
+            let comm = std::fs::read_to_string(format!("{dir}/{tid}/comm")).unwrap_or_default();
+            let runs = std::fs::read_to_string(format!("{dir}/{tid}/schedstat"))
+                .ok()
+                .and_then(|s| s.split_whitespace().nth(2).and_then(|v| v.parse().ok()));
+            if let Some(runs) = runs {
+                out.insert(tid, (comm.trim().to_string(), runs));
+            }
+        }
+        out
+    }
+
     pub fn is_alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }

@@ -390,6 +390,50 @@ async fn sigusr2_hands_over_to_a_new_process_without_losing_clients() {
     }
 }
 
+/// An idle pooler sleeps: after a client has come and gone (its pool keeps an idle server
+/// connection), a shard wakes a few times a second, not for 50 ms probes, and the control
+/// threads of a node without `[cluster]` do not tick at a cluster's pace (before: 22 and
+/// about 33 wake-ups a second).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_pooler_sleeps() {
+    let cfg = PoolerConfig::tenants(vec![TenantCfg::new("t1", vec![UserCfg::postgres(2)])]);
+    let pooler = Pooler::start(&cfg);
+    {
+        let c = connect_with(&client_config(
+            pooler.transaction,
+            "postgres.t1",
+            PG_PASSWORD,
+        ))
+        .await
+        .unwrap();
+        let v: i32 = c.client.query_one("SELECT 7", &[]).await.unwrap().get(0);
+        assert_eq!(v, 7);
+    }
+    crate::metrics_tests::scrape_until(pooler.api, |s| {
+        s.sum("supavisor_shard_clients", &[]) == 0.0
+    })
+    .await;
+    let window = Duration::from_secs(4);
+    let before = pooler.thread_runs();
+    tokio::time::sleep(window).await;
+    let after = pooler.thread_runs();
+    let per_second = |name: &str| -> f64 {
+        let runs: u64 = after
+            .iter()
+            .filter(|(_, (comm, _))| comm.starts_with(name))
+            .map(|(tid, (_, n))| n - before.get(tid).map_or(0, |b| b.1))
+            .sum();
+        runs as f64 / window.as_secs_f64()
+    };
+    let (shard, control) = (per_second("shard-"), per_second("control"));
+    assert!(shard > 0.0, "the shard thread was not found: {after:?}");
+    assert!(shard <= 8.0, "an idle shard woke {shard:.1} times a second");
+    assert!(
+        control <= 12.0,
+        "idle control threads woke {control:.1} times a second"
+    );
+}
+
 /// `proxy.spin_before_park_us`: with 2 pinned shards that poll before they sleep, clients
 /// of two tenants (one per shard, so that connections accepted on the other shard are handed
 /// off) log in and query, the handoffs are counted, and SIGTERM still stops a polling shard.
