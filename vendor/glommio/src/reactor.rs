@@ -163,6 +163,11 @@ pub(crate) struct Reactor {
     /// When the clock was last read for the timers (see `recent_now`).
     now: Cell<Instant>,
 
+    /// When the executor's last run of a task queue ended (supavisor patch
+    /// 12): the time the park before a sleep checks its timers against,
+    /// instead of reading the clock again.
+    ran_until: Cell<Instant>,
+
     shared_channels: RefCell<SharedChannels>,
 
     io_scheduler: Rc<IoScheduler>,
@@ -194,6 +199,7 @@ impl Reactor {
             sys,
             timers: RefCell::new(Timers::new()),
             now: Cell::new(Instant::now()),
+            ran_until: Cell::new(Instant::now()),
             shared_channels: RefCell::new(SharedChannels::new()),
             io_scheduler: Rc::new(IoScheduler::new()),
             record_io_latencies,
@@ -896,6 +902,18 @@ impl Reactor {
         timers.process_timers(now)
     }
 
+    /// Records when a run of tasks ended (the executor read the clock for
+    /// its accounting then).
+    pub(crate) fn set_ran_until(&self, at: Instant) {
+        self.ran_until.set(at);
+    }
+
+    /// The latest time this executor read the clock: at its last wake-up or
+    /// at the end of its last run of tasks, whichever came later.
+    pub(crate) fn latest_stamp(&self) -> Instant {
+        self.now.get().max(self.ran_until.get())
+    }
+
     /// The time this executor last read the clock for its timers: after its
     /// last sleep (or poll for I/O), before the tasks it woke ran. Reading it
     /// costs no clock read; it is as old as the current run of tasks.
@@ -958,7 +976,15 @@ impl Reactor {
     /// Sleeps until there is work: I/O that wakes a task, the next timer, a
     /// remote executor or a blocking thread. One `io_uring_enter`.
     pub(crate) fn park(&self) -> io::Result<()> {
-        let (next_timer, woke) = self.process_external_events();
+        // Before the sleep the timers are checked against the time the
+        // tasks' run ended, read a moment ago, not against a new clock read.
+        // A timer that fell due since is not missed: the wake-up armed for
+        // it is already due, and the sleep returns at once.
+        let (next_timer, mut woke) = self
+            .timers
+            .borrow_mut()
+            .process_timers(self.latest_stamp());
+        woke += self.process_shared_channels();
         if woke > 0 {
             let mut woke = 0;
             return self.sys.poll_io(&mut woke);

@@ -1376,7 +1376,9 @@ impl LocalExecutor {
         drop(tq);
 
         let time = {
-            let now = Instant::now();
+            // The clock read at the wake-up or at the end of the previous
+            // queue's run, whichever came later (supavisor patch 12).
+            let now = self.reactor.latest_stamp();
             let mut queue_ref = queue.borrow_mut();
             queue_ref.prepare_to_run(now);
             self.reactor
@@ -1411,7 +1413,9 @@ impl LocalExecutor {
                     break;
                 }
             }
-            let elapsed = time.elapsed();
+            let end = Instant::now();
+            self.reactor.set_ran_until(end);
+            let elapsed = end.saturating_duration_since(time);
             drop(guard);
             (elapsed, tasks_executed_this_loop)
         };
@@ -1499,8 +1503,9 @@ impl LocalExecutor {
                 // run user code
                 this.run_task_queues();
 
-                // account for runtime and poll/sleep if possible
-                let cur_time = Instant::now();
+                // account for runtime and poll/sleep if possible (the time
+                // the last task queue's run ended: no clock read of its own)
+                let cur_time = this.reactor.latest_stamp();
                 this.queues.borrow_mut().stats.total_runtime += cur_time - pre_time;
                 pre_time = cur_time;
                 if this.has_runnable_tasks() {
@@ -4149,6 +4154,25 @@ mod test {
 
             assert!(blocking.as_millis() >= 100 && blocking.as_millis() < 150);
             assert!(coop.as_millis() >= 100 && coop.as_millis() < 150);
+        });
+    }
+
+    #[test]
+    fn blocking_results_after_idle_parks() {
+        // Parks with no blocking operation in flight skip the result channel
+        // (supavisor patch 12); a result that comes while the executor sleeps
+        // must still be received and wake its task.
+        LocalExecutor::default().run(async {
+            for i in 0..3u32 {
+                timer::sleep(Duration::from_millis(5)).await;
+                let got = executor()
+                    .spawn_blocking(move || {
+                        std::thread::sleep(Duration::from_millis(10));
+                        i
+                    })
+                    .await;
+                assert_eq!(got, i);
+            }
         });
     }
 

@@ -840,6 +840,33 @@ mod test {
         assert!(outside <= Instant::now());
     }
 
+    /// Patch 12: the park checks the timers against the time the last run
+    /// of tasks ended, not a new clock read. A timer that falls due while
+    /// tasks run (after that stamp was taken for the next park) still fires
+    /// at once: its wake-up request is due and the sleep returns.
+    #[test]
+    fn timer_due_during_a_run_fires_after_it() {
+        test_executor!(async move {
+            for _ in 0..5 {
+                let start = Instant::now();
+                let timer = crate::spawn_local(Timer::new(Duration::from_millis(2)));
+                // Another task keeps the executor busy past the timer's due
+                // time without yielding.
+                crate::spawn_local(async {
+                    let busy_until = Instant::now() + Duration::from_millis(6);
+                    while Instant::now() < busy_until {}
+                })
+                .await;
+                timer.await;
+                let took = start.elapsed();
+                assert!(
+                    took >= Duration::from_millis(6) && took < Duration::from_millis(500),
+                    "a 2 ms timer due during a 6 ms run fired after {took:?}"
+                );
+            }
+        });
+    }
+
     /// Patch 8: the wake-up request armed for a far timer does not delay a
     /// nearer one added later, and one armed for a cancelled timer (it
     /// fires early, for nothing) does not make the next timer fire early.
