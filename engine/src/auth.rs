@@ -56,8 +56,10 @@ async fn send(stream: &mut Stream, out: &BytesMut) -> Result<(), EngineError> {
     stream.write_all(out).await.map_err(EngineError::ClientIo)
 }
 
-/// Runs the authentication exchange; on success AuthenticationOk has been
-/// sent, and the ClientKey recovered from a SCRAM proof is returned.
+/// Runs the authentication exchange; on success the ClientKey recovered from
+/// a SCRAM proof is returned and the exchange's last messages (SCRAM's final
+/// message, AuthenticationOk) are in `done`, not sent yet: the login sends
+/// them with the session's parameters in one write.
 /// `inbuf` holds client bytes already read; what is left after it belongs to
 /// the session.
 pub async fn authenticate(
@@ -67,6 +69,7 @@ pub async fn authenticate(
     user: &UserConfig,
     startup_user: &str,
     cleartext: bool,
+    done: &mut BytesMut,
 ) -> Result<Option<[u8; 32]>, EngineError> {
     let wrong_password = || EngineError::Refused(Refusal::WrongPassword(user.db_user.clone()));
     let mismatch = |what: &str| {
@@ -76,7 +79,7 @@ pub async fn authenticate(
         })
     };
     if cleartext {
-        return cleartext_password(stream, inbuf, user).await;
+        return cleartext_password(stream, inbuf, user, done).await;
     }
     let mut out = BytesMut::new();
     match tenant.client_auth {
@@ -115,10 +118,8 @@ pub async fn authenticate(
                 WireError::AuthFailed => wrong_password(),
                 other => EngineError::ClientProtocol(other),
             })?;
-            out.clear();
-            Authentication::SaslFinal(last.into()).encode(&mut out);
-            Authentication::Ok.encode(&mut out);
-            send(stream, &out).await?;
+            Authentication::SaslFinal(last.into()).encode(done);
+            Authentication::Ok.encode(done);
             Ok(Some(client_key))
         }
         ClientAuth::Md5 => {
@@ -140,9 +141,7 @@ pub async fn authenticate(
             if !wire::md5::verify_md5(&secret, salt, response) {
                 return Err(wrong_password());
             }
-            out.clear();
-            Authentication::Ok.encode(&mut out);
-            send(stream, &out).await?;
+            Authentication::Ok.encode(done);
             Ok(None)
         }
     }
@@ -157,6 +156,7 @@ async fn cleartext_password(
     stream: &mut Stream,
     inbuf: &mut BytesMut,
     user: &UserConfig,
+    done: &mut BytesMut,
 ) -> Result<Option<[u8; 32]>, EngineError> {
     let mut out = BytesMut::new();
     Authentication::CleartextPassword.encode(&mut out);
@@ -182,8 +182,6 @@ async fn cleartext_password(
             None
         }
     };
-    out.clear();
-    Authentication::Ok.encode(&mut out);
-    send(stream, &out).await?;
+    Authentication::Ok.encode(done);
     Ok(client_key)
 }

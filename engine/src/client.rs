@@ -292,6 +292,10 @@ async fn login(
     let mut inbuf = BytesMut::from(&leftover[..]);
     let startup_user = msg.user().unwrap_or_default();
     let key = PoolKey::primary(&tenant.external_id, &user.db_user, mode);
+    // AuthenticationOk and what ends the exchange, sent with the session's
+    // parameters in one write (or alone first when the pool must connect
+    // before it knows them, and before an error).
+    let mut done = BytesMut::new();
     let client_key = match crate::auth::authenticate(
         stream,
         &mut inbuf,
@@ -299,6 +303,7 @@ async fn login(
         &user,
         startup_user,
         cleartext,
+        &mut done,
     )
     .await
     {
@@ -330,12 +335,18 @@ async fn login(
         Ok(s) => s,
         Err(e) => {
             bump(&pool.stats.joins_fail, 1);
+            send_done(stream, &mut done).await?;
             return Err(e);
         }
     };
+    if !pool.knows_login_params() {
+        // The client is in; it waits for the first server connection.
+        send_done(stream, &mut done).await?;
+    }
     let params = match pool.login_params().await {
         Ok(p) => p,
         Err(e) => {
+            send_done(stream, &mut done).await?;
             bump(&pool.stats.joins_fail, 1);
             warn!(tenant = %tenant.external_id, user = %user.db_user, error = %e, "pool cannot reach its database");
             return Err(e);
@@ -349,7 +360,8 @@ async fn login(
     let mut desc = ClientDesc::new(peer, settings.clone());
     desc.reads = reads;
     let (pid, ctl) = shard.register_client(pool.key.clone(), tenant.timeouts, desc);
-    let mut out = BytesMut::with_capacity(params.len() + 32);
+    let mut out = done;
+    out.reserve(params.len() + 32);
     out.put_slice(&params);
     BackendKeyData {
         process_id: pid,
@@ -629,6 +641,18 @@ fn startup_settings(msg: &StartupMessage) -> Settings {
         i += 1;
     }
     out
+}
+
+/// Sends what authentication left to send, if anything.
+async fn send_done(stream: &mut Stream, done: &mut BytesMut) -> Result<(), EngineError> {
+    if !done.is_empty() {
+        stream
+            .write_all(done)
+            .await
+            .map_err(EngineError::ClientIo)?;
+        done.clear();
+    }
+    Ok(())
 }
 
 /// A checkout for a client with a request waiting (waiting is not

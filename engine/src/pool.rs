@@ -406,6 +406,11 @@ impl Pool {
 
     /// The ParameterStatus frames a new client receives; opens the pool's
     /// first connection to learn them if needed.
+    /// Whether [`Pool::login_params`] answers without a server connection.
+    pub fn knows_login_params(&self) -> bool {
+        self.params.borrow().is_some()
+    }
+
     pub async fn login_params(self: &Rc<Self>) -> Result<Bytes, EngineError> {
         if let Some(p) = self.params.borrow().clone() {
             return Ok(p);

@@ -304,13 +304,18 @@ impl ScramServer {
         }
         // Optional extensions after the nonce are ignored.
 
-        let nonce = format!("{client_nonce}{}", self.server_nonce);
-        let server_first = format!(
-            "r={nonce},s={},i={}",
-            B64.encode(&self.secret.salt),
-            self.secret.iterations
-        );
-        let out = server_first.clone().into_bytes();
+        // Built by hand, not with format!: this runs for every login.
+        let mut nonce = String::with_capacity(client_nonce.len() + self.server_nonce.len());
+        nonce.push_str(client_nonce);
+        nonce.push_str(&self.server_nonce);
+        let mut server_first = String::with_capacity(nonce.len() + 48);
+        server_first.push_str("r=");
+        server_first.push_str(&nonce);
+        server_first.push_str(",s=");
+        B64.encode_string(&self.secret.salt, &mut server_first);
+        server_first.push_str(",i=");
+        push_u32(&mut server_first, self.secret.iterations);
+        let out = server_first.as_bytes().to_vec();
         self.state = ServerState::FirstSent {
             gs2_header: gs2_header.to_owned(),
             client_first_bare: bare.to_owned(),
@@ -356,15 +361,46 @@ impl ScramServer {
             return Err(WireError::Scram("nonce mismatch"));
         }
 
-        let auth_message = format!("{client_first_bare},{server_first},{without_proof}");
+        let mut auth_message = String::with_capacity(
+            client_first_bare.len() + server_first.len() + without_proof.len() + 2,
+        );
+        for (i, part) in [&client_first_bare[..], &server_first, without_proof]
+            .into_iter()
+            .enumerate()
+        {
+            if i > 0 {
+                auth_message.push(',');
+            }
+            auth_message.push_str(part);
+        }
         let client_signature = hmac(&self.secret.stored_key, auth_message.as_bytes());
         let client_key = xor32(&proof, &client_signature);
         if !ct_eq(&sha256(&client_key), &self.secret.stored_key) {
             return Err(WireError::AuthFailed);
         }
         let server_signature = hmac(&self.secret.server_key, auth_message.as_bytes());
-        let server_final = format!("v={}", B64.encode(server_signature));
+        let mut server_final = String::with_capacity(46);
+        server_final.push_str("v=");
+        B64.encode_string(server_signature, &mut server_final);
         Ok((server_final.into_bytes(), client_key))
+    }
+}
+
+/// Appends `n` in decimal.
+fn push_u32(out: &mut String, n: u32) {
+    let mut digits = [0u8; 10];
+    let mut i = digits.len();
+    let mut n = n;
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for &d in &digits[i..] {
+        out.push(char::from(d));
     }
 }
 
@@ -585,6 +621,16 @@ fn parse_server_first(msg: &str) -> Result<ServerFirst<'_>> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn push_u32_writes_decimal() {
+        for n in [0u32, 7, 10, 4096, 123_456, u32::MAX] {
+            let mut s = String::from("i=");
+            super::push_u32(&mut s, n);
+            assert_eq!(s, format!("i={n}"));
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -163,3 +163,94 @@ async fn md5_tenant() {
         expect_code(try_connect(addr, "postgres.tmd5", "not-it").await, "28P01");
     }
 }
+
+/// Reads one backend message (type and body).
+async fn read_message(s: &mut TcpStream) -> (u8, Vec<u8>) {
+    let mut head = [0u8; 5];
+    within("message head", s.read_exact(&mut head))
+        .await
+        .unwrap();
+    let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+    let mut body = vec![0u8; len - 4];
+    within("message body", s.read_exact(&mut body))
+        .await
+        .unwrap();
+    (head[0], body)
+}
+
+/// The end of a SCRAM login to a pool that knows its parameters, which the pooler now sends
+/// in one write (it sent the exchange's end and the session's start in two): SASLFinal,
+/// AuthenticationOk, the parameters, BackendKeyData, ReadyForQuery, in that order and whole.
+/// (Whether they came in one TCP segment is not asserted: a slower reader sees two sends as
+/// one read too.)
+#[tokio::test]
+async fn scram_login_end_is_whole_and_in_order() {
+    let pooler = Pooler::start(&PoolerConfig::single(2));
+    // A first login lets the pool learn the server's parameters.
+    {
+        let c = connect_with(&client_config(
+            pooler.transaction,
+            "postgres.t1",
+            PG_PASSWORD,
+        ))
+        .await
+        .unwrap();
+        let v: i32 = c.client.query_one("SELECT 1", &[]).await.unwrap().get(0);
+        assert_eq!(v, 1);
+    }
+    let mut s = within("connect", TcpStream::connect(pooler.transaction))
+        .await
+        .unwrap();
+    s.write_all(&startup_packet(&[
+        ("user", "postgres.t1"),
+        ("database", "postgres"),
+    ]))
+    .await
+    .unwrap();
+    let (tag, body) = read_message(&mut s).await;
+    assert_eq!((tag, &body[..4]), (b'R', &10i32.to_be_bytes()[..]));
+    let mut scram = wire::scram::ScramClient::new(PG_PASSWORD);
+    let mut b = bytes::BytesMut::new();
+    wire::frontend::encode_sasl_initial_response("SCRAM-SHA-256", &scram.client_first(), &mut b);
+    s.write_all(&b).await.unwrap();
+    let (tag, body) = read_message(&mut s).await;
+    assert_eq!((tag, &body[..4]), (b'R', &11i32.to_be_bytes()[..]));
+    let last = scram.handle_server_first(&body[4..]).unwrap();
+    b.clear();
+    wire::frontend::encode_sasl_response(&last, &mut b);
+    s.write_all(&b).await.unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut n = 0;
+    // Read until ReadyForQuery (the last 6 bytes are 'Z', length 5, status).
+    while n < 6 || buf[n - 6] != b'Z' {
+        let m = within("the login's end", s.read(&mut buf[n..]))
+            .await
+            .unwrap();
+        assert!(m > 0, "closed after {:?}", &buf[..n]);
+        n += m;
+    }
+    let got = &buf[..n];
+    // Walk the messages of that one read.
+    let mut tags = Vec::new();
+    let mut at = 0;
+    while at + 5 <= got.len() {
+        let len = u32::from_be_bytes([got[at + 1], got[at + 2], got[at + 3], got[at + 4]]) as usize;
+        tags.push(got[at]);
+        at += 1 + len;
+    }
+    assert_eq!(at, got.len(), "a partial message in {got:?}");
+    assert_eq!(&got[..1], b"R");
+    assert_eq!(
+        &got[5..9],
+        &12i32.to_be_bytes(),
+        "SASLFinal first: {tags:?}"
+    );
+    assert!(tags.contains(&b'S') && tags.contains(&b'K'), "{tags:?}");
+    assert_eq!(tags.last(), Some(&b'Z'), "{tags:?}");
+    let k = tags.iter().position(|t| *t == b'K').unwrap();
+    assert!(
+        tags[2..k].iter().all(|t| *t == b'S'),
+        "parameters between Ok and K: {tags:?}"
+    );
+    assert_eq!(tags.iter().filter(|t| **t == b'R').count(), 2, "{tags:?}");
+}
