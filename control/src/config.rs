@@ -171,7 +171,7 @@ pub struct TlsFile {
 /// node is a group of one (node 1) whose raft listener is on a loopback
 /// ephemeral port with a random secret: the same code path, reachable by
 /// no one.
-#[derive(Clone, Deserialize)]
+#[derive(Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterFile {
     /// Unique in the group and stable across restarts.

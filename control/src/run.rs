@@ -129,6 +129,9 @@ fn reload(node: &Node, started: &ConfigFile, opts: &Options) -> Result<(), Strin
     if file.store.path != started.store.path {
         restart.push("store.path");
     }
+    if file.cluster != started.cluster {
+        restart.push("[cluster]");
+    }
     live.shutdown_timeout = new.shutdown_timeout;
     live.client_startup_timeout = new.client_startup_timeout;
     live.client_park_after = new.client_park_after;
