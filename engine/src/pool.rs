@@ -404,13 +404,13 @@ impl Pool {
         Ok(ClientSlot { pool: self.clone() })
     }
 
-    /// The ParameterStatus frames a new client receives; opens the pool's
-    /// first connection to learn them if needed.
     /// Whether [`Pool::login_params`] answers without a server connection.
     pub fn knows_login_params(&self) -> bool {
         self.params.borrow().is_some()
     }
 
+    /// The ParameterStatus frames a new client receives; opens the pool's
+    /// first connection to learn them if needed.
     pub async fn login_params(self: &Rc<Self>) -> Result<Bytes, EngineError> {
         if let Some(p) = self.params.borrow().clone() {
             return Ok(p);
@@ -432,11 +432,8 @@ impl Pool {
         let mut deadline = None;
         let mut pause = RECONNECT_PAUSE_MIN;
         loop {
-            if let Some(conn) = self.take_idle() {
-                return Ok(PooledConn {
-                    conn: Some(conn),
-                    pool: self.clone(),
-                });
+            if let Some(c) = self.checkout_now() {
+                return Ok(c);
             }
             let deadline = *deadline.get_or_insert_with(|| Instant::now() + wait);
             if self.retired.get() {

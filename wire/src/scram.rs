@@ -19,6 +19,7 @@ use base64::Engine as _;
 use hmac::{Hmac, Mac};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
+use std::fmt::Write as _;
 
 use crate::error::{Result, WireError};
 
@@ -313,8 +314,8 @@ impl ScramServer {
         server_first.push_str(&nonce);
         server_first.push_str(",s=");
         B64.encode_string(&self.secret.salt, &mut server_first);
-        server_first.push_str(",i=");
-        push_u32(&mut server_first, self.secret.iterations);
+        // Writing into a String cannot fail.
+        let _ = write!(server_first, ",i={}", self.secret.iterations);
         let out = server_first.as_bytes().to_vec();
         self.state = ServerState::FirstSent {
             gs2_header: gs2_header.to_owned(),
@@ -364,15 +365,11 @@ impl ScramServer {
         let mut auth_message = String::with_capacity(
             client_first_bare.len() + server_first.len() + without_proof.len() + 2,
         );
-        for (i, part) in [&client_first_bare[..], &server_first, without_proof]
-            .into_iter()
-            .enumerate()
-        {
-            if i > 0 {
-                auth_message.push(',');
-            }
-            auth_message.push_str(part);
-        }
+        auth_message.push_str(&client_first_bare);
+        auth_message.push(',');
+        auth_message.push_str(&server_first);
+        auth_message.push(',');
+        auth_message.push_str(without_proof);
         let client_signature = hmac(&self.secret.stored_key, auth_message.as_bytes());
         let client_key = xor32(&proof, &client_signature);
         if !ct_eq(&sha256(&client_key), &self.secret.stored_key) {
@@ -383,24 +380,6 @@ impl ScramServer {
         server_final.push_str("v=");
         B64.encode_string(server_signature, &mut server_final);
         Ok((server_final.into_bytes(), client_key))
-    }
-}
-
-/// Appends `n` in decimal.
-fn push_u32(out: &mut String, n: u32) {
-    let mut digits = [0u8; 10];
-    let mut i = digits.len();
-    let mut n = n;
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    for &d in &digits[i..] {
-        out.push(char::from(d));
     }
 }
 
@@ -621,17 +600,26 @@ fn parse_server_first(msg: &str) -> Result<ServerFirst<'_>> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     #[test]
-    fn push_u32_writes_decimal() {
-        for n in [0u32, 7, 10, 4096, 123_456, u32::MAX] {
-            let mut s = String::from("i=");
-            super::push_u32(&mut s, n);
-            assert_eq!(s, format!("i={n}"));
+    fn server_first_writes_the_iterations_in_decimal() {
+        for n in [1u32, 7, 10, 4096, 123_456, u32::MAX] {
+            let secret = ScramSecret {
+                iterations: n,
+                salt: b"salt".to_vec(),
+                stored_key: [0; 32],
+                server_key: [0; 32],
+            };
+            let first = ScramServer::with_nonce(secret, "srv")
+                .handle_client_first(b"n,,n=u,r=abc")
+                .unwrap();
+            assert_eq!(
+                String::from_utf8(first).unwrap(),
+                format!("r=abcsrv,s={},i={n}", B64.encode(b"salt"))
+            );
         }
     }
-
-    use super::*;
 
     #[test]
     fn cleartext_password_against_a_secret() {

@@ -188,14 +188,8 @@ async fn scram_login_end_is_whole_and_in_order() {
     let pooler = Pooler::start(&PoolerConfig::single(2));
     // A first login lets the pool learn the server's parameters.
     {
-        let c = connect_with(&client_config(
-            pooler.transaction,
-            "postgres.t1",
-            PG_PASSWORD,
-        ))
-        .await
-        .unwrap();
-        let v: i32 = c.client.query_one("SELECT 1", &[]).await.unwrap().get(0);
+        let c = connect(pooler.transaction).await;
+        let v: i32 = c.query_one("SELECT 1", &[]).await.unwrap().get(0);
         assert_eq!(v, 1);
     }
     let mut s = within("connect", TcpStream::connect(pooler.transaction))

@@ -402,14 +402,8 @@ async fn idle_pooler_sleeps() {
     let cfg = PoolerConfig::tenants(vec![TenantCfg::new("t1", vec![UserCfg::postgres(2)])]);
     let pooler = Pooler::start(&cfg);
     {
-        let c = connect_with(&client_config(
-            pooler.transaction,
-            "postgres.t1",
-            PG_PASSWORD,
-        ))
-        .await
-        .unwrap();
-        let v: i32 = c.client.query_one("SELECT 7", &[]).await.unwrap().get(0);
+        let c = connect(pooler.transaction).await;
+        let v: i32 = c.query_one("SELECT 7", &[]).await.unwrap().get(0);
         assert_eq!(v, 7);
     }
     crate::metrics_tests::scrape_until(pooler.api, |s| {
