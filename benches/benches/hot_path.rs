@@ -375,6 +375,7 @@ fn engine_config(db: SocketAddr, shards: usize, spin_before_park: Duration) -> A
             websocket_addr: None,
             websocket_cleartext: Vec::new(),
             spin_before_park,
+            tcp_defer_accept: true,
         },
         HashMap::from([("bench".to_string(), bench_tenant(db, 4))]),
     ))

@@ -56,6 +56,10 @@ pub struct ProxyFile {
     /// Microseconds an idle shard polls before it sleeps; 0 (default): it
     /// sleeps at once. See `engine::ProxyConfig::spin_before_park`.
     pub spin_before_park_us: u64,
+    /// TCP_DEFER_ACCEPT on the client listeners (default on): the kernel
+    /// hands a connection over when its first bytes arrive, or after
+    /// `client_startup_timeout`. See `engine::ProxyConfig::tcp_defer_accept`.
+    pub tcp_defer_accept: bool,
 }
 
 impl Default for ProxyFile {
@@ -71,6 +75,7 @@ impl Default for ProxyFile {
             websocket_addr: "0.0.0.0:4001".into(),
             websocket_cleartext_allow: vec!["127.0.0.0/8".into(), "::1/128".into()],
             spin_before_park_us: 0,
+            tcp_defer_accept: true,
         }
     }
 }
@@ -392,6 +397,7 @@ impl ProxyFile {
             websocket_addr,
             websocket_cleartext,
             spin_before_park: Duration::from_micros(self.spin_before_park_us),
+            tcp_defer_accept: self.tcp_defer_accept,
         })
     }
 }
@@ -650,6 +656,18 @@ heartbeat_ms = 200
         let solo = ClusterFile::standalone().validate().unwrap();
         assert_eq!((solo.node_id, solo.listen.as_str()), (1, "127.0.0.1:0"));
         assert!(solo.raft_heartbeat_ms >= 1000 && solo.heartbeat_ms >= 1000);
+    }
+
+    #[test]
+    fn tcp_defer_accept_is_on_unless_turned_off() {
+        let on = ConfigFile::parse("").unwrap().proxy.build(None).unwrap();
+        assert!(on.tcp_defer_accept);
+        let off = ConfigFile::parse("[proxy]\ntcp_defer_accept = false\n")
+            .unwrap()
+            .proxy
+            .build(None)
+            .unwrap();
+        assert!(!off.tcp_defer_accept);
     }
 
     #[test]

@@ -117,6 +117,9 @@ fn reload(node: &Node, started: &ConfigFile, opts: &Options) -> Result<(), Strin
     if new.spin_before_park != live.spin_before_park {
         restart.push("proxy.spin_before_park_us");
     }
+    if new.tcp_defer_accept != live.tcp_defer_accept {
+        restart.push("proxy.tcp_defer_accept");
+    }
     if file.api.addr != started.api.addr {
         restart.push("api.addr");
     }

@@ -69,6 +69,10 @@ pub struct ProxyConfig {
     /// long after every burst of work. Only pinned shards spin (shards <=
     /// cores).
     pub spin_before_park: Duration,
+    /// TCP_DEFER_ACCEPT on the client listeners (PostgreSQL and WebSocket),
+    /// for as long as `client_startup_timeout`: a connection is accepted
+    /// when its first bytes arrive, in one wake-up of the shard.
+    pub tcp_defer_accept: bool,
 }
 
 /// A secret fetched through a tenant's `auth_query` (`pg_authid.rolpassword`).

@@ -1377,10 +1377,17 @@ async fn shard_main(
     ready: std::sync::mpsc::Sender<Result<(), String>>,
 ) {
     let backlog = config.proxy.listen_backlog;
-    let bind = |addr: SocketAddr| {
-        bind_listener(addr, backlog)
+    // Client listeners defer their accepts as long as a client may take to
+    // start up; the node-to-node proxy listener does not defer.
+    let defer = config.proxy.tcp_defer_accept.then(|| {
+        let ms = config.proxy.client_startup_timeout.as_millis();
+        u32::try_from(ms.div_ceil(1000).max(1)).unwrap_or(u32::MAX)
+    });
+    let bind_with = |addr: SocketAddr, defer: Option<u32>| {
+        bind_listener(addr, backlog, defer)
             .map_err(|e| format!("shard {id}: cannot listen on {addr}: {e}"))
     };
+    let bind = |addr: SocketAddr| bind_with(addr, defer);
     let listeners =
         bind(config.proxy.session_addr).and_then(|s| Ok((s, bind(config.proxy.transaction_addr)?)));
     let (session, transaction) = match listeners {
@@ -1390,7 +1397,12 @@ async fn shard_main(
             return;
         }
     };
-    let proxy_link = match config.proxy.proxy_addr.map(bind).transpose() {
+    let proxy_link = match config
+        .proxy
+        .proxy_addr
+        .map(|a| bind_with(a, None))
+        .transpose()
+    {
         Ok(l) => l.map(Rc::new),
         Err(e) => {
             let _ = ready.send(Err(e));
@@ -1649,8 +1661,13 @@ fn spawn_handle(shard: &Rc<Shard>, stream: TcpStream, kind: Listen) {
 /// A listener like glommio's own `TcpListener::bind` (SO_REUSEPORT, so that
 /// every shard, and a second process during a graceful restart, can bind the
 /// same port) but with our `listen()` backlog; glommio's is fixed at 1024.
+/// With `defer_accept` (seconds), TCP_DEFER_ACCEPT: see [`set_defer_accept`].
 /// Returns the listener and its fd (still owned by the listener).
-fn bind_listener(addr: SocketAddr, backlog: u32) -> io::Result<(TcpListener, RawFd)> {
+fn bind_listener(
+    addr: SocketAddr,
+    backlog: u32,
+    defer_accept: Option<u32>,
+) -> io::Result<(TcpListener, RawFd)> {
     use socket2::{Domain, Protocol, Socket, Type};
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     sock.set_reuse_port(true)?;
@@ -1659,9 +1676,42 @@ fn bind_listener(addr: SocketAddr, backlog: u32) -> io::Result<(TcpListener, Raw
     sock.set_tcp_nodelay(true)?;
     sock.bind(&addr.into())?;
     sock.listen(backlog.min(i32::MAX as u32) as i32)?;
+    if let Some(secs) = defer_accept {
+        set_defer_accept(&sock, secs)?;
+    }
     let fd = sock.into_raw_fd();
     // SAFETY: a bound, listening TCP socket whose ownership we hand over.
     Ok((unsafe { TcpListener::from_raw_fd(fd) }, fd))
+}
+
+/// TCP_DEFER_ACCEPT on a listener of a protocol whose client speaks first
+/// (PostgreSQL's startup or SSLRequest, a WebSocket's HTTP upgrade): the
+/// kernel completes the accept only when the client's first bytes are there,
+/// so the accept and the first read are one wake-up of the shard instead of
+/// two, and a connection that never sends (a TCP health check, a port scan)
+/// never reaches the pooler. After `secs` (rounded up by the kernel to its
+/// SYN-ACK retransmission steps) a silent connection is accepted anyway and
+/// the pooler's own startup timeout closes it. PgBouncer sets it by default
+/// on Linux too.
+fn set_defer_accept(sock: &socket2::Socket, secs: u32) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let secs = libc::c_int::try_from(secs).unwrap_or(libc::c_int::MAX);
+    // SAFETY: setsockopt on a socket we own, with a c_int option value whose
+    // size we pass.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            &secs as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// Accepts, without waiting, every connection already queued in a listener's

@@ -560,6 +560,13 @@ impl Pooler {
             .unwrap_or(0)
     }
 
+    /// Descriptors the pooler process has open (`/proc/<pid>/fd`).
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
     /// Times each of the pooler's threads has been scheduled in so far
     /// (`/proc/<pid>/task/<tid>/schedstat`, third field), by thread id, with
     /// the thread's name.

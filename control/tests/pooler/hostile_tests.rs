@@ -219,6 +219,70 @@ async fn client_timeouts() {
         .expect("no timeout for t2");
 }
 
+/// TCP_DEFER_ACCEPT (`proxy.tcp_defer_accept`, on by default): a connection that has sent
+/// nothing stays in the kernel and costs the pooler no descriptor and no wake-up; its first
+/// bytes bring it in. With the setting off the same connections are accepted at once.
+#[tokio::test]
+async fn silent_connections_wait_in_the_kernel() {
+    for defer in [true, false] {
+        let mut cfg = PoolerConfig::single(1);
+        cfg.shards = 1;
+        cfg.proxy_toml = format!("tcp_defer_accept = {defer}");
+        let pooler = Pooler::start(&cfg);
+        // The pool's one server connection and this client's socket are open from here on.
+        let warm = connect(pooler.transaction).await;
+        within("warm-up", warm.simple_query("SELECT 1"))
+            .await
+            .unwrap();
+        let base = pooler.open_fds();
+        const SILENT: usize = 10;
+        let mut silent = Vec::new();
+        for _ in 0..SILENT {
+            silent.push(
+                tokio::net::TcpStream::connect(pooler.transaction)
+                    .await
+                    .expect("connect"),
+            );
+        }
+        // A client that connects after them is accepted and served: with one shard and
+        // one listener the kernel's accept queue is first in, first out, so any silent
+        // connection the kernel had handed over was accepted before this one.
+        let later = connect(pooler.transaction).await;
+        within("query", later.simple_query("SELECT 1"))
+            .await
+            .unwrap();
+        let with_later = pooler.open_fds();
+        if defer {
+            assert_eq!(
+                with_later,
+                base + 1,
+                "only the client that sent something holds a descriptor"
+            );
+        } else {
+            assert_eq!(
+                with_later,
+                base + 1 + SILENT,
+                "without TCP_DEFER_ACCEPT every connection is accepted at once"
+            );
+        }
+        // First bytes (part of a startup packet's length) bring the silent ones in.
+        for s in &mut silent {
+            use tokio::io::AsyncWriteExt;
+            s.write_all(&[0, 0]).await.expect("write");
+        }
+        eventually(
+            "the silent connections are accepted once they send",
+            Duration::from_secs(10),
+            || {
+                let p = &pooler;
+                async move { p.open_fds() == base + 1 + SILENT }
+            },
+        )
+        .await;
+        drop(warm);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unfinished_startups_do_not_starve_others() {
     const N: usize = 15_000;
@@ -238,8 +302,16 @@ async fn unfinished_startups_do_not_starve_others() {
         } else {
             pooler.session
         };
+        // Three bytes of a startup packet's length, and no more: the kernel
+        // hands the connection to the pooler (TCP_DEFER_ACCEPT waits for data).
         match tokio::net::TcpStream::connect(addr).await {
-            Ok(s) => socks.push(s),
+            Ok(mut s) => {
+                use tokio::io::AsyncWriteExt;
+                s.write_all(&[0, 0, 0])
+                    .await
+                    .unwrap_or_else(|e| panic!("connection {i}: {e}"));
+                socks.push(s)
+            }
             Err(e) => panic!("connection {i} failed: {e}"),
         }
     }

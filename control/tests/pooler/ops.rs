@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::harness::*;
 
@@ -202,10 +202,13 @@ async fn sighup_reloads_the_config_file() {
         "{log}"
     );
 
-    // The new client_startup_timeout (300 ms, default 10 s) closes a silent client.
+    // The new client_startup_timeout (300 ms, default 10 s) closes a client that sent part of
+    // its startup packet's length (one that sends nothing waits in the kernel, TCP_DEFER_ACCEPT,
+    // for as long as the startup timeout the listeners were bound with).
     let mut silent = tokio::net::TcpStream::connect(pooler.transaction)
         .await
         .expect("connect");
+    silent.write_all(&[0, 0]).await.expect("write");
     let mut buf = [0u8; 64];
     let closed = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut buf)).await;
     assert!(
