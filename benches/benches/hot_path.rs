@@ -508,6 +508,78 @@ fn bench_shard_handoff(c: &mut Criterion) {
     }
 }
 
+/// The floor under the handoff: the same round trip between two plain threads
+/// on cores 0 and 1 that block in `read` on an eventfd each (no executor, no
+/// channel). On a VM whose idle vCPUs halt (guest_halt_poll_ns = 0) this is
+/// two wake-ups of a sleeping thread, which is most of what the shard handoff
+/// costs; nothing in the pooler can go below it without spinning.
+fn bench_thread_wake(c: &mut Criterion) {
+    fn pin(core: usize) {
+        // SAFETY: a zeroed cpu_set_t with one bit set, for the calling thread.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(core, &mut set);
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        }
+    }
+    fn post(fd: i32) {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: an 8-byte write to an eventfd we own.
+        let n = unsafe { libc::write(fd, one.as_ptr().cast(), 8) };
+        assert_eq!(n, 8, "eventfd write");
+    }
+    fn wait(fd: i32) {
+        let mut v = [0u8; 8];
+        // SAFETY: an 8-byte read from an eventfd we own (blocking).
+        let n = unsafe { libc::read(fd, v.as_mut_ptr().cast(), 8) };
+        assert_eq!(n, 8, "eventfd read");
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // SAFETY: eventfd(2) with no flags; closed at the end.
+    let (ping, pong) = unsafe { (libc::eventfd(0, 0), libc::eventfd(0, 0)) };
+    assert!(ping >= 0 && pong >= 0, "eventfd");
+    let peer = std::thread::spawn(move || {
+        if cores > 1 {
+            pin(1);
+        }
+        // Answers every ping; the last one comes after STOP_PEER is set.
+        loop {
+            wait(ping);
+            post(pong);
+            if STOP_PEER.load(std::sync::atomic::Ordering::Relaxed) {
+                break;
+            }
+        }
+    });
+    if cores > 1 {
+        pin(0);
+    }
+    c.bench_function("shard_handoff/floor_eventfd_thread_round_trip", |b| {
+        b.iter(|| {
+            post(ping);
+            wait(pong);
+        })
+    });
+    STOP_PEER.store(true, std::sync::atomic::Ordering::Relaxed);
+    post(ping);
+    wait(pong);
+    let _ = peer.join();
+    // Let the benchmark thread run anywhere again, and close the eventfds.
+    // SAFETY: a cpu_set_t with every core's bit, for the calling thread; the
+    // eventfds are ours and no longer used.
+    unsafe {
+        let mut all: libc::cpu_set_t = std::mem::zeroed();
+        for core in 0..cores {
+            libc::CPU_SET(core, &mut all);
+        }
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &all);
+        libc::close(ping);
+        libc::close(pong);
+    }
+}
+
+static STOP_PEER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 // ---------------------------------------------------------------- pool
 
 fn bench_pool(c: &mut Criterion) {
@@ -555,6 +627,7 @@ criterion_group!(
     bench_relay_batch,
     bench_relay_e2e,
     bench_shard_handoff,
+    bench_thread_wake,
     bench_pool
 );
 criterion_main!(benches);
