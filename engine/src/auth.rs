@@ -81,7 +81,8 @@ pub async fn authenticate(
     if cleartext {
         return cleartext_password(stream, inbuf, user, done).await;
     }
-    let mut out = BytesMut::new();
+    // Room for the SCRAM server-first message without growing.
+    let mut out = BytesMut::with_capacity(256);
     match tenant.client_auth {
         ClientAuth::ScramSha256 => {
             let secret = match &user.auth {

@@ -291,11 +291,12 @@ async fn login(
 
     let mut inbuf = BytesMut::from(&leftover[..]);
     let startup_user = msg.user().unwrap_or_default();
-    let key = PoolKey::primary(&tenant.external_id, &user.db_user, mode);
     // AuthenticationOk and what ends the exchange, sent with the session's
     // parameters in one write (or alone first when the pool must connect
     // before it knows them, and before an error).
-    let mut done = BytesMut::new();
+    // Sized for SASLFinal, AuthenticationOk, a dozen ParameterStatus,
+    // BackendKeyData and ReadyForQuery: grown once or never.
+    let mut done = BytesMut::with_capacity(1024);
     let client_key = match crate::auth::authenticate(
         stream,
         &mut inbuf,
@@ -315,7 +316,7 @@ async fn login(
         }
         Err(e) => {
             if !matches!(e, EngineError::ClientIo(_)) {
-                shard.join_failed(key);
+                shard.join_failed(PoolKey::primary(&tenant.external_id, &user.db_user, mode));
             }
             if let (Some(ip), EngineError::Refused(Refusal::WrongPassword(_))) = (ip, &e) {
                 shard.login_failed(ip, &ident.tenant, &ident.db_user);

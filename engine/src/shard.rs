@@ -524,6 +524,9 @@ impl Shard {
         mode: PoolMode,
     ) -> Rc<Pool> {
         let key = PoolKey::primary(&tenant.external_id, &user.db_user, mode);
+        if let Some(pool) = self.pools.borrow().get(&key) {
+            return pool.clone();
+        }
         self.pools
             .borrow_mut()
             .entry(key.clone())
@@ -731,6 +734,10 @@ impl Shard {
     /// How long a login from `ip` as this tenant's user must wait, if it must.
     pub fn login_backoff(&self, ip: IpAddr, tenant: &str, user: &str) -> Option<Duration> {
         let map = self.login_failures.borrow();
+        // The common case, nobody failing: no key built for the lookup.
+        if map.is_empty() {
+            return None;
+        }
         let f = map.get(&(ip, tenant.to_string(), user.to_string()))?;
         let now = Instant::now();
         (f.blocked_until > now).then(|| f.blocked_until - now)

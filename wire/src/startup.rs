@@ -221,7 +221,9 @@ pub fn decode_startup(buf: &mut BytesMut) -> Result<Option<StartupPacket>> {
 
 fn decode_params(major: u16, minor: u16, body: &[u8]) -> Result<StartupMessage> {
     let mut r = Reader::new(body, "startup packet");
-    let mut params = Vec::new();
+    // Two NULs per parameter and one at the end: one allocation for the
+    // list (capped: a packet of NULs must not reserve much).
+    let mut params = Vec::with_capacity((memchr::memchr_iter(0, body).count() / 2).min(32));
     loop {
         let name = r.str()?;
         if name.is_empty() {
