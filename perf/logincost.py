@@ -1,6 +1,6 @@
 """Where a login's CPU goes: pgbench -C -S through supavisor and PgBouncer, the pooler's CPU per
 login by thread (user and total), and with PSTAT=1 the context switches and wait syscalls per
-login (perf stat; SV_BINARY=path runs another binary; PEVENTS=",ev,..." adds events, e.g. uprobes from perf probe), with STRACE=1 every syscall (strace -c), with PERF=1 a perf record of supavisor
+login (perf stat; for counted work per login see perf/logincount.py), SV_BINARY=path runs another build, with STRACE=1 every syscall (strace -c), with PERF=1 a perf record of supavisor
 in /tmp/perf.data. Reports only; nothing is written to RESULTS.md.
 
     python3 perf/logincost.py [clients=10] [seconds=8] [shards=1]
@@ -38,7 +38,7 @@ try:
             time.sleep(0.5)
         ps = None
         if os.environ.get("PSTAT"):
-            ps = subprocess.Popen(["perf", "stat", "-e", "context-switches,page-faults,syscalls:sys_enter_io_uring_enter,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_sendto,syscalls:sys_enter_recvfrom" + os.environ.get("PEVENTS", ""), "-p", str(pid), "-o", f"/tmp/pstat-{name}.txt"], stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+            ps = subprocess.Popen(["perf", "stat", "-e", "context-switches,page-faults,syscalls:sys_enter_io_uring_enter,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_sendto,syscalls:sys_enter_recvfrom", "-p", str(pid), "-o", f"/tmp/pstat-{name}.txt"], stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
             time.sleep(0.5)
         st = None
         if os.environ.get("STRACE"):

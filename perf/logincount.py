@@ -94,7 +94,9 @@ def main() -> int:
         for name, port, pid, user in [("supavisor", sv.port, sv.pid, "postgres.bench"),
                                       ("pgbouncer", pgb.port, pgb.pid, "postgres")]:
             out = tmp / f"stat-{name}.txt"
-            evs = ",".join(["context-switches"] + [e for _, e in events])
+            # glommio's probes are in supavisor's binary only.
+            mine = [(n, e) for n, e in events if name == "supavisor" or n in ALLOC]
+            evs = ",".join(["context-switches"] + [e for _, e in mine])
             ps = subprocess.Popen(["perf", "stat", "-x", ",", "-e", evs, "-p", str(pid), "-o", str(out)],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(0.5)
@@ -108,7 +110,7 @@ def main() -> int:
                 sys.exit(f"pgbench against {name} failed: {run.stderr[-500:]}")
             logins = int(m.group(1))
             totals = {}
-            short = {e: n for n, e in events}
+            short = {e: n for n, e in mine}
             short["context-switches"] = "context switches"
             for line in open(out):
                 f = line.strip().split(",")
@@ -122,9 +124,8 @@ def main() -> int:
         print(f"per -C login ({a.clients} clients, {a.shards} shard(s)):")
         print(f"{'':18s}" + "".join(f"{k:>18s}" for k in rows))
         for k in keys:
-            vals = []
-            for name, (logins, totals) in rows.items():
-                vals.append(f"{totals[k] / logins:18.1f}" if k in totals and (totals[k] or name == "supavisor") else f"{'-':>18s}")
+            vals = [f"{totals[k] / logins:18.1f}" if k in totals else f"{'-':>18s}"
+                    for logins, totals in rows.values()]
             print(f"{k:18s}" + "".join(vals))
         print("(park: the shard's sleeps or ring polls; sqe: ring requests; poll: task polls; "
               "timer: timers armed; '-': not a glommio process)")

@@ -538,15 +538,17 @@ fn bench_thread_wake(c: &mut Criterion) {
     // SAFETY: eventfd(2) with no flags; closed at the end.
     let (ping, pong) = unsafe { (libc::eventfd(0, 0), libc::eventfd(0, 0)) };
     assert!(ping >= 0 && pong >= 0, "eventfd");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let peer_stop = stop.clone();
     let peer = std::thread::spawn(move || {
         if cores > 1 {
             pin(1);
         }
-        // Answers every ping; the last one comes after STOP_PEER is set.
+        // Answers every ping; the last one comes after `stop` is set.
         loop {
             wait(ping);
             post(pong);
-            if STOP_PEER.load(std::sync::atomic::Ordering::Relaxed) {
+            if peer_stop.load(std::sync::atomic::Ordering::Relaxed) {
                 break;
             }
         }
@@ -560,7 +562,7 @@ fn bench_thread_wake(c: &mut Criterion) {
             wait(pong);
         })
     });
-    STOP_PEER.store(true, std::sync::atomic::Ordering::Relaxed);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
     post(ping);
     wait(pong);
     let _ = peer.join();
@@ -577,8 +579,6 @@ fn bench_thread_wake(c: &mut Criterion) {
         libc::close(pong);
     }
 }
-
-static STOP_PEER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 // ---------------------------------------------------------------- pool
 

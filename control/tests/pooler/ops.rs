@@ -173,8 +173,9 @@ async fn sighup_reloads_the_config_file() {
 
     let mut reloaded = PoolerConfig::tenants(vec![t1.clone(), t2.clone()]);
     reloaded.client_startup_timeout = Some(300);
-    reloaded.shards = 1; // needs a restart: logged, ignored
-                         // So does a [cluster] section that was not there at start.
+    // Need a restart (logged, ignored): the shard count, and a [cluster] section that was not
+    // there at start.
+    reloaded.shards = 1;
     reloaded.extra_toml =
         "[cluster]\nnode_id = 1\naddr = \"127.0.0.1:1\"\nsecret = \"0123456789\"\n".into();
     pooler.write_config(&reloaded);
