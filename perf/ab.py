@@ -11,6 +11,7 @@ change helps before running the full `perf/compare.py` table.
     git stash && cargo build --release && cp target/release/supavisor /tmp/sv-a && git stash pop
     python3 perf/ab.py /tmp/sv-a /tmp/sv-b --clients 100 --rounds 6 --seconds 3
     python3 perf/ab.py /tmp/sv-a /tmp/sv-b --clients 4 --connect      # CPU per login
+    python3 perf/ab.py /tmp/sv-a /tmp/sv-b --clients 100 --tpcb       # TPC-B (row locks)
 
 Prints only; nothing is appended to RESULTS.md.
 """
@@ -38,6 +39,8 @@ def main() -> int:
     p.add_argument("--shards", type=int, default=1)
     p.add_argument("--connect", action="store_true",
                    help="pgbench -C: a new connection (SCRAM login) per transaction")
+    p.add_argument("--tpcb", action="store_true",
+                   help="pgbench's TPC-B-like script instead of -S (select-only)")
     args = p.parse_args()
     cleanup = lib.Cleanup()
     try:
@@ -59,7 +62,7 @@ def main() -> int:
             for name, port, pid, user in order:
                 t0 = lib.proc_cpu_ticks(pid)
                 run = subprocess.run(
-                    ["pgbench", "-n", "-S", *(["-C"] if args.connect else []),
+                    ["pgbench", "-n", *([] if args.tpcb else ["-S"]), *(["-C"] if args.connect else []),
                      "-M", args.mode, "-c", str(args.clients),
                      "-j", "2" if args.clients > 1 else "1", "-T", str(args.seconds),
                      "-h", "127.0.0.1", "-p", str(port), "-U", user, "postgres"],
