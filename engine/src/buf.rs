@@ -69,7 +69,11 @@ impl IoBuf {
     }
 
     pub fn with_capacity(cap: usize) -> Self {
-        let spare = if cap == DEFAULT_CAP { take_spare() } else { None };
+        let spare = if cap == DEFAULT_CAP {
+            take_spare()
+        } else {
+            None
+        };
         let data = spare.unwrap_or_else(|| vec![0; cap]);
         Self {
             data,
